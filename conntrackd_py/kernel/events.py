@@ -1,0 +1,130 @@
+"""The conntrack event source on trio: NEW/UPDATE/DESTROY events, overruns and reconcile.
+
+This module owns the event socket's life: subscription, buffer size, reliable mode, the
+`wait_readable` + non-blocking `recv_into` drain loop, and what an overrun (ENOBUFS) means:
+events were lost, so the caller is told to dump the table and reconcile. It keeps no cache.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from ..flow import Flow
+from . import codec
+from .nl import open_socket
+
+log = logging.getLogger(__name__)
+
+#: measured here: a 190k/s DESTROY burst lost ~30% with the default 208 KiB buffer, none at 64 MiB
+DEFAULT_RCVBUF = 64 << 20
+ALL_GROUPS = codec.GROUP_NEW | codec.GROUP_UPDATE | codec.GROUP_DESTROY
+
+EventBatch = list[tuple[codec.EventType, Flow]]
+
+
+@dataclass
+class EventStats:
+    events: int = 0
+    new: int = 0
+    update: int = 0
+    destroy: int = 0
+    overruns: int = 0
+    malformed: int = 0
+    reads: int = 0
+
+
+class EventSource:
+    """Reads conntrack events and hands them over in batches (one drained burst per batch)."""
+
+    def __init__(self, *, rcvbuf: int = DEFAULT_RCVBUF, reliable: bool = False,
+                 groups: int = ALL_GROUPS, netns_name: str | None = None,
+                 bufsize: int = 1 << 18) -> None:
+        self.sock = open_socket(groups, rcvbuf=rcvbuf, reliable=reliable, netns_name=netns_name)
+        self.stats = EventStats()
+        self._buf = bytearray(bufsize)
+        self._view = memoryview(self._buf)
+        self._overrun_logged = False
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def discard_pending(self) -> int:
+        """Drop whatever is queued (used right before a reconcile dump covers it)."""
+        dropped = 0
+        while True:
+            try:
+                if self.sock.recv_into(self._buf) == 0:
+                    return dropped
+                dropped += 1
+            except BlockingIOError:
+                return dropped
+            except OSError as e:
+                if e.errno != errno.ENOBUFS:
+                    raise
+
+    def _decode(self, n: int) -> EventBatch:
+        try:
+            return codec.decode_events(self._view, n)
+        except codec.CodecError as e:
+            self.stats.malformed += 1
+            log.warning("dropped a malformed netlink datagram (%d bytes): %s", n, e)
+            return []
+
+    async def run(self, on_events: Callable[[EventBatch], None],
+                  on_overrun: Callable[[], Awaitable[None]],
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Forever: drain the socket, call `on_events` per burst; on ENOBUFS await `on_overrun`.
+
+        `on_overrun` is expected to dump the table and reconcile; events queued before it was
+        called are discarded first, since the dump supersedes them.
+        """
+        task_status.started()
+        stats = self.stats
+        while True:
+            await trio.lowlevel.wait_readable(self.sock)
+            batch: EventBatch = []
+            overrun = False
+            while True:
+                try:
+                    n = self.sock.recv_into(self._buf)
+                except BlockingIOError:
+                    break
+                except OSError as e:
+                    if e.errno != errno.ENOBUFS:
+                        raise
+                    overrun = True
+                    break
+                stats.reads += 1
+                batch.extend(self._decode(n))
+                if len(batch) >= 4096:
+                    break  # hand over regularly so a flood cannot starve the rest
+            if batch:
+                self._count(batch)
+                on_events(batch)
+            if overrun:
+                stats.overruns += 1
+                if not self._overrun_logged:
+                    log.warning(
+                        "conntrack events lost (ENOBUFS: receive buffer overrun); dumping the "
+                        "table to reconcile. Raise netlink.rcvbuf or enable reliable events. "
+                        "Further overruns are counted, not logged.")
+                    self._overrun_logged = True
+                self.discard_pending()
+                await on_overrun()
+            await trio.lowlevel.checkpoint()
+
+    def _count(self, batch: EventBatch) -> None:
+        st = self.stats
+        st.events += len(batch)
+        for kind, _ in batch:
+            if kind == codec.EventType.NEW:
+                st.new += 1
+            elif kind == codec.EventType.UPDATE:
+                st.update += 1
+            else:
+                st.destroy += 1
