@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Everything a fresh Debian machine needs to run and test conntrackd-py (idempotent, as root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+pkgs=(conntrack conntrackd nftables iproute2 keepalived python3-venv)
+missing=()
+for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# Debian starts the packaged daemons where an init system runs; the lab runs its own copies
+# inside namespaces only, so stop any that the package started in this (root) namespace.
+for svc in conntrackd keepalived; do
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$svc" 2>/dev/null; then
+    systemctl stop "$svc" || true
+  fi
+done
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q -e '.[test]'

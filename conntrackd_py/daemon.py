@@ -1,0 +1,506 @@
+"""The daemon: wires kernel tracker, sync engine, transport, external cache and control.
+
+This module owns the trio shell: one nursery, a task per input (netlink events, each sync
+channel, the protocol timer, control clients, link watcher), and the rule "pump after every
+input" (feed the sans-I/O engine, then send what it wants to send and apply what it decided).
+It owns the lock file and signals too. Protocol decisions live in sync/, kernel rules in
+kernel/, policy in filters.py and config.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import math
+import os
+import secrets
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from typing import Any
+
+import trio
+
+from . import filters as filters_mod
+from .cache import ExternalCache
+from .config import Config, load_keys
+from .control import ControlError, ControlServer
+from .flow import Flow, unpack_flow
+from .kernel.codec import EventType
+from .kernel.table import Table
+from .sync import engine as sync_engine
+from .tracker import Tracker
+from .transport import ChannelSpec, Transport
+
+log = logging.getLogger(__name__)
+
+
+class LockError(Exception):
+    pass
+
+
+class PidLock:
+    """An flock()ed lock file holding our pid. A lock left by a dead process is taken over:
+    flock dies with its holder, so only a live daemon can block a restart."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = -1
+
+    def acquire(self) -> None:
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                try:
+                    with open(self.path) as f:
+                        pid = f.read().strip()
+                except OSError:
+                    pid = "?"
+                raise LockError(f"another conntrackd-py (pid {pid}) holds {self.path}") from None
+            raise
+        old = os.read(fd, 32).decode(errors="replace").strip()
+        if old and old.isdigit() and int(old) != os.getpid():
+            log.info("took over stale lock %s left by pid %s (not running)", self.path, old)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)
+            self.fd = -1
+
+
+def channel_specs(cfg: Config) -> list[ChannelSpec]:
+    specs = []
+    for ch in cfg.sync.channels:
+        if ch.multicast is not None:
+            m = ch.multicast
+            specs.append(ChannelSpec(port=m.port, group=m.group, interface=m.interface,
+                                     source=m.source, ttl=m.ttl, rcvbuf=m.rcvbuf,
+                                     sndbuf=m.sndbuf))
+        elif ch.udp is not None:
+            u = ch.udp
+            specs.append(ChannelSpec(port=u.port, peers=tuple(u.peers), bind=u.bind,
+                                     interface=u.interface, rcvbuf=u.rcvbuf, sndbuf=u.sndbuf))
+    return specs
+
+
+def build_filter(cfg: Config) -> Any:
+    f = cfg.filters
+    specs = channel_specs(cfg) if cfg.general.mode == "sync" else []
+    sync_addrs: list[str] = []
+    for s in specs:
+        sync_addrs += [a for a in (s.source, s.bind, *s.peers) if a]
+    ports = {s.port for s in specs}
+    return filters_mod.build(
+        protocols=(f.protocols.policy, tuple(f.protocols.items)) if f.protocols.items
+        or f.protocols.policy == "accept" and f.protocols.items else None,
+        addresses=(f.addresses.policy, tuple(f.addresses.items)) if f.addresses.items else None,
+        tcp_states=(f.tcp_states.policy, tuple(f.tcp_states.items)) if f.tcp_states.items
+        else None,
+        sync_port=next(iter(ports)) if f.ignore_sync_link and len(ports) == 1 else None,
+        sync_addrs=sync_addrs if f.ignore_sync_link else (),
+    )
+
+
+class Daemon:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.netns = cfg.general.netns
+        self.started = time.time()
+        self.epoch = secrets.randbits(32) or 1
+        self.tracker: Tracker | None = None
+        self.engine: sync_engine.Engine | None = None
+        self.transport: Transport | None = None
+        self.external = ExternalCache()
+        self.commits = 0
+        self.last_commit: dict[str, Any] | None = None
+        self._wake = trio.Event()
+        self._watchers: list[trio.MemorySendChannel[str]] = []
+        self._direct: list[tuple[str, Flow | tuple[int, Any]]] = []
+        self._direct_wake = trio.Event()
+        self.direct_stats = {"created": 0, "updated": 0, "deleted": 0, "failed": 0}
+        self.nursery: trio.Nursery | None = None
+
+    # --- engine plumbing ----------------------------------------------------------------
+    def _now(self) -> float:
+        return trio.current_time()
+
+    def _on_delta(self, key: bytes, value: bytes | None) -> None:
+        eng = self.engine
+        if eng is not None:
+            now = self._now()
+            if value is None:
+                eng.local_destroy(key, now)
+            else:
+                eng.local_update(key, value, now)
+        if self._watchers:
+            self._notify_watchers("internal", key, value)
+
+    def _on_events(self, batch: Any) -> None:
+        assert self.tracker is not None
+        self.tracker.apply(batch)
+        self.pump()
+
+    def pump(self) -> None:
+        """Send what the engine wants to send, apply what it decided, re-arm the timer."""
+        eng, tr = self.engine, self.transport
+        if eng is None or tr is None:
+            return
+        now = self._now()
+        for d in eng.datagrams_to_send(now):
+            tr.send(d)
+        for ev in eng.events():
+            self._apply_event(ev, now)
+        self._wake.set()
+
+    def _apply_event(self, ev: Any, now: float) -> None:
+        ext = self.external
+        direct = not self.cfg.sync.external_cache
+        if isinstance(ev, sync_engine.RemoteUpdate):
+            if direct:
+                self._queue_direct("update", (ev.key, ev.value))
+            else:
+                ext.upsert(ev.origin, ev.key, ev.value, now)
+            if self._watchers:
+                self._notify_watchers(f"external node {ev.origin}", ev.key, ev.value)
+        elif isinstance(ev, sync_engine.RemoteDestroy):
+            if direct:
+                self._queue_direct("destroy", (ev.key, None))
+            else:
+                ext.remove(ev.origin, ev.key)
+            if self._watchers:
+                self._notify_watchers(f"external node {ev.origin}", ev.key, None)
+        elif isinstance(ev, sync_engine.ResyncStarted):
+            ext.begin_sweep(ev.origin, now)
+            log.info("full resync from node %d started", ev.origin)
+        elif isinstance(ev, sync_engine.ResyncDone):
+            if ext.sweeping(ev.origin) is not None:
+                n = ext.end_sweep(ev.origin)
+                log.info("full resync from node %d done; %d stale entries removed", ev.origin, n)
+        elif isinstance(ev, sync_engine.PeerUp):
+            log.info("peer node %d is up (epoch %08x)", ev.node, ev.epoch)
+        elif isinstance(ev, sync_engine.PeerRestarted):
+            log.warning("peer node %d restarted (new epoch %08x)", ev.node, ev.epoch)
+        elif isinstance(ev, sync_engine.PeerDown):
+            log.warning("peer node %d is down: silent for %.1f s; its %d flows are kept",
+                        ev.node, self.cfg.sync.peer_timeout, ext.count(ev.node))
+
+    # --- direct mode (external cache off) -------------------------------------------------
+    def _queue_direct(self, op: str, item: Any) -> None:
+        self._direct.append((op, item))
+        self._direct_wake.set()
+
+    async def _direct_writer(self, table: Table) -> None:
+        be_liberal = not self.cfg.sync.tcp_window_tracking
+        while True:
+            await self._direct_wake.wait()
+            self._direct_wake = trio.Event()
+            batch, self._direct = self._direct, []
+            latest: dict[bytes, bytes | None] = {}
+            for _op, (key, value) in batch:  # type: ignore[misc]
+                latest[key] = value
+            ups = [unpack_flow(k, v) for k, v in latest.items() if v is not None]
+            if ups:
+                res = await table.commit(ups, be_liberal=be_liberal)
+                self.direct_stats["created"] += res.created
+                self.direct_stats["updated"] += res.updated
+                self.direct_stats["failed"] += res.failed
+            for k, v in latest.items():
+                if v is None:
+                    from .flow import unpack_key
+                    zone, orig = unpack_key(k)
+                    if await table.delete(zone, orig):
+                        self.direct_stats["deleted"] += 1
+
+    # --- tasks --------------------------------------------------------------------------
+    async def _timer(self) -> None:
+        eng = self.engine
+        assert eng is not None
+        while True:
+            t = eng.get_timer()
+            deadline = math.inf if t is None else t
+            with trio.move_on_at(deadline):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            now = self._now()
+            if t is not None and now >= t:
+                eng.handle_timer(now)
+            if self.transport is not None:
+                self.transport.reevaluate(now)
+            self.pump()
+            await trio.lowlevel.checkpoint()
+
+    def _on_datagrams(self, burst: list[bytes]) -> None:
+        eng = self.engine
+        assert eng is not None
+        now = self._now()
+        for d in burst:
+            eng.receive_datagram(d, now)
+        self.pump()
+
+    # --- control handlers ---------------------------------------------------------------
+    async def commit(self) -> dict[str, Any]:
+        now = self._now()
+        plan = self.external.commit_plan(
+            now, commit_timeout=None if self.cfg.sync.commit_timeout is None
+            else int(self.cfg.sync.commit_timeout))
+        table = Table(self.netns, batch=self.cfg.netlink.commit_batch)
+        try:
+            res = await table.commit(plan, be_liberal=not self.cfg.sync.tcp_window_tracking)
+        finally:
+            table.close()
+        self.commits += 1
+        self.last_commit = {"created": res.created, "updated": res.updated,
+                            "failed": res.failed, "errors": dict(res.errors),
+                            "seconds": res.seconds}
+        log.info("commit of the external cache: %s", res.summary())
+        return self.last_commit
+
+    def in_sync(self) -> bool:
+        return self.engine.in_sync() if self.engine is not None else True
+
+    def _dump_lines(self, which: str, args: dict[str, Any]) -> list[str]:
+        proto = args.get("proto")
+        nat = args.get("nat")  # "src" | "dst" | "any"
+        origin = args.get("origin")
+        out = []
+        if which == "internal":
+            assert self.tracker is not None
+            pairs = ((None, k, v) for k, v in self.tracker.cache.items())
+        else:
+            pairs = ((o, k, v) for o, k, v, _seen in self.external.items(
+                None if origin is None else int(origin)))
+        for o, k, v in pairs:
+            f = unpack_flow(k, v)
+            if proto is not None and f.orig.proto != int(proto):
+                continue
+            if nat == "src" and not f.is_snat or nat == "dst" and not f.is_dnat:
+                continue
+            if nat == "any" and not (f.is_snat or f.is_dnat):
+                continue
+            line = f.format()
+            out.append(line if o is None else f"{line} [node={o}]")
+        return out
+
+    def _notify_watchers(self, where: str, key: bytes, value: bytes | None) -> None:
+        from .flow import unpack_key
+        if value is None:
+            zone, orig = unpack_key(key)
+            line = f"[DESTROY] {where}: zone={zone} {orig.format()}"
+        else:
+            line = f"[UPDATE] {where}: {unpack_flow(key, value).format()}"
+        for ch in list(self._watchers):
+            try:
+                ch.send_nowait(line)
+            except trio.WouldBlock:
+                pass  # a slow watcher loses lines rather than slowing the daemon
+            except trio.BrokenResourceError:
+                self._watchers.remove(ch)
+
+    async def _watch(self, args: dict[str, Any]) -> AsyncIterator[str]:
+        send, recv = trio.open_memory_channel[str](10000)
+        self._watchers.append(send)
+        try:
+            async for line in recv:
+                yield line
+        finally:
+            if send in self._watchers:
+                self._watchers.remove(send)
+
+    def stats(self, kind: str | None) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if kind in (None, "runtime", "general"):
+            out["runtime"] = {"node": self.cfg.node.id, "epoch": f"{self.epoch:08x}",
+                              "uptime_s": round(time.time() - self.started, 1),
+                              "pid": os.getpid(), "mode": self.cfg.sync.mode,
+                              "in_sync": self.in_sync(), "commits": self.commits,
+                              "last_commit": self.last_commit}
+        if kind in (None, "cache"):
+            tr = self.tracker
+            out["cache"] = {
+                "internal": len(tr.cache) if tr else 0,
+                "external": len(self.external),
+                "external_by_node": {str(o): self.external.count(o)
+                                     for o in self.external.origins()},
+            }
+            if tr is not None:
+                out["cache"]["kernel_events"] = asdict(tr.events.stats)
+                out["cache"]["tracker"] = asdict(tr.stats)
+        if kind in (None, "network", "sync", "queue") and self.engine is not None:
+            out["sync"] = self.engine.stats()
+        if kind in (None, "link", "network") and self.transport is not None:
+            tr2 = self.transport
+            out["link"] = {"active": tr2.channels[tr2.active].spec.describe(),
+                           "switches": tr2.switches,
+                           "channels": [{"channel": c.spec.describe(), "up": c.link_up,
+                                         **asdict(c.stats)} for c in tr2.channels]}
+        if not self.cfg.sync.external_cache:
+            out["direct"] = dict(self.direct_stats)
+        return out
+
+    def handlers(self) -> dict[str, Any]:
+        async def commit(a: dict[str, Any]) -> Any:
+            return await self.commit()
+
+        async def flush(a: dict[str, Any]) -> Any:
+            which = a.get("cache", "both")
+            res = {}
+            if which in ("internal", "both") and self.tracker is not None:
+                res["internal"] = len(self.tracker.cache)
+                self.tracker.cache.clear()
+            if which in ("external", "both"):
+                res["external"] = self.external.purge()
+            return res
+
+        async def flush_kernel(a: dict[str, Any]) -> Any:
+            table = Table(self.netns)
+            try:
+                await table.flush()
+            finally:
+                table.close()
+            return "flushed"
+
+        async def resync_internal(a: dict[str, Any]) -> Any:
+            if self.tracker is None:
+                raise ControlError("no internal cache in this mode")
+            await self.tracker.resync_from_kernel()
+            self.pump()
+            return {"internal": len(self.tracker.cache)}
+
+        async def bulk_send(a: dict[str, Any]) -> Any:
+            if self.engine is None:
+                raise ControlError("replication is off (general.mode: stats)")
+            self.engine.bulk_send(self._now())
+            self.pump()
+            return "bulk send started"
+
+        async def request_resync(a: dict[str, Any]) -> Any:
+            if self.engine is None:
+                raise ControlError("replication is off (general.mode: stats)")
+            node = a.get("node")
+            self.engine.request_resync(None if node is None else int(node), self._now())
+            self.pump()
+            return "resync requested"
+
+        async def purge(a: dict[str, Any]) -> Any:
+            # -t: like conntrackd, drop the external cache after the purge timeout
+            assert self.nursery is not None
+            delay = float(a.get("after", self.cfg.sync.purge_timeout))
+
+            async def later() -> None:
+                await trio.sleep(delay)
+                n = self.external.purge()
+                log.info("purged %d external entries (purge timeout %.0f s)", n, delay)
+
+            self.nursery.start_soon(later)
+            return f"external cache purge in {delay:.0f} s"
+
+        async def stop(a: dict[str, Any]) -> Any:
+            assert self.nursery is not None
+            log.info("stop requested over the control socket")
+            self.nursery.cancel_scope.cancel()
+            return "stopping"
+
+        async def stats(a: dict[str, Any]) -> Any:
+            return self.stats(a.get("kind"))
+
+        async def dump(a: dict[str, Any]) -> Any:
+            which = a.get("cache", "internal")
+            if which not in ("internal", "external"):
+                raise ControlError("cache must be internal or external")
+            return self._dump_lines(which, a)
+
+        async def in_sync(a: dict[str, Any]) -> Any:
+            return {"in_sync": self.in_sync()}
+
+        return {"commit": commit, "flush": flush, "flush_kernel": flush_kernel,
+                "resync_internal": resync_internal, "bulk_send": bulk_send,
+                "request_resync": request_resync, "purge": purge, "stop": stop,
+                "stats": stats, "dump": dump, "in_sync": in_sync}
+
+    # --- the main task ------------------------------------------------------------------
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.cfg
+        lock = PidLock(cfg.general.lock_file)
+        lock.acquire()
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                await self._start(nursery)
+                log.info("conntrackd-py node %d ready (mode %s, epoch %08x)", cfg.node.id,
+                         cfg.sync.mode if cfg.general.mode == "sync" else "stats", self.epoch)
+                task_status.started()
+        finally:
+            for c in (self.tracker, self.transport):
+                if c is not None:
+                    c.close()
+            lock.release()
+            log.info("conntrackd-py node %d stopped", cfg.node.id)
+
+    async def _start(self, nursery: trio.Nursery) -> None:
+        cfg = self.cfg
+        sync_on = cfg.general.mode == "sync"
+        if sync_on:
+            keys = load_keys(cfg.sync.auth)
+            if not keys:
+                log.warning("sync.auth.key_files is empty: sync datagrams are not "
+                            "authenticated; anyone on the sync link can inject flows")
+            self.transport = Transport(channel_specs(cfg), netns_name=self.netns,
+                                       silence_timeout=cfg.sync.peer_timeout,
+                                       failback=cfg.sync.failback)
+        self.tracker = Tracker(
+            netns_name=self.netns, rcvbuf=cfg.netlink.rcvbuf,
+            reliable=cfg.netlink.reliable_events,
+            set_events_sysctl=cfg.netlink.set_events_sysctl, accept=build_filter(cfg),
+            on_delta=self._on_delta if sync_on else None)
+        if sync_on:
+            assert self.transport is not None
+            self.engine = sync_engine.Engine(
+                sync_engine.config_from(cfg, keys), epoch=self.epoch,
+                source=self.tracker.cache.items, now=self._now())
+        # the internal cache is loaded before the engine can be asked for a resync
+        await self.tracker.resync_from_kernel()
+        nursery.start_soon(self.tracker.events.run, self._on_events,
+                           self.tracker.resync_from_kernel)
+        if sync_on:
+            assert self.transport is not None
+            for i in range(len(self.transport.channels)):
+                nursery.start_soon(self.transport.receive_loop, i, self._on_datagrams, self._now)
+            nursery.start_soon(self.transport.watch_links, self._now)
+            nursery.start_soon(self._timer)
+            if not cfg.sync.external_cache:
+                nursery.start_soon(self._direct_writer, Table(self.netns,
+                                                              batch=cfg.netlink.commit_batch))
+            self.pump()
+        server = ControlServer(cfg.general.control_socket, self.handlers(),
+                               {"watch": self._watch})
+        await nursery.start(server.serve)
+        nursery.start_soon(self._signals)
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for sig in sigs:
+                if sig == signal.SIGHUP:
+                    log.info("SIGHUP: nothing to reload in this version; restart to apply "
+                             "config changes")
+                    continue
+                log.info("received %s, stopping", signal.Signals(sig).name)
+                assert self.nursery is not None
+                self.nursery.cancel_scope.cancel()
+                return
+
+
+__all__ = ["Daemon", "EventType", "LockError", "socket"]

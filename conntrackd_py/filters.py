@@ -1,0 +1,72 @@
+"""Which flows a node tracks and replicates: the configured filters as one predicate.
+
+Owns the policy only (protocols, addresses, TCP states, and always the sync link's own
+traffic); it sees config dataclasses and Flows, never YAML or sockets.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Iterable
+
+from .flow import Flow, Tuple
+
+Net = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _matches_any(addr: bytes, nets: list[Net]) -> bool:
+    ip = ipaddress.ip_address(addr)
+    return any(ip.version == n.version and ip in n for n in nets)
+
+
+def build(protocols: tuple[str, tuple[int, ...]] | None = None,
+          addresses: tuple[str, tuple[Net, ...]] | None = None,
+          tcp_states: tuple[str, tuple[int, ...]] | None = None,
+          sync_port: int | None = None,
+          sync_addrs: Iterable[str] = ()) -> Callable[[Flow], bool]:
+    """A predicate: True = track and replicate the flow.
+
+    Each filter is (policy, items) with policy "accept" (only these) or "ignore" (all but
+    these). Flows of the sync protocol itself (UDP to `sync_port`, or between `sync_addrs`)
+    are always ignored: replicating them would feed the link its own traffic.
+    """
+    checks: list[Callable[[Flow], bool]] = []
+    if protocols is not None:
+        pol, protos = protocols
+        pset = frozenset(protos)
+        checks.append((lambda f: f.orig.proto in pset) if pol == "accept"
+                      else (lambda f: f.orig.proto not in pset))
+    if addresses is not None:
+        pol, nets = addresses
+        nlist = list(nets)
+
+        def addr_hit(f: Flow) -> bool:
+            o = f.orig
+            return _matches_any(o.src, nlist) or _matches_any(o.dst, nlist)
+
+        checks.append(addr_hit if pol == "accept" else (lambda f: not addr_hit(f)))
+    if tcp_states is not None:
+        pol, states = tcp_states
+        sset = frozenset(states)
+
+        def state_ok(f: Flow) -> bool:
+            if f.orig.proto != 6 or f.state is None:
+                return True
+            return (f.state in sset) == (pol == "accept")
+
+        checks.append(state_ok)
+    sync_set = frozenset(ipaddress.ip_address(a).packed for a in sync_addrs)
+    if sync_port is not None or sync_set:
+        def not_sync(f: Flow) -> bool:
+            o: Tuple = f.orig
+            if sync_port is not None and o.proto == 17 and (
+                    o.dport == sync_port or o.sport == sync_port):
+                return False
+            return not (o.src in sync_set and o.dst in sync_set)
+
+        checks.append(not_sync)
+    if not checks:
+        return lambda f: True
+    if len(checks) == 1:
+        return checks[0]
+    return lambda f: all(c(f) for c in checks)

@@ -1,0 +1,164 @@
+"""The lab builds working topologies and leaves nothing behind (real namespaces, real kernel)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+from conntrackd_py.lab import (
+    MARK,
+    MARK_DPORT,
+    SYNC_GROUP,
+    FirewallTopology,
+    Lab,
+    add_sync_loss,
+    cluster_topology,
+    lab_namespaces,
+    udp_echo_server,
+    udp_flows,
+    udp_flows_popen,
+)
+from conntrackd_py.netns import socket_in
+
+pytestmark = pytest.mark.kernel
+
+SYNC_PORT = 3780
+
+
+def _receiver(ns_name: str, port: int, group: str | None = None,
+              iface_ip: str = "0.0.0.0") -> socket.socket:
+    sock = socket_in(ns_name, socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, 4 << 20)
+    sock.bind(("", port))
+    if group:
+        mreq = socket.inet_aton(group) + socket.inet_aton(iface_ip)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
+    sock.setblocking(False)
+    return sock
+
+
+def _drain(sock: socket.socket) -> list[bytes]:
+    got = []
+    while True:
+        try:
+            got.append(sock.recv(2048))
+        except BlockingIOError:
+            return got
+
+
+def test_ping_crosses_the_firewall_in_both_families(fw_topo: FirewallTopology) -> None:
+    assert fw_topo.client.ping(fw_topo.server_ip)
+    assert fw_topo.client.ping(fw_topo.server_ip6)
+    assert fw_topo.server.ping(fw_topo.client_ip6) is False  # no NAT'd way in from outside
+
+
+def test_firewall_masquerades_and_sees_the_reply(fw_topo: FirewallTopology) -> None:
+    udp_echo_server(fw_topo.server, 7000)
+    with socket_in(fw_topo.client.name, socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(2)
+        sock.bind((fw_topo.client_ip, 40000))
+        sock.sendto(b"hello", (fw_topo.server_ip, 7000))
+        assert sock.recv(100) == b"hello"
+    [line] = [x for x in fw_topo.fw.conntrack_list() if "dport=7000" in x]
+    assert (f"src={fw_topo.client_ip} dst={fw_topo.server_ip} sport=40000 dport=7000 "
+            f"src={fw_topo.server_ip} dst={fw_topo.fw_wan_ip} sport=7000") in line
+    assert "[UNREPLIED]" not in line
+
+
+def test_flows_to_the_mark_port_get_the_mark(fw_topo: FirewallTopology) -> None:
+    udp_flows(fw_topo.client, fw_topo.server_ip, 3, dport=MARK_DPORT)
+    udp_flows(fw_topo.client, fw_topo.server_ip6, 3, dport=MARK_DPORT + 10)
+    lines = fw_topo.fw.conntrack_list()
+    marked = [x for x in lines if f"mark={MARK} " in x]
+    assert len(marked) == 3
+    assert all(f"dport={MARK_DPORT}" in x and x.startswith("ipv4") for x in marked)
+    assert sum(x.startswith("ipv6") and "udp" in x for x in lines) == 3
+
+
+def test_udp_flows_create_one_conntrack_entry_per_flow(fw_topo: FirewallTopology) -> None:
+    burst = udp_flows(fw_topo.client, fw_topo.server_ip, 20_000)
+    assert burst.sent == 20_000
+    assert fw_topo.fw.conntrack_count() >= 20_000
+    print(f"udp_flows: {burst.sent} flows in {burst.seconds:.3f} s = {burst.rate:,.0f} flows/s")
+
+
+def test_udp_flows_past_one_port_block_stay_distinct_under_masquerade(
+    fw_topo: FirewallTopology,
+) -> None:
+    # 64512 source ports per destination port; the 64513th flow moves to dport 5001
+    proc = udp_flows_popen(fw_topo.client, fw_topo.server_ip6, 64_520, max_seconds=20)
+    out, _ = proc.communicate(timeout=30)
+    assert int(out.split()[0]) == 64_520
+    assert fw_topo.fw.conntrack_count() == 64_520
+    assert sum("dport=5001" in x for x in fw_topo.fw.conntrack_list()) == 8
+
+
+def test_multicast_on_the_sync_link_reaches_every_peer(lab: Lab) -> None:
+    topo = cluster_topology(lab, n_fw=3)
+    receivers = [_receiver(fw.name, SYNC_PORT, SYNC_GROUP, topo.sync_ip(k))
+                 for k, fw in enumerate(topo.fws[1:], 2)]
+    try:
+        with socket_in(topo.fws[0].name, socket.AF_INET, socket.SOCK_DGRAM) as tx:
+            for _ in range(3):
+                tx.sendto(b"sync", (SYNC_GROUP, SYNC_PORT))
+                time.sleep(0.05)
+        assert [len(_drain(r)) for r in receivers] == [3, 3]
+    finally:
+        for r in receivers:
+            r.close()
+
+
+def test_sync_loss_drops_about_the_requested_share(lab: Lab) -> None:
+    topo = cluster_topology(lab, n_fw=2, vip_on=None)
+    add_sync_loss(topo.fws[1], SYNC_PORT, 20)
+    with _receiver(topo.fws[1].name, SYNC_PORT) as rx, \
+            socket_in(topo.fws[0].name, socket.AF_INET, socket.SOCK_DGRAM) as tx:
+        for i in range(2000):
+            tx.sendto(struct.pack("!I", i), (topo.sync_ip(2), SYNC_PORT))
+        time.sleep(0.05)
+        got = len(_drain(rx))
+    assert 0.10 <= 1 - got / 2000 <= 0.30, f"{2000 - got} of 2000 dropped"
+
+
+def test_moving_the_vip_moves_the_traffic(lab: Lab) -> None:
+    topo = cluster_topology(lab, n_fw=2)
+    fw1, fw2 = topo.fws
+    assert topo.client.ping(topo.server_ip)
+    assert fw1.conntrack_count() >= 1
+    assert fw2.conntrack_count() == 0
+    topo.move_vip(fw2)
+    assert topo.client.ping(topo.server_ip)
+    assert topo.client.ping(topo.server_ip6)
+    [line] = [x for x in fw2.conntrack_list() if x.startswith("ipv4")]
+    assert f"dst={topo.wan_vip}" in line  # SNAT to the shared server-side VIP
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().count("State:\tZ") == 1
+    except FileNotFoundError:
+        return True
+
+
+def test_close_kills_processes_and_deletes_namespaces(require_root: None) -> None:
+    with pytest.raises(ZeroDivisionError), Lab() as lab:  # noqa: PT012
+        a, b = lab.netns("a"), lab.netns("b")
+        lab.link(a, "eth0", b, "eth0")
+        tracked = a.popen("sleep", "60")
+        b.run("sh", "-c", "sleep 60 >/dev/null 2>&1 &")  # untracked: found via its namespace
+        [stray] = b.run("ip", "netns", "pids", b.name).stdout.split()
+        names = [a.name, b.name]
+        assert set(names) <= set(os.listdir("/run/netns"))
+        _ = 1 / 0
+    assert tracked.returncode is not None
+    deadline = time.monotonic() + 2
+    while not _gone(int(stray)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _gone(int(stray))
+    assert not set(names) & set(os.listdir("/run/netns"))
+    assert lab_namespaces() == []
