@@ -172,8 +172,32 @@ def _need(s: int, e: int, n: int, what: str) -> None:
         raise CodecError(f"{what}: {e - s} bytes, need {n}")
 
 
+# The kernel lays out address/port tuples the same way every time; one header check plus one
+# data unpack replaces ~8 attribute steps (decode was measured 4x faster this way).
+_V4_HDRS = struct.Struct("=HHHH4xHH4xHHHH4xHH4xHH4x")
+_V4_HDRS_WANT = (20, 0x8001, 8, 1, 8, 2, 28, 0x8002, 5, 1, 6, 2, 6, 3)
+_V4_DATA = struct.Struct("!8x4s4x4s8xB7xH6xH")
+_V6_HDRS = struct.Struct("=HHHH16xHH16xHHHH4xHH4xHH4x")
+_V6_HDRS_WANT = (44, 0x8001, 20, 3, 20, 4, 28, 0x8002, 5, 1, 6, 2, 6, 3)
+_V6_DATA = struct.Struct("!8x16s4x16s8xB7xH6xH")
+
+
 def _decode_tuple(buf: bytes | bytearray | memoryview, off: int, end: int) -> tuple[Tuple, int]:
     """Decode a CTA_TUPLE_* nest; returns the tuple and the zone inside it (0 if none)."""
+    n = end - off
+    if n == 48 and _V4_HDRS.unpack_from(buf, off) == _V4_HDRS_WANT:
+        src, dst, proto, sport, dport = _V4_DATA.unpack_from(buf, off)
+        if proto in PORT_PROTOS:
+            return Tuple(src, dst, proto, sport, dport), 0
+    elif n == 72 and _V6_HDRS.unpack_from(buf, off) == _V6_HDRS_WANT:
+        src, dst, proto, sport, dport = _V6_DATA.unpack_from(buf, off)
+        if proto in PORT_PROTOS:
+            return Tuple(src, dst, proto, sport, dport), 0
+    return _decode_tuple_slow(buf, off, end)
+
+
+def _decode_tuple_slow(buf: bytes | bytearray | memoryview, off: int,
+                       end: int) -> tuple[Tuple, int]:
     src = dst = b""
     proto = sport = dport = iid = itype = icode = 0
     zone = 0
@@ -226,8 +250,22 @@ def _decode_tuple(buf: bytes | bytearray | memoryview, off: int, end: int) -> tu
     return Tuple(src, dst, proto, sport, dport, iid, itype, icode, opaque), zone
 
 
+_COUNTERS_HDRS = struct.Struct("=HH8xHH8x")
+_COUNTERS_DATA = struct.Struct("!4xQ4xQ")
+_TS_HDRS = struct.Struct("=HH8x")
+_struct_error = struct.error
+
+
 def decode_flow(buf: bytes | bytearray | memoryview, start: int, end: int) -> Flow:
     """Decode the payload of a CT_NEW/CT_DELETE message (nfgenmsg + attributes)."""
+    try:
+        return _decode_flow(buf, start, end)
+    except (_struct_error, IndexError) as e:
+        # a scalar attribute shorter than its type: the message is malformed
+        raise CodecError(f"truncated attribute: {e}") from None
+
+
+def _decode_flow(buf: bytes | bytearray | memoryview, start: int, end: int) -> Flow:
     off = start + 4  # nfgenmsg
     if off > end:
         raise CodecError("message too short for nfgenmsg")
@@ -240,69 +278,47 @@ def decode_flow(buf: bytes | bytearray | memoryview, start: int, end: int) -> Fl
     c_o: tuple[int, int] | None = None
     c_r: tuple[int, int] | None = None
     t_start = t_stop = 0
-    for t, s, e in _attrs(buf, off, end):
+    attr_unpack = _attr_unpack
+    be32 = _be32
+    # attributes in the order the kernel emits them; scalars are read without a length check
+    # of their own: a short one runs into struct.error/IndexError, mapped to CodecError above
+    while off + 4 <= end:
+        alen, t = attr_unpack(buf, off)
+        s = off + 4
+        e = off + alen
+        if alen < 4 or e > end:
+            raise CodecError(f"attribute {t & NLA_TYPE_MASK} length {alen} out of bounds")
+        off = (e + 3) & ~3
+        t &= NLA_TYPE_MASK
         if t == 1:  # TUPLE_ORIG
-            orig, _ = _decode_tuple(buf, s, e)
+            orig = _decode_tuple(buf, s, e)[0]
         elif t == 2:  # TUPLE_REPLY
-            reply, _ = _decode_tuple(buf, s, e)
+            reply = _decode_tuple(buf, s, e)[0]
         elif t == 3:
             _need(s, e, 4, "status")
-            status = _be32(buf, s)[0]
+            status = be32(buf, s)[0]
         elif t == 7:
             _need(s, e, 4, "timeout")
-            timeout = _be32(buf, s)[0]
+            timeout = be32(buf, s)[0]
         elif t == 8:
             _need(s, e, 4, "mark")
-            mark = _be32(buf, s)[0]
-        elif t == 18:
-            _need(s, e, 2, "zone")
-            zone = _be16(buf, s)[0]
+            mark = be32(buf, s)[0]
         elif t == 12:
             _need(s, e, 4, "id")
-            ct_id = _be32(buf, s)[0]
+            ct_id = be32(buf, s)[0]
+        elif t == 11:  # USE: not kept
+            continue
         elif t == 4:  # PROTOINFO
-            for pt, ps, pe in _attrs(buf, s, e):
-                if pt == _PI_TCP:
-                    for tt, ts, te in _attrs(buf, ps, pe):
-                        if tt == _TCP_STATE:
-                            _need(ts, te, 1, "tcp state")
-                            state = buf[ts]
-                        elif tt == _TCP_WSCALE_O:
-                            _need(ts, te, 1, "tcp wscale")
-                            wso = buf[ts]
-                        elif tt == _TCP_WSCALE_R:
-                            _need(ts, te, 1, "tcp wscale")
-                            wsr = buf[ts]
-                        elif tt == _TCP_FLAGS_O:
-                            _need(ts, te, 1, "tcp flags")
-                            tfo = buf[ts]
-                        elif tt == _TCP_FLAGS_R:
-                            _need(ts, te, 1, "tcp flags")
-                            tfr = buf[ts]
-                elif pt == _PI_SCTP or pt == _PI_DCCP:
-                    for tt, ts, te in _attrs(buf, ps, pe):
-                        if tt == 1:
-                            _need(ts, te, 1, "protocol state")
-                            state = buf[ts]
+            state, tfo, tfr, wso, wsr = _decode_protoinfo(buf, s, e)
         elif t == 9 or t == 10:  # COUNTERS
-            pk = by = 0
-            for ct, cs, ce in _attrs(buf, s, e):
-                if ct == _C_PACKETS:
-                    _need(cs, ce, 8, "packets")
-                    pk = _be64(buf, cs)[0]
-                elif ct == _C_BYTES:
-                    _need(cs, ce, 8, "bytes")
-                    by = _be64(buf, cs)[0]
-                elif ct == _C32_PACKETS:
-                    _need(cs, ce, 4, "packets")
-                    pk = _be32(buf, cs)[0]
-                elif ct == _C32_BYTES:
-                    _need(cs, ce, 4, "bytes")
-                    by = _be32(buf, cs)[0]
-            if t == 9:
-                c_o = (pk, by)
+            if e - s == 24 and _COUNTERS_HDRS.unpack_from(buf, s) == (12, 1, 12, 2):
+                pair = _COUNTERS_DATA.unpack_from(buf, s)
             else:
-                c_r = (pk, by)
+                pair = _decode_counters(buf, s, e)
+            if t == 9:
+                c_o = pair
+            else:
+                c_r = pair
         elif t == 20:  # TIMESTAMP
             for tt, ts, te in _attrs(buf, s, e):
                 if tt == _TS_START:
@@ -311,6 +327,9 @@ def decode_flow(buf: bytes | bytearray | memoryview, start: int, end: int) -> Fl
                 elif tt == _TS_STOP:
                     _need(ts, te, 8, "stop")
                     t_stop = _be64(buf, ts)[0]
+        elif t == 18:
+            _need(s, e, 2, "zone")
+            zone = _be16(buf, s)[0]
         elif t == 5:  # HELP
             for ht, hs, he in _attrs(buf, s, e):
                 if ht == _HELP_NAME:
@@ -319,18 +338,17 @@ def decode_flow(buf: bytes | bytearray | memoryview, start: int, end: int) -> Fl
                     except UnicodeDecodeError:
                         raise CodecError("helper name is not UTF-8") from None
         elif t == 14:
-            master, _ = _decode_tuple(buf, s, e)
+            master = _decode_tuple(buf, s, e)[0]
         elif t == 22:
             labels = bytes(buf[s:e])
             if not any(labels):
                 labels = b""
         elif t == 17:
             _need(s, e, 4, "secmark")
-            secmark = _be32(buf, s)[0]
+            secmark = be32(buf, s)[0]
     if orig is None:
         raise CodecError("conntrack message without an original tuple")
     if reply is None:
-        # DESTROY events of some kernels omit nothing, but be lenient: derive it
         reply = orig.invert()
     counters = None
     if c_o is not None or c_r is not None:
@@ -339,6 +357,50 @@ def decode_flow(buf: bytes | bytearray | memoryview, start: int, end: int) -> Fl
         orig, reply, status, timeout, mark, zone, state, tfo, tfr, wso, wsr, labels, helper,
         master, secmark, ct_id, counters, t_start, t_stop,
     )
+
+
+def _decode_counters(buf: bytes | bytearray | memoryview, s: int, e: int) -> tuple[int, int]:
+    pk = by = 0
+    for ct, cs, ce in _attrs(buf, s, e):
+        if ct == _C_PACKETS:
+            _need(cs, ce, 8, "packets")
+            pk = _be64(buf, cs)[0]
+        elif ct == _C_BYTES:
+            _need(cs, ce, 8, "bytes")
+            by = _be64(buf, cs)[0]
+        elif ct == _C32_PACKETS:
+            _need(cs, ce, 4, "packets")
+            pk = _be32(buf, cs)[0]
+        elif ct == _C32_BYTES:
+            _need(cs, ce, 4, "bytes")
+            by = _be32(buf, cs)[0]
+    return pk, by
+
+
+def _decode_protoinfo(buf: bytes | bytearray | memoryview, s: int,
+                      e: int) -> tuple[int | None, int, int, int, int]:
+    state = None
+    tfo = tfr = wso = wsr = 0
+    for pt, ps, pe in _attrs(buf, s, e):
+        if pt == _PI_TCP:
+            for tt, ts, te in _attrs(buf, ps, pe):
+                _need(ts, te, 1, "tcp protoinfo")
+                if tt == _TCP_STATE:
+                    state = buf[ts]
+                elif tt == _TCP_WSCALE_O:
+                    wso = buf[ts]
+                elif tt == _TCP_WSCALE_R:
+                    wsr = buf[ts]
+                elif tt == _TCP_FLAGS_O:
+                    tfo = buf[ts]
+                elif tt == _TCP_FLAGS_R:
+                    tfr = buf[ts]
+        elif pt == _PI_SCTP or pt == _PI_DCCP:
+            for tt, ts, te in _attrs(buf, ps, pe):
+                if tt == 1:
+                    _need(ts, te, 1, "protocol state")
+                    state = buf[ts]
+    return state, tfo, tfr, wso, wsr
 
 
 def decode_events(buf: bytes | bytearray | memoryview, nbytes: int) -> list[tuple[EventType, Flow]]:
@@ -380,7 +442,22 @@ def _u8a(atype: int, v: int) -> bytes:
     return _ATTR.pack(5, atype) + bytes((v, 0, 0, 0))
 
 
+_LITTLE = struct.pack("=H", 1) == b"\x01\x00"
+_V4_PACK = struct.Struct("=HHHHHH4sHH4sHHHHBxxxHHHxxHHHxx")
+_V6_PACK = struct.Struct("=HHHHHH16sHH16sHHHHBxxxHHHxxHHHxx")
+
+
 def encode_tuple(atype: int, t: Tuple, zone: int | None = None) -> bytes:
+    if t.proto in PORT_PROTOS and not zone:
+        sp, dp = t.sport, t.dport
+        if _LITTLE:
+            sp = ((sp & 0xFF) << 8) | (sp >> 8)
+            dp = ((dp & 0xFF) << 8) | (dp >> 8)
+        if len(t.src) == 4:
+            return _V4_PACK.pack(52, atype | NLA_F_NESTED, 20, 0x8001, 8, 1, t.src, 8, 2, t.dst,
+                                 28, 0x8002, 5, 1, t.proto, 6, 2, sp, 6, 3, dp)
+        return _V6_PACK.pack(76, atype | NLA_F_NESTED, 44, 0x8001, 20, 3, t.src, 20, 4, t.dst,
+                             28, 0x8002, 5, 1, t.proto, 6, 2, sp, 6, 3, dp)
     if len(t.src) == 4:
         ip = _nest(_T_IP, _ATTR.pack(8, _IP_V4_SRC) + t.src, _ATTR.pack(8, _IP_V4_DST) + t.dst)
     else:

@@ -1,0 +1,71 @@
+"""Benchmark entry point: `python bench/run.py SUITE [--json FILE] [--n N]`.
+
+Each suite prints a table and writes JSON whose top-level `figures` object holds flat numeric
+keys. Suites build their own lab namespaces (root needed) and clean them up.
+
+    kernel       event ingest, dump, commit, cache bytes/flow   (issue: kernel bridge)
+    replication  two daemons on a sync link vs the real conntrackd
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+Suite = Callable[[argparse.Namespace], dict[str, float]]
+
+
+def _suites() -> dict[str, Suite]:
+    import suite_kernel
+    suites: dict[str, Suite] = {"kernel": suite_kernel.run}
+    try:
+        import suite_replication
+        suites["replication"] = suite_replication.run
+    except ImportError:
+        pass
+    return suites
+
+
+def main() -> int:
+    suites = _suites()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("suite", choices=sorted(suites))
+    p.add_argument("--json", metavar="FILE", help="write the figures here")
+    p.add_argument("--n", type=int, default=100_000, help="flows per measurement")
+    p.add_argument("--cache-n", type=int, default=1_000_000, help="flows for the memory figure")
+    p.add_argument("--repeat", type=int, default=1)
+    args = p.parse_args()
+    t0 = time.time()
+    figures = suites[args.suite](args)
+    print()
+    print(f"{'figure':<36} value")
+    print("-" * 52)
+    for k, v in figures.items():
+        print(f"{k:<36} {v:,.3f}" if isinstance(v, float) else f"{k:<36} {v:,}")
+    doc: dict[str, Any] = {
+        "suite": args.suite,
+        "figures": figures,
+        "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
+                    "python": platform.python_version()},
+        "n": args.n,
+        "seconds": round(time.time() - t0, 1),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
