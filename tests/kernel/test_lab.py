@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import subprocess
 import time
 from pathlib import Path
 
@@ -28,12 +29,13 @@ from conntrackd_py.netns import socket_in
 pytestmark = pytest.mark.kernel
 
 SYNC_PORT = 3780
+SO_RCVBUFFORCE = 33  # not in Python's socket module
 
 
 def _receiver(ns_name: str, port: int, group: str | None = None,
               iface_ip: str = "0.0.0.0") -> socket.socket:
     sock = socket_in(ns_name, socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, 4 << 20)
+    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 << 20)
     sock.bind(("", port))
     if group:
         mreq = socket.inet_aton(group) + socket.inet_aton(iface_ip)
@@ -54,7 +56,7 @@ def _drain(sock: socket.socket) -> list[bytes]:
 def test_ping_crosses_the_firewall_in_both_families(fw_topo: FirewallTopology) -> None:
     assert fw_topo.client.ping(fw_topo.server_ip)
     assert fw_topo.client.ping(fw_topo.server_ip6)
-    assert fw_topo.server.ping(fw_topo.client_ip6) is False  # no NAT'd way in from outside
+    assert not fw_topo.server.ping(fw_topo.client_ip6, timeout=0.3)  # new flows only from lan0
 
 
 def test_firewall_masquerades_and_sees_the_reply(fw_topo: FirewallTopology) -> None:
@@ -94,8 +96,9 @@ def test_udp_flows_past_one_port_block_stay_distinct_under_masquerade(
     proc = udp_flows_popen(fw_topo.client, fw_topo.server_ip6, 64_520, max_seconds=20)
     out, _ = proc.communicate(timeout=30)
     assert int(out.split()[0]) == 64_520
-    assert fw_topo.fw.conntrack_count() == 64_520
-    assert sum("dport=5001" in x for x in fw_topo.fw.conntrack_list()) == 8
+    assert fw_topo.fw.conntrack_count() >= 64_520
+    orig_dports = [x.split(" dport=")[1].split()[0] for x in fw_topo.fw.conntrack_list()]
+    assert orig_dports.count("5001") == 8
 
 
 def test_multicast_on_the_sync_link_reaches_every_peer(lab: Lab) -> None:
@@ -129,8 +132,8 @@ def test_moving_the_vip_moves_the_traffic(lab: Lab) -> None:
     topo = cluster_topology(lab, n_fw=2)
     fw1, fw2 = topo.fws
     assert topo.client.ping(topo.server_ip)
-    assert fw1.conntrack_count() >= 1
-    assert fw2.conntrack_count() == 0
+    assert any(" icmp " in x for x in fw1.conntrack_list())
+    assert not any(" icmp " in x for x in fw2.conntrack_list())
     topo.move_vip(fw2)
     assert topo.client.ping(topo.server_ip)
     assert topo.client.ping(topo.server_ip6)
@@ -146,15 +149,16 @@ def _gone(pid: int) -> bool:
 
 
 def test_close_kills_processes_and_deletes_namespaces(require_root: None) -> None:
-    with pytest.raises(ZeroDivisionError), Lab() as lab:  # noqa: PT012
+    with pytest.raises(RuntimeError, match="test body failed"), Lab() as lab:  # noqa: PT012
         a, b = lab.netns("a"), lab.netns("b")
         lab.link(a, "eth0", b, "eth0")
         tracked = a.popen("sleep", "60")
         b.run("sh", "-c", "sleep 60 >/dev/null 2>&1 &")  # untracked: found via its namespace
-        [stray] = b.run("ip", "netns", "pids", b.name).stdout.split()
+        [stray] = subprocess.run(["ip", "netns", "pids", b.name], capture_output=True,
+                                 text=True, check=True).stdout.split()
         names = [a.name, b.name]
         assert set(names) <= set(os.listdir("/run/netns"))
-        _ = 1 / 0
+        raise RuntimeError("test body failed")
     assert tracked.returncode is not None
     deadline = time.monotonic() + 2
     while not _gone(int(stray)) and time.monotonic() < deadline:

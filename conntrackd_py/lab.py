@@ -1,0 +1,569 @@
+"""Network-namespace topologies for the tests, the benchmarks and `conntrackd-py demo`.
+
+This module owns every namespace, veth pair, bridge, nftables table and process that a `Lab`
+creates, and removes all of them in `Lab.close()`. It must not touch anything it did not
+create: not the root namespace's firewall, conntrack table, routes or sysctls, and no
+namespace of another run (names are `<prefix><pid>x<seq>-<role>`). Addresses stay inside
+10.0.0.0/8 and fd00::/8 and no link leads out of the lab, so no packet can leave it.
+
+Everything is synchronous and shells out to `ip`, `nft`, `sysctl` and `conntrack`, except the
+UDP load generator, which sends hand-built packets on a raw socket opened inside the client
+namespace: one datagram per flow, 55k-90k new conntrack entries/s through a firewall on this
+2-vCPU VM (masquerade and the server's ICMP port-unreachable replies cost ~20% each).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import itertools
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from conntrackd_py.netns import socket_in
+
+#: the firewall rulesets set ct mark MARK on new flows to udp/MARK_DPORT and ct label bit
+#: LABEL on those to udp/LABEL_DPORT (the kernel keeps labels only where a rule uses them)
+MARK = 0x2A
+MARK_DPORT = 5001
+LABEL = 5
+LABEL_DPORT = 5002
+#: conntrackd's default multicast group; the sync links route 225.0.0.0/8 to their interface
+SYNC_GROUP = "225.0.0.50"
+
+_seq = itertools.count(1)
+_tags: set[str] = set()  # name prefixes of every Lab made by this process
+
+
+class LabError(subprocess.CalledProcessError):
+    """A lab command failed; unlike CalledProcessError its message includes stderr."""
+
+    def __str__(self) -> str:
+        return f"{' '.join(map(str, self.cmd))!r} exited {self.returncode}: {self.stderr!s}".strip()
+
+
+def _run(argv: list[str], *, check: bool = True, input: str | None = None,
+         timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    p = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise LabError(p.returncode, argv, p.stdout, p.stderr)
+    return p
+
+
+def lab_namespaces() -> list[str]:
+    """Namespaces made by any Lab of this process that still exist (the leak check)."""
+    try:
+        names = os.listdir("/run/netns")
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if any(n.startswith(t) for t in _tags))
+
+
+def _kill_and_delete(name: str) -> str | None:
+    """Kill whatever runs in namespace `name`, delete it; the error text if that failed."""
+    for pid in _run(["ip", "netns", "pids", name], check=False).stdout.split():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+    p = _run(["ip", "netns", "del", name], check=False)
+    return f"{name}: {p.stderr.strip()}" if p.returncode != 0 else None
+
+
+def reap_namespaces() -> list[str]:
+    """Delete the leaked namespaces of this process's Labs; returns their names."""
+    leaked = lab_namespaces()
+    for name in leaked:
+        _kill_and_delete(name)
+    return leaked
+
+
+@dataclass(eq=False)
+class Netns:
+    """One network namespace of a Lab. Processes started with `popen` die with the lab."""
+
+    name: str
+    procs: list[subprocess.Popen[Any]] = field(default_factory=list, repr=False)
+
+    def run(self, *argv: str, check: bool = True, input: str | None = None,
+            timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return _run(["ip", "netns", "exec", self.name, *argv], check=check, input=input,
+                    timeout=timeout)
+
+    def popen(self, *argv: str, **kw: Any) -> subprocess.Popen[Any]:
+        p = subprocess.Popen(["ip", "netns", "exec", self.name, *argv], **kw)
+        self.procs.append(p)
+        return p
+
+    def ip(self, *args: str) -> str:
+        return _run(["ip", "-n", self.name, *args]).stdout
+
+    def ip_batch(self, commands: list[str]) -> None:
+        """Several `ip` commands in one process (topology setup is mostly this)."""
+        _run(["ip", "-n", self.name, "-batch", "-"], input="\n".join(commands) + "\n")
+
+    def sysctl(self, key: str, value: str | int) -> None:
+        self.run("sysctl", "-qw", f"{key}={value}")
+
+    def sysctl_get(self, key: str) -> str:
+        return self.run("sysctl", "-n", key).stdout.strip()
+
+    def nft(self, ruleset: str) -> None:
+        self.run("nft", "-f", "-", input=ruleset)
+
+    def conntrack_list(self) -> list[str]:
+        """Every entry of both families, one `conntrack -L -o extended` line each:
+        `ipv4 2 udp 17 29 src=.. dst=.. sport=.. dport=.. [UNREPLIED] src=.. ... mark=0 use=1`."""
+        return self.run("conntrack", "-L", "-o", "extended").stdout.splitlines()
+
+    def conntrack_count(self) -> int:
+        return int(self.sysctl_get("net.netfilter.nf_conntrack_count"))
+
+    def conntrack_flush(self) -> None:
+        self.run("conntrack", "-F")
+
+    def ping(self, dst: str, timeout: float = 2.0) -> bool:
+        """One ICMP echo on a ping socket (this machine has no `ping`): True if answered."""
+        if ipaddress.ip_address(dst).version == 4:
+            family, proto, echo = socket.AF_INET, socket.IPPROTO_ICMP, 8
+        else:
+            family, proto, echo = socket.AF_INET6, socket.IPPROTO_ICMPV6, 128
+        with socket_in(self.name, family, socket.SOCK_DGRAM, proto) as sock:
+            sock.settimeout(timeout)
+            # the kernel sets the id and checksum and delivers only replies to this socket
+            sock.sendto(struct.pack("!BBHHH", echo, 0, 0, 0, 1) + b"ctpy", (dst, 0))
+            try:
+                sock.recv(1024)
+            except OSError:  # timeout, or an ICMP error
+                return False
+        return True
+
+    def src_for(self, dst: str) -> str:
+        """The source address this namespace uses to reach `dst`."""
+        route = json.loads(self.ip("-j", "route", "get", dst))[0]
+        return str(route["prefsrc"])
+
+
+@dataclass(eq=False)
+class Switch:
+    """A Linux bridge `br0` alone in its own namespace; `attach` plugs a namespace into it."""
+
+    lab: Lab
+    ns: Netns
+    members: list[tuple[Netns, str]] = field(default_factory=list)
+
+    def attach(self, ns: Netns, ifname: str) -> None:
+        port = f"p{len(self.members)}"
+        self.lab.link(self.ns, port, ns, ifname)
+        self.ns.ip("link", "set", port, "master", "br0")
+        self.members.append((ns, ifname))
+
+
+class Lab:
+    """Owns every namespace and process it makes; `close()` (or leaving `with`) removes them."""
+
+    def __init__(self, prefix: str = "ctpy") -> None:
+        self.tag = f"{prefix}{os.getpid()}x"
+        _tags.add(self.tag)
+        self.namespaces: list[Netns] = []
+        self._sites = itertools.count(1)
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def site(self) -> int:
+        """A fresh number `a` for a topology's 10.a.x.y / fd00:a:x:: addresses."""
+        return next(self._sites)
+
+    def netns(self, role: str) -> Netns:
+        ns = Netns(f"{self.tag}{next(_seq)}-{role}")
+        _run(["ip", "netns", "add", ns.name])
+        self.namespaces.append(ns)
+        ns.ip("link", "set", "lo", "up")
+        # DAD would keep IPv6 addresses "tentative" (unusable) for a second or more
+        # ping_group_range: ping sockets for root too (Netns.ping)
+        ns.run("sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0",
+               "net.ipv6.conf.default.accept_dad=0", "net.ipv4.ping_group_range=0 2147483647")
+        return ns
+
+    def link(self, a: Netns, a_if: str, b: Netns, b_if: str) -> None:
+        """A veth pair created directly inside both namespaces (never in the root one)."""
+        _run(["ip", "link", "add", a_if, "netns", a.name, "type", "veth",
+              "peer", "name", b_if, "netns", b.name])
+        a.ip("link", "set", a_if, "up")
+        b.ip("link", "set", b_if, "up")
+
+    def bridge(self, role: str, members: tuple[tuple[Netns, str], ...] = ()) -> Switch:
+        """A switch for a LAN with more than two members."""
+        sw = Switch(self, self.netns(role))
+        sw.ns.ip_batch([
+            "link add br0 type bridge stp_state 0 forward_delay 0 mcast_snooping 0",
+            "link set br0 up",
+        ])
+        # bridged frames must not visit netfilter hooks in the switch (it is only wire)
+        sw.ns.run("sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0",
+                  "net.bridge.bridge-nf-call-ip6tables=0", "net.bridge.bridge-nf-call-arptables=0")
+        for ns, ifname in members:
+            sw.attach(ns, ifname)
+        return sw
+
+    def close(self) -> None:
+        """Stop every process, then delete every namespace; keeps going past failures."""
+        errors: list[str] = []
+        for ns in self.namespaces:
+            for p in ns.procs:
+                if p.poll() is None:
+                    p.terminate()
+        for ns in self.namespaces:
+            for p in ns.procs:
+                try:
+                    p.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+                for stream in (p.stdin, p.stdout, p.stderr):
+                    if stream is not None:
+                        stream.close()
+            ns.procs.clear()
+        for ns in reversed(self.namespaces):
+            if (err := _kill_and_delete(ns.name)) is not None:
+                errors.append(err)
+        self.namespaces.clear()
+        if errors:
+            raise RuntimeError("lab cleanup failed: " + "; ".join(errors))
+
+
+# --- topologies ------------------------------------------------------------------------------
+
+_FW_RULES = """
+table inet ctpy {{
+    chain forward {{
+        type filter hook forward priority 0; policy drop;
+        ct state established,related accept
+        ct state new udp dport {mark_dport} ct mark set {mark:#x}
+        ct state new udp dport {label_dport} ct label set {label}
+        iifname "lan0" ct state new accept
+    }}{nat}
+}}
+"""
+_MARKS = {"mark_dport": MARK_DPORT, "mark": MARK, "label_dport": LABEL_DPORT, "label": LABEL}
+
+_NAT_CHAIN = """
+    chain postrouting {{
+        type nat hook postrouting priority 100;
+        {rules}
+    }}"""
+
+_CLUSTER_INPUT = """
+table inet ctpy {
+    chain input {
+        type filter hook input priority 0; policy drop;
+        iif lo accept
+        iifname "sync*" accept
+        ct state established,related accept
+        meta l4proto { icmp, ipv6-icmp } accept
+        ip protocol vrrp accept
+    }
+}
+"""
+
+
+@dataclass(frozen=True)
+class FirewallTopology:
+    """client (eth0) -- (lan0) fw (wan0) -- (eth0) server, on 10.a.1.0/24 and 10.a.2.0/24."""
+
+    client: Netns
+    fw: Netns
+    server: Netns
+    client_ip: str
+    fw_lan_ip: str
+    fw_wan_ip: str
+    server_ip: str
+    client_ip6: str
+    fw_lan_ip6: str
+    fw_wan_ip6: str
+    server_ip6: str
+
+
+def _host_setup(ns: Netns, ifname: str, a: int, net: int, host: int, gw: int) -> None:
+    ns.ip_batch([
+        f"addr add 10.{a}.{net}.{host}/24 dev {ifname}",
+        f"addr add fd00:{a}:{net}::{host}/64 dev {ifname}",
+        f"route add default via 10.{a}.{net}.{gw}",
+        f"route add default via fd00:{a}:{net}::{gw}",
+    ])
+
+
+def _firewall_sysctls(fw: Netns) -> None:
+    fw.run("sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+    # the ruleset loads conntrack into the namespace; only then does this key exist
+    fw.sysctl("net.netfilter.nf_conntrack_events", 1)
+
+
+def firewall_topology(lab: Lab, masquerade: bool = True) -> FirewallTopology:
+    """One stateful firewall between a client and a server, masquerading out of wan0."""
+    a = lab.site()
+    client, fw, server = lab.netns("client"), lab.netns("fw"), lab.netns("server")
+    lab.link(client, "eth0", fw, "lan0")
+    lab.link(fw, "wan0", server, "eth0")
+    fw.ip_batch([
+        f"addr add 10.{a}.1.1/24 dev lan0", f"addr add fd00:{a}:1::1/64 dev lan0",
+        f"addr add 10.{a}.2.1/24 dev wan0", f"addr add fd00:{a}:2::1/64 dev wan0",
+    ])
+    _host_setup(client, "eth0", a, 1, 2, 1)
+    _host_setup(server, "eth0", a, 2, 2, 1)
+    nat = _NAT_CHAIN.format(rules='oifname "wan0" masquerade') if masquerade else ""
+    fw.nft(_FW_RULES.format(**_MARKS, nat=nat))
+    _firewall_sysctls(fw)
+    return FirewallTopology(
+        client, fw, server, f"10.{a}.1.2", f"10.{a}.1.1", f"10.{a}.2.1", f"10.{a}.2.2",
+        f"fd00:{a}:1::2", f"fd00:{a}:1::1", f"fd00:{a}:2::1", f"fd00:{a}:2::2",
+    )
+
+
+@dataclass
+class ClusterTopology:
+    """client -- lan switch -- fw1..fwN -- wan switch -- server, plus a sync switch.
+
+    fwK has lan0 10.a.1.(10+K), wan0 10.a.2.(10+K), sync0 10.a.3.K (fd00:a:N:: alike). The
+    gateways are the VIPs 10.a.1.1 (client side) and 10.a.2.1 (server side), held together by
+    one firewall at a time (`vip_holder`, None when keepalived is to manage them).
+    """
+
+    client: Netns
+    server: Netns
+    fws: list[Netns]
+    lan: Switch
+    wan: Switch
+    sync: Switch
+    site: int
+    vip_holder: Netns | None
+
+    @property
+    def client_ip(self) -> str:
+        return f"10.{self.site}.1.2"
+
+    @property
+    def server_ip(self) -> str:
+        return f"10.{self.site}.2.2"
+
+    @property
+    def client_ip6(self) -> str:
+        return f"fd00:{self.site}:1::2"
+
+    @property
+    def server_ip6(self) -> str:
+        return f"fd00:{self.site}:2::2"
+
+    @property
+    def lan_vip(self) -> str:
+        return f"10.{self.site}.1.1"
+
+    @property
+    def wan_vip(self) -> str:
+        return f"10.{self.site}.2.1"
+
+    def sync_ip(self, k: int) -> str:
+        """fwK's address on the sync link (K counts from 1)."""
+        return f"10.{self.site}.3.{k}"
+
+    def _vip_cmds(self, op: str) -> list[str]:
+        a = self.site
+        return [f"addr {op} 10.{a}.1.1/24 dev lan0", f"addr {op} fd00:{a}:1::1/64 dev lan0",
+                f"addr {op} 10.{a}.2.1/24 dev wan0", f"addr {op} fd00:{a}:2::1/64 dev wan0"]
+
+    def move_vip(self, to: Netns | None) -> None:
+        """Move both VIPs to firewall `to` (None: remove them), as a VRRP takeover would.
+
+        Instead of gratuitous ARP/NA the client's and server's neighbour entries for the VIPs
+        are flushed, so their next packet resolves the VIP to the new holder.
+        """
+        if self.vip_holder is not None:
+            self.vip_holder.ip_batch(self._vip_cmds("del"))
+        if to is not None:
+            to.ip_batch(self._vip_cmds("add"))
+        self.vip_holder = to
+        for ns in (self.client, self.server):
+            ns.ip("neigh", "flush", "dev", "eth0")
+
+
+def cluster_topology(lab: Lab, n_fw: int = 2, nat: bool = True,
+                     vip_on: int | None = 1) -> ClusterTopology:
+    """N firewalls in parallel; the VIPs start on fw`vip_on`. With `nat` every firewall SNATs
+    to the server-side VIP (not masquerade: a taken-over mapping must stay valid)."""
+    a = lab.site()
+    client, server = lab.netns("client"), lab.netns("server")
+    fws = [lab.netns(f"fw{k}") for k in range(1, n_fw + 1)]
+    lan = lab.bridge("lan", ((client, "eth0"),))
+    wan = lab.bridge("wan", ((server, "eth0"),))
+    sync = lab.bridge("sync")
+    _host_setup(client, "eth0", a, 1, 2, 1)
+    _host_setup(server, "eth0", a, 2, 2, 1)
+    snat = _NAT_CHAIN.format(rules=f'oifname "wan0" snat ip to 10.{a}.2.1\n'
+                                   f'        oifname "wan0" snat ip6 to fd00:{a}:2::1'
+                             ) if nat else ""
+    for k, fw in enumerate(fws, 1):
+        lan.attach(fw, "lan0")
+        wan.attach(fw, "wan0")
+        sync.attach(fw, "sync0")
+        fw.ip_batch([
+            f"addr add 10.{a}.1.{10 + k}/24 dev lan0", f"addr add fd00:{a}:1::{10 + k}/64 dev lan0",
+            f"addr add 10.{a}.2.{10 + k}/24 dev wan0", f"addr add fd00:{a}:2::{10 + k}/64 dev wan0",
+            f"addr add 10.{a}.3.{k}/24 dev sync0", f"addr add fd00:{a}:3::{k}/64 dev sync0",
+            "route add 225.0.0.0/8 dev sync0",
+        ])
+        fw.nft(_FW_RULES.format(**_MARKS, nat=snat) + _CLUSTER_INPUT)
+        _firewall_sysctls(fw)
+    topo = ClusterTopology(client, server, fws, lan, wan, sync, a, None)
+    if vip_on is not None:
+        topo.move_vip(fws[vip_on - 1])
+    return topo
+
+
+def add_sync_loss(fw: Netns, port: int, percent: int) -> None:
+    """Drop `percent`% of the UDP datagrams to `port` arriving in `fw` (before conntrack).
+
+    `tc netem` is not in this kernel, hence nftables. Calling it again replaces the rule.
+    """
+    if not 0 <= percent <= 100:
+        raise ValueError(f"percent must be 0..100, got {percent}")
+    fw.nft(f"""
+table inet ctpy_loss
+delete table inet ctpy_loss
+table inet ctpy_loss {{
+    chain pre {{
+        type filter hook prerouting priority -300;
+        udp dport {port} numgen random mod 100 < {percent} counter drop
+    }}
+}}
+""")
+
+
+def remove_sync_loss(fw: Netns) -> None:
+    fw.nft("table inet ctpy_loss\ndelete table inet ctpy_loss\n")
+
+
+# --- load generation -------------------------------------------------------------------------
+
+FIRST_SPORT = 1024
+_PAYLOAD = b"ctpy"
+
+
+@dataclass(frozen=True)
+class Burst:
+    sent: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.sent / self.seconds if self.seconds > 0 else float("inf")
+
+
+def _words(b: bytes) -> int:
+    return sum(struct.unpack(f"!{len(b) // 2}H", b))
+
+
+def send_udp_flows(sock: socket.socket, src: str, dst: str, n: int, dport: int,
+                   max_seconds: float) -> Burst:
+    """Send one UDP datagram per flow on a raw IPPROTO_RAW socket (we write the IP header).
+
+    Flow i has source port FIRST_SPORT + i % 64512 and destination port dport + i // 64512:
+    varying the destination port (not the source address) past 64512 flows keeps every flow
+    NAT-able, since a masquerading firewall has only 64k ports per server address and port.
+    """
+    s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    ulen = 8 + len(_PAYLOAD)
+    if d.version == 4:  # the kernel fills in the IPv4 total length, id and header checksum
+        iphdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 0, 0, 0, 64, 17, 0, s.packed, d.packed)
+    else:
+        iphdr = struct.pack("!IHBB16s16s", 0x6 << 28, ulen, 17, 64, s.packed, d.packed)
+    # UDP checksum without the ports: pseudo header + length field + payload
+    base = _words(s.packed) + _words(d.packed) + 17 + ulen + ulen + _words(_PAYLOAD)
+    pack, sendto, addr = struct.Struct("!HHHH").pack, sock.sendto, (dst, 0)
+    nports = 65536 - FIRST_SPORT
+    sent, t0 = 0, time.monotonic()
+    deadline = t0 + max_seconds
+    while sent < n and time.monotonic() < deadline:
+        dp = dport + sent // nports
+        first = FIRST_SPORT + sent % nports
+        # at most 4096 datagrams between clock reads, never past the end of a port block
+        last = min(65536, first + n - sent, first + 4096)
+        for sp in range(first, last):
+            c = base + sp + dp
+            c = (c & 0xFFFF) + (c >> 16)
+            c = ~((c & 0xFFFF) + (c >> 16)) & 0xFFFF
+            sendto(iphdr + pack(sp, dp, ulen, c or 0xFFFF) + _PAYLOAD, addr)
+        sent += last - first
+    return Burst(sent, time.monotonic() - t0)
+
+
+def udp_flows(client: Netns, dst: str, n: int, dport: int = 5000, src: str | None = None,
+              max_seconds: float = 60) -> Burst:
+    """Create `n` distinct UDP conntrack entries along the path client -> dst, from this process.
+
+    Blocks until all are sent (bounded by `max_seconds`); see `send_udp_flows` for the ports.
+    """
+    src = src or client.src_for(dst)
+    family = socket.AF_INET if ipaddress.ip_address(dst).version == 4 else socket.AF_INET6
+    with socket_in(client.name, family, socket.SOCK_RAW, socket.IPPROTO_RAW) as sock:
+        return send_udp_flows(sock, src, dst, n, dport, max_seconds)
+
+
+def udp_flows_popen(client: Netns, dst: str, n: int, dport: int = 5000,
+                    src: str | None = None, max_seconds: float = 60) -> subprocess.Popen[str]:
+    """Like `udp_flows` but in a child process (no GIL shared with a daemon under test); it
+    prints `sent seconds` on stdout when done."""
+    src = src or client.src_for(dst)
+    return client.popen(sys.executable, "-m", "conntrackd_py.lab", "udpgen", src, dst, str(n),
+                        str(dport), str(max_seconds), stdout=subprocess.PIPE, text=True)
+
+
+def udp_echo_server(server: Netns, port: int) -> subprocess.Popen[str]:
+    """A process in `server` echoing UDP on `port` (both families); returns once it is bound."""
+    p = server.popen(sys.executable, "-m", "conntrackd_py.lab", "udpecho", str(port),
+                     stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    if p.stdout.readline().strip() != "ready":
+        raise RuntimeError(f"udp echo server on port {port} did not start")
+    return p
+
+
+def _echo(port: int) -> None:
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind(("::", port))
+    print("ready", flush=True)
+    while True:
+        data, peer = sock.recvfrom(65535)
+        sock.sendto(data, peer)
+
+
+def main(argv: list[str]) -> None:
+    """`python -m conntrackd_py.lab udpgen SRC DST N DPORT MAX_SECONDS | udpecho PORT`, run
+    inside a namespace by `udp_flows_popen` and `udp_echo_server`."""
+    if argv[:1] == ["udpgen"] and len(argv) == 6:
+        src, dst, n, dport, max_s = argv[1:]
+        family = socket.AF_INET if ipaddress.ip_address(dst).version == 4 else socket.AF_INET6
+        with socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW) as sock:
+            b = send_udp_flows(sock, src, dst, int(n), int(dport), float(max_s))
+        print(b.sent, f"{b.seconds:.6f}", flush=True)
+    elif argv[:1] == ["udpecho"] and len(argv) == 2:
+        with contextlib.suppress(KeyboardInterrupt):
+            _echo(int(argv[1]))
+    else:
+        sys.exit(main.__doc__)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
