@@ -239,7 +239,8 @@ _packer = msgpack.Packer(use_bin_type=True)
 
 
 def pack_key(zone: int, orig: Tuple) -> bytes:
-    return _packer.pack((zone, *orig))
+    key: bytes = _packer.pack((zone, *orig))
+    return key
 
 
 def _pack_value_list(flow: Flow) -> list[Any]:
@@ -251,7 +252,8 @@ def _pack_value_list(flow: Flow) -> list[Any]:
 
 
 def pack_value(flow: Flow) -> bytes:
-    return _packer.pack(_pack_value_list(flow))
+    value: bytes = _packer.pack(_pack_value_list(flow))
+    return value
 
 
 def pack_flow(flow: Flow) -> tuple[bytes, bytes]:
@@ -263,17 +265,18 @@ class PackError(ValueError):
 
 
 def _tuple_from(items: Any) -> Tuple:
-    if not isinstance(items, (list, tuple)) or len(items) < 9:
+    # exact type checks (not isinstance): this runs per flow on every commit and dump
+    if type(items) is not list or len(items) != 9:
         raise PackError(f"tuple needs 9 fields, got {items!r:.80}")
-    src, dst, proto, sport, dport, iid, itype, icode, opaque = items[:9]
-    if not (isinstance(src, bytes) and isinstance(dst, bytes) and len(src) in (4, 16)
-            and len(dst) == len(src)):
+    src, dst, proto, sport, dport, iid, itype, icode, opaque = items
+    if type(src) is not bytes or type(dst) is not bytes or len(src) != len(dst) or len(
+            src) not in (4, 16) or type(opaque) is not bytes:
         raise PackError("tuple addresses must be 4 or 16 bytes of the same family")
-    for v in (proto, sport, dport, iid, itype, icode):
-        if not isinstance(v, int) or v < 0:
-            raise PackError("tuple numbers must be non-negative integers")
-    if not isinstance(opaque, bytes):
-        raise PackError("tuple opaque part must be bytes")
+    if not (type(proto) is int and type(sport) is int and type(dport) is int
+            and type(iid) is int and type(itype) is int and type(icode) is int
+            and 0 <= proto < 256 and 0 <= sport < 65536 and 0 <= dport < 65536
+            and 0 <= iid < 65536 and 0 <= itype < 256 and 0 <= icode < 256):
+        raise PackError("tuple numbers out of range")
     return Tuple(src, dst, proto, sport, dport, iid, itype, icode, opaque)
 
 
@@ -289,23 +292,22 @@ def unpack_key(key: bytes) -> tuple[int, Tuple]:
 
 def flow_from_parts(zone: int, orig: Tuple, v: Any) -> Flow:
     """Build a Flow from an unpacked value list (from the cache or the wire)."""
-    if not isinstance(v, list) or len(v) < 13:
+    if type(v) is not list or len(v) < 13:
         raise PackError("value must be a list of at least 13 fields")
     reply, status, timeout, mark, state, tfo, tfr, wso, wsr, labels, helper, master, secmark = (
         v[:13]
     )
     for n in (status, timeout, mark, tfo, tfr, wso, wsr, secmark):
-        if not isinstance(n, int) or n < 0:
-            raise PackError("value numbers must be non-negative integers")
-    if state is not None and not isinstance(state, int):
-        raise PackError("state must be an integer or nil")
-    if not isinstance(labels, bytes) or not isinstance(helper, str):
+        if type(n) is not int or not 0 <= n < 0x100000000:
+            raise PackError("value numbers must be 32-bit unsigned integers")
+    if state is not None and (type(state) is not int or not 0 <= state < 256):
+        raise PackError("state must be a small integer or nil")
+    if type(labels) is not bytes or type(helper) is not str:
         raise PackError("labels must be bytes and helper a string")
     return Flow(
-        orig=orig, reply=orig.invert() if reply is None else _tuple_from(reply), status=status, timeout=timeout, mark=mark,
-        zone=zone, state=state, tcp_flags_orig=tfo, tcp_flags_reply=tfr, tcp_wscale_orig=wso,
-        tcp_wscale_reply=wsr, labels=labels, helper=helper,
-        master=None if master is None else _tuple_from(master), secmark=secmark,
+        orig, orig.invert() if reply is None else _tuple_from(reply), status, timeout, mark,
+        zone, state, tfo, tfr, wso, wsr, labels, helper,
+        None if master is None else _tuple_from(master), secmark,
     )
 
 

@@ -87,7 +87,8 @@ class Tracker:
     async def resync_from_kernel(self) -> None:
         """Make the cache equal to a fresh dump; report every difference as a delta."""
         pairs = await self._dump_pairs()
-        res = self.cache.reconcile(pairs)
+        # a dump reports the remaining timeout: a change of that alone is not news for peers
+        res = self.cache.reconcile(pairs, ignore_timeout=True)
         st = self.stats
         st.reconciles += 1
         st.reconcile_added += len(res.added)
