@@ -19,6 +19,7 @@ import ipaddress
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -563,6 +564,204 @@ def main(argv: list[str]) -> None:
             _echo(int(argv[1]))
     else:
         sys.exit(main.__doc__)
+
+
+# --- the reference: the real conntrackd ------------------------------------------------------
+
+_CONNTRACKD_CONF = """
+Sync {{
+    Mode {mode} {{ {mode_opts} }}
+    Multicast {{
+        IPv4_address {group}
+        Group {port}
+        IPv4_interface {sync_ip}
+        Interface {iface}
+        SndSocketBuffer 8388608
+        RcvSocketBuffer 8388608
+        Checksum on
+    }}
+    Options {{ TCPWindowTracking Off }}
+}}
+General {{
+    HashSize 262144
+    HashLimit 4194304
+    LogFile {dir}/conntrackd.log
+    LockFile {dir}/conntrackd.lock
+    UNIX {{ Path {dir}/conntrackd.ctl }}
+    NetlinkBufferSize 67108864
+    NetlinkBufferSizeMaxGrowth 134217728
+    Filter From Userspace {{
+        Address Ignore {{
+            IPv4_address 127.0.0.1
+            IPv4_address {sync_ip}
+        }}
+    }}
+}}
+"""
+
+
+class Conntrackd:
+    """The real conntrackd (Debian's 1.4.7) in a lab namespace: our reference for behaviour
+    and speed. Its files live in `workdir`; it stops with the lab (or `stop()`)."""
+
+    def __init__(self, ns: Netns, workdir: str, sync_ip: str, *, iface: str = "sync0",
+                 mode: str = "FTFW", mode_opts: str = "", group: str = SYNC_GROUP,
+                 port: int = 3780) -> None:
+        os.makedirs(workdir, exist_ok=True)
+        self.ns = ns
+        self.conf = os.path.join(workdir, "conntrackd.conf")
+        with open(self.conf, "w") as f:
+            f.write(_CONNTRACKD_CONF.format(mode=mode, mode_opts=mode_opts, group=group,
+                                            port=port, sync_ip=sync_ip, iface=iface,
+                                            dir=workdir))
+        self.proc = ns.popen("conntrackd", "-C", self.conf, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(os.path.join(workdir, "conntrackd.ctl")):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"conntrackd did not start in {ns.name}")
+            time.sleep(0.02)
+
+    def ctl(self, *flags: str, timeout: float = 120) -> str:
+        return self.ns.run("conntrackd", "-C", self.conf, *flags, timeout=timeout).stdout
+
+    def external_count(self) -> int:
+        """Entries in the external cache, from `-s cache` (cheap, unlike a dump)."""
+        out = self.ctl("-s", "cache")
+        m = re.search(r"cache:external\s+active objects:\s+(\d+)", out)
+        return int(m.group(1)) if m else 0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+
+# --- a long-lived TCP stream that notices every lost, reordered or stalled byte ---------------
+
+_ECHO_SERVER = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(8)
+print('ready', flush=True)
+while True:
+    c, _ = s.accept()
+    try:
+        while True:
+            data = c.recv(65536)
+            if not data:
+                break
+            c.sendall(data)
+    except OSError:
+        pass
+    c.close()
+"""
+
+_STREAM_CLIENT = r"""
+import json, select, socket, sys, time
+host, port, rate = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+c = socket.create_connection((host, port), timeout=5)
+c.setblocking(False)
+print('connected %d' % c.getsockname()[1], flush=True)
+sent = recvd = 0; buf = b''; expect = 1; errors = []; last_rx = time.monotonic()
+max_stall = 0.0; stall_at = 0.0; nxt = time.monotonic(); out = b''
+while True:
+    r, w, _ = select.select([c, sys.stdin], [c] if out else [], [], 0.005)
+    now = time.monotonic()
+    if sys.stdin in r:
+        line = sys.stdin.readline()
+        if not line or line.strip() == 'stop':
+            break
+        print(json.dumps({'sent': sent, 'received': expect - 1, 'max_stall': max_stall}),
+              flush=True)
+    if now >= nxt and len(out) < 65536:
+        sent += 1
+        out += b'%08d %s\n' % (sent, b'.' * 90)
+        nxt += 1.0 / rate
+    if out and (c in w or not r):
+        try:
+            n = c.send(out); out = out[n:]
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            errors.append('send: %s' % e); break
+    if c in r:
+        try:
+            data = c.recv(65536)
+        except BlockingIOError:
+            data = None
+        except OSError as e:
+            errors.append('recv: %s' % e); break
+        if data == b'':
+            errors.append('closed by peer'); break
+        if data:
+            buf += data
+            while b'\n' in buf:
+                line, buf = buf.split(b'\n', 1)
+                if line != b'%08d %s' % (expect, b'.' * 90):
+                    errors.append('out of order or corrupt at %d' % expect); break
+                expect += 1
+            if now - last_rx > max_stall:
+                max_stall = now - last_rx; stall_at = last_rx
+            last_rx = now
+        if errors:
+            break
+print(json.dumps({'sent': sent, 'received': expect - 1, 'max_stall': round(max_stall, 3),
+                  'errors': errors, 'final': True}), flush=True)
+"""
+
+
+class TcpStream:
+    """A TCP connection client -> server carrying numbered lines at `rate`/s, echoed back.
+
+    `status()` and `stop()` report {sent, received, max_stall, errors}: `received` counts the
+    echoes that came back complete and in order, `max_stall` the longest silence between two.
+    """
+
+    def __init__(self, client: Netns, server: Netns, server_ip: str, port: int,
+                 rate: float = 200.0) -> None:
+        srv = server.popen(sys.executable, "-c", _ECHO_SERVER, server_ip, str(port),
+                           stdout=subprocess.PIPE, text=True)
+        assert srv.stdout is not None
+        if srv.stdout.readline().strip() != "ready":
+            raise RuntimeError("echo server did not start")
+        self.proc = client.popen(sys.executable, "-c", _STREAM_CLIENT, server_ip, str(port),
+                                 str(rate), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 text=True)
+        assert self.proc.stdout is not None
+        first = self.proc.stdout.readline().split()
+        if not first or first[0] != "connected":
+            raise RuntimeError(f"stream client did not connect: {first}")
+        self.sport = int(first[1])
+
+    def _ask(self, what: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(what + "\n")
+                self.proc.stdin.flush()
+            except BrokenPipeError:
+                pass
+        line = self.proc.stdout.readline()
+        return dict(json.loads(line)) if line else {"errors": ["stream client died"]}
+
+    def status(self) -> dict[str, Any]:
+        return self._ask("status")
+
+    def stop(self) -> dict[str, Any]:
+        res = self._ask("stop")
+        while not res.get("final") and "errors" not in res:
+            res = self._ask("stop")
+        self.proc.wait(5)
+        res.setdefault("errors", [])
+        return res
 
 
 if __name__ == "__main__":
