@@ -52,7 +52,7 @@ async def _kernel(n: int) -> dict[str, float]:
                 gen = udp_flows_popen(topo.client, topo.server_ip, n, max_seconds=120)
                 await trio.to_thread.run_sync(gen.wait)
                 with trio.move_on_after(30):
-                    while st.new < n and st.overruns == 0:
+                    while st.new < n and st.overruns == 0:  # noqa: ASYNC110
                         await trio.sleep(0.05)
                 await trio.sleep(0.5)
                 kernel_n = fw.conntrack_count()
@@ -77,7 +77,7 @@ async def _kernel(n: int) -> dict[str, float]:
                 before = st.destroy
                 await trio.to_thread.run_sync(lambda: fw.run("conntrack", "-F"))
                 with trio.move_on_after(30):
-                    while st.destroy - before < kernel_n and st.overruns == 0:
+                    while st.destroy - before < kernel_n and st.overruns == 0:  # noqa: ASYNC110
                         await trio.sleep(0.05)
                 await trio.sleep(0.3)
                 got = st.destroy - before

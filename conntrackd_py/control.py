@@ -9,6 +9,7 @@ error reply and the connection (and the daemon) carries on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -57,8 +58,9 @@ class ControlServer:
         self.bad_requests = 0
 
     async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        if os.path.exists(self.path):
-            os.unlink(self.path)  # the lock file proved no other daemon owns it
+        # the lock file proved no other daemon owns a socket left here
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         await sock.bind(self.path)
@@ -71,10 +73,8 @@ class ControlServer:
                 await trio.serve_listeners(self._handle, [listener],
                                            handler_nursery=nursery)
         finally:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-            except FileNotFoundError:
-                pass
 
     async def _reply(self, stream: trio.abc.Stream, obj: dict[str, Any]) -> None:
         await stream.send_all(json.dumps(obj, default=str).encode() + b"\n")

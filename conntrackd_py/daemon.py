@@ -9,6 +9,7 @@ kernel/, policy in filters.py and config.py.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -74,10 +75,8 @@ class PidLock:
 
     def release(self) -> None:
         if self.fd >= 0:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-            except FileNotFoundError:
-                pass
             os.close(self.fd)
             self.fd = -1
 
@@ -106,7 +105,7 @@ def build_filter(cfg: Config) -> Any:
     ports = {s.port for s in specs}
     return filters_mod.build(
         protocols=(f.protocols.policy, tuple(f.protocols.items)) if f.protocols.items
-        or f.protocols.policy == "accept" and f.protocols.items else None,
+        or (f.protocols.policy == "accept" and f.protocols.items) else None,
         addresses=(f.addresses.policy, tuple(f.addresses.items)) if f.addresses.items else None,
         tcp_states=(f.tcp_states.policy, tuple(f.tcp_states.items)) if f.tcp_states.items
         else None,
@@ -287,7 +286,7 @@ class Daemon:
             f = unpack_flow(k, v)
             if proto is not None and f.orig.proto != int(proto):
                 continue
-            if nat == "src" and not f.is_snat or nat == "dst" and not f.is_dnat:
+            if (nat == "src" and not f.is_snat) or (nat == "dst" and not f.is_dnat):
                 continue
             if nat == "any" and not (f.is_snat or f.is_dnat):
                 continue

@@ -38,7 +38,7 @@ ICMP_PROTOS = frozenset({1, 58})
 
 
 class Status(IntFlag):
-    """IPS_* bits of `enum ip_conntrack_status` (include/uapi/linux/netfilter/nf_conntrack_common.h)."""
+    """IPS_* bits of `enum ip_conntrack_status` (uapi/linux/netfilter/nf_conntrack_common.h)."""
 
     EXPECTED = 1 << 0
     SEEN_REPLY = 1 << 1
@@ -231,7 +231,8 @@ class Flow(NamedTuple):
 # --- the packed forms ----------------------------------------------------------------------
 #
 # key   = msgpack [zone, src, dst, proto, sport, dport, icmp_id, icmp_type, icmp_code, opaque]
-# value = msgpack [reply tuple (9 fields, nil when it is orig.invert()), status, timeout, mark, state, tcp flags o/r,
+# value = msgpack [reply tuple (9 fields, nil when it is orig.invert()), status, timeout,
+#                  mark, state, tcp flags o/r,
 #                  wscale o/r, labels, helper, master tuple or nil, secmark]
 #
 # Both are what the caches store and what a flow message on the wire carries, so a flow is
@@ -247,7 +248,8 @@ def pack_key(zone: int, orig: Tuple) -> bytes:
 
 def _pack_value_list(flow: Flow) -> list[Any]:
     return [
-        None if flow.reply == flow.orig.invert() else list(flow.reply), flow.status, flow.timeout, flow.mark, flow.state,
+        None if flow.reply == flow.orig.invert() else list(flow.reply), flow.status,
+        flow.timeout, flow.mark, flow.state,
         flow.tcp_flags_orig, flow.tcp_flags_reply, flow.tcp_wscale_orig, flow.tcp_wscale_reply,
         flow.labels, flow.helper, list(flow.master) if flow.master else None, flow.secmark,
     ]

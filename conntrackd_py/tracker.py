@@ -48,7 +48,8 @@ class Tracker:
     def __init__(self, *, netns_name: str | None = None, rcvbuf: int = 64 << 20,
                  reliable: bool = False, set_events_sysctl: bool = True,
                  accept: Callable[[Flow], bool] = _accept_all,
-                 on_delta: Delta | None = None, on_flow_event: Callable[[codec.EventType, Flow], None] | None = None,
+                 on_delta: Delta | None = None,
+                 on_flow_event: Callable[[codec.EventType, Flow], None] | None = None,
                  cache: InternalCache | None = None) -> None:
         self.netns_name = netns_name
         self.cache = cache if cache is not None else InternalCache()

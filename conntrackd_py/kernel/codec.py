@@ -157,7 +157,10 @@ def event_type(msg: Message) -> EventType | None:
     return None
 
 
-def _attrs(buf: bytes | bytearray | memoryview, off: int, end: int) -> Iterator[tuple[int, int, int]]:
+Buf = bytes | bytearray | memoryview
+
+
+def _attrs(buf: Buf, off: int, end: int) -> Iterator[tuple[int, int, int]]:
     """Yield (type, payload start, payload end) of the attributes in [off, end)."""
     while off + 4 <= end:
         alen, atype = _attr_unpack(buf, off)
@@ -205,15 +208,15 @@ def _decode_tuple_slow(buf: bytes | bytearray | memoryview, off: int,
     for t, s, e in _attrs(buf, off, end):
         if t == _T_IP:
             for it, ps, pe in _attrs(buf, s, e):
-                if it == _IP_V4_SRC or it == _IP_V4_DST:
+                if it in (_IP_V4_SRC, _IP_V4_DST):
                     _need(ps, pe, 4, "IPv4 address")
                     addr = bytes(buf[ps:ps + 4])
-                elif it == _IP_V6_SRC or it == _IP_V6_DST:
+                elif it in (_IP_V6_SRC, _IP_V6_DST):
                     _need(ps, pe, 16, "IPv6 address")
                     addr = bytes(buf[ps:ps + 16])
                 else:
                     continue
-                if it == _IP_V4_SRC or it == _IP_V6_SRC:
+                if it in (_IP_V4_SRC, _IP_V6_SRC):
                     src = addr
                 else:
                     dst = addr
@@ -229,13 +232,13 @@ def _decode_tuple_slow(buf: bytes | bytearray | memoryview, off: int,
                 elif pt == _P_DPORT:
                     _need(ps, pe, 2, "destination port")
                     dport = _be16(buf, ps)[0]
-                elif pt == _P_ICMP_ID or pt == _P_ICMPV6_ID:
+                elif pt in (_P_ICMP_ID, _P_ICMPV6_ID):
                     _need(ps, pe, 2, "icmp id")
                     iid = _be16(buf, ps)[0]
-                elif pt == _P_ICMP_TYPE or pt == _P_ICMPV6_TYPE:
+                elif pt in (_P_ICMP_TYPE, _P_ICMPV6_TYPE):
                     _need(ps, pe, 1, "icmp type")
                     itype = buf[ps]
-                elif pt == _P_ICMP_CODE or pt == _P_ICMPV6_CODE:
+                elif pt in (_P_ICMP_CODE, _P_ICMPV6_CODE):
                     _need(ps, pe, 1, "icmp code")
                     icode = buf[ps]
                 else:
@@ -395,7 +398,7 @@ def _decode_protoinfo(buf: bytes | bytearray | memoryview, s: int,
                     tfo = buf[ts]
                 elif tt == _TCP_FLAGS_R:
                     tfr = buf[ts]
-        elif pt == _PI_SCTP or pt == _PI_DCCP:
+        elif pt in (_PI_SCTP, _PI_DCCP):
             for tt, ts, te in _attrs(buf, ps, pe):
                 if tt == 1:
                     _need(ts, te, 1, "protocol state")
@@ -518,7 +521,8 @@ def _protoinfo(flow: Flow, be_liberal: bool) -> bytes:
         _ATTR.pack(6, _TCP_FLAGS_R) + bytes((fr, mr, 0, 0)),
     ]
     if flow.tcp_wscale_orig or flow.tcp_wscale_reply:
-        tcp += (_u8a(_TCP_WSCALE_O, flow.tcp_wscale_orig), _u8a(_TCP_WSCALE_R, flow.tcp_wscale_reply))
+        tcp += (_u8a(_TCP_WSCALE_O, flow.tcp_wscale_orig),
+                _u8a(_TCP_WSCALE_R, flow.tcp_wscale_reply))
     return _nest(CTA.PROTOINFO, _nest(_PI_TCP, *tcp))
 
 
@@ -581,7 +585,8 @@ def encode_dump(seq: int, family: int = 0) -> bytes:
     return _header(CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, family, 0)
 
 
-def encode_flush(seq: int, family: int = 0, mark: int | None = None, mark_mask: int = 0xFFFFFFFF) -> bytes:
+def encode_flush(seq: int, family: int = 0, mark: int | None = None,
+                 mark_mask: int = 0xFFFFFFFF) -> bytes:
     """Delete every entry (of `family`, 0 = all), or only those whose mark matches."""
     body = b""
     if mark is not None:

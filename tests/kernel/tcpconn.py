@@ -54,17 +54,20 @@ class TcpConn:
     def __init__(self, client: Netns, server: Netns, server_ip: str, port: int) -> None:
         srv = server.popen(sys.executable, "-c", SERVER, server_ip, str(port),
                            stdout=subprocess.PIPE, text=True)
-        assert srv.stdout is not None and srv.stdout.readline().strip() == "ready"
+        assert srv.stdout is not None
+        assert srv.stdout.readline().strip() == "ready"
         self.client = client.popen(sys.executable, "-c", CLIENT, server_ip, str(port),
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.client.stdout is not None
         first = self.client.stdout.readline().split()
-        assert first and first[0] == "connected", first
+        assert first, "client printed nothing"
+        assert first[0] == "connected", first
         self.sport = int(first[1])
 
     def exchange(self, timeout: float = 5.0) -> str:
         """One request/echo round trip: 'ok <seconds>', 'corrupt' or 'fail <error>'."""
-        assert self.client.stdin is not None and self.client.stdout is not None
+        assert self.client.stdin is not None
+        assert self.client.stdout is not None
         self.client.stdin.write(f"x {timeout}\n")
         self.client.stdin.flush()
         return self.client.stdout.readline().strip()

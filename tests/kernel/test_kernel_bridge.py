@@ -7,20 +7,19 @@ import re
 
 import pytest
 import trio
+from tcpconn import TcpConn
 
 from conntrackd_py.flow import Flow, Status, TcpState, pack_key
 from conntrackd_py.kernel.table import Table
 from conntrackd_py.lab import Lab, cluster_topology, udp_flows
 from conntrackd_py.tracker import Tracker
 
-from tcpconn import TcpConn
-
 pytestmark = pytest.mark.kernel
 
 
-async def wait_for(pred, timeout: float = 10.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    with trio.move_on_after(timeout):
-        while not pred():
+async def wait_for(pred, limit: float = 10.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    with trio.move_on_after(limit):
+        while not pred():  # noqa: ASYNC110 - polling the kernel's side, not a trio event
             await trio.sleep(0.02)
         return
     raise AssertionError(f"timed out waiting for {what}")
@@ -82,19 +81,22 @@ async def test_real_flows_appear_with_the_tuples_nat_state_and_mark_conntrack_sh
                 if f.orig.proto == 6:
                     assert k["state"] == TcpState(f.state).name
             tcp = next(f for f in flows if f.orig.sport == conn.sport)
-            assert tcp.is_snat and tcp.snat_to is not None
+            assert tcp.is_snat
+            assert tcp.snat_to is not None
             assert tcp.snat_to[0] == ipaddress.ip_address(t.fw_wan_ip).packed  # masquerade
             assert all(f.mark == 0x2A for f in flows if f.orig.dport == 5001)
 
             # UPDATE: the connection closes; DESTROY: conntrack -D removes the UDP flows
             conn.client.stdin.close()  # type: ignore[union-attr]
             conn.client.wait(5)
-            await wait_for(lambda: any(f.orig.sport == conn.sport and f.state != TcpState.ESTABLISHED
+            await wait_for(lambda: any(f.orig.sport == conn.sport
+                                       and f.state != TcpState.ESTABLISHED
                                        for f in tracker.cache.flows()), what="tcp state update")
             t.fw.run("conntrack", "-D", "-p", "udp", "--dport", "5001")
             await wait_for(lambda: not any(f.orig.dport == 5001 for f in tracker.cache.flows()),
                            what="destroys")
-            assert tracker.events.stats.destroy >= 20 and tracker.events.stats.update >= 1
+            assert tracker.events.stats.destroy >= 20
+            assert tracker.events.stats.update >= 1
 
             # conntrack -F empties the cache
             t.fw.conntrack_flush()
@@ -129,7 +131,7 @@ async def test_overrun_is_detected_and_the_reconcile_dump_makes_the_cache_equal_
             # a burst from another thread while the event reader runs: the tiny buffer overflows
             await trio.to_thread.run_sync(udp_flows, t.client, t.server_ip, 20000)
             await wait_for(lambda: tracker.events.stats.overruns > 0, what="an overrun")
-            await wait_for(lambda: len(tracker.cache) == 20000, timeout=20,
+            await wait_for(lambda: len(tracker.cache) == 20000, limit=20,
                            what="reconcile to reach the kernel's 20000 entries")
             t.fw.run("conntrack", "-D", "-p", "udp", "--sport", "1024")
             await trio.sleep(0.5)
@@ -155,7 +157,8 @@ async def test_committed_flows_match_and_carry_a_natted_tcp_stream_through_a_str
             "add rule inet ctpy forward ct state established,related accept\n")
     kept = TcpConn(topo.client, topo.server, topo.server_ip, 8080)
     dropped = TcpConn(topo.client, topo.server, topo.server_ip, 8081)
-    assert kept.exchange().startswith("ok") and dropped.exchange().startswith("ok")
+    assert kept.exchange().startswith("ok")
+    assert dropped.exchange().startswith("ok")
     udp_flows(topo.client, topo.server_ip, 100, dport=5001)
     udp_flows(topo.client, topo.server_ip6, 10, dport=5003)
 
@@ -178,8 +181,10 @@ async def test_committed_flows_match_and_carry_a_natted_tcp_stream_through_a_str
         committed = {pack_key(f.zone, f.orig): f for f in await dst.dump()}
         for f in flows:
             g = committed[pack_key(f.zone, f.orig)]
-            assert g.status & Status.CONFIRMED and g.status & Status.SRC_NAT
-            assert g.zone == f.zone and g.mark == f.mark
+            assert g.status & Status.CONFIRMED
+            assert g.status & Status.SRC_NAT
+            assert g.zone == f.zone
+            assert g.mark == f.mark
 
         topo.move_vip(fw2)
         assert kept.exchange(timeout=5).startswith("ok"), "the committed stream continues"
@@ -198,7 +203,8 @@ async def test_get_delete_and_filtered_flush(lab: Lab, fw_topo) -> None:  # type
         flows = await table.dump()
         one = flows[0]
         got = await table.get(one.zone, one.orig)
-        assert got is not None and got.orig == one.orig
+        assert got is not None
+        assert got.orig == one.orig
         assert await table.delete(one.zone, one.orig)
         assert await table.get(one.zone, one.orig) is None
         assert not await table.delete(one.zone, one.orig)
