@@ -1,0 +1,450 @@
+"""Configuration: YAML in, frozen dataclasses out, errors that name file, line and key.
+
+Owns the schema (one frozen, slotted dataclass per section, field names = YAML keys), its
+defaults, the rules across fields, and the entry points `load`, `loads`, `default_config`,
+`load_keys` and `to_dict`. YAML is parsed once, here, at the edge; nothing below this module
+sees it. The node-level readers (sizes, durations, addresses, line numbers) are in
+`config_parse.py`.
+
+It must not open sockets or touch the kernel. Key files are read only by `load_keys`, which the
+daemon calls at start, so `--check` works on a machine without the keys.
+"""
+
+# The schema's fields are built by helpers that return dataclasses.field(...) objects:
+# ruff: noqa: RUF009
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, fields, is_dataclass
+from functools import lru_cache
+from typing import Any
+
+import yaml
+
+from .config_parse import (
+    Invalid,
+    YNode,
+    any_string,
+    boolean,
+    build,
+    choice,
+    duration,
+    f,
+    hint,
+    ifname,
+    index,
+    integer,
+    line_of,
+    listen,
+    listof,
+    mapping,
+    multicast,
+    netns,
+    network,
+    optional,
+    scalar,
+    sec,
+    section,
+    show,
+    size,
+    socket_path,
+    string,
+    unicast,
+)
+from .flow import TcpState
+
+Net = ipaddress.IPv4Network | ipaddress.IPv6Network
+KiB = 1024
+MiB = 1024 * KiB
+
+PROTOCOLS = {"icmp": 1, "tcp": 6, "udp": 17, "dccp": 33, "gre": 47, "icmpv6": 58,
+             "sctp": 132, "udplite": 136}
+#: BLAKE2b key lengths the sync layer accepts (sync/wire.py: KEY_MIN, KEY_MAX)
+KEY_MIN, KEY_MAX = 16, 64
+#: conntrackd's spellings of TCP states that the kernel names differently
+TCP_STATE_ALIASES = {"CLOSED": "CLOSE", "LISTEN": "SYN_SENT2"}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used: `str()` is for people, the fields for code."""
+
+    def __init__(self, problem: str, key: str = "", filename: str = "",
+                 line: int | None = None) -> None:
+        self.problem, self.key, self.filename, self.line = problem, key, filename, line
+        where = f"{filename}:{line}" if filename and line else filename
+        text = f"{key}: {problem}" if key else problem
+        super().__init__(f"{text} ({where})" if where else text)
+
+
+def _protocol(node: YNode, path: str) -> int:
+    v = scalar(node, path)
+    if type(v) is int and 0 <= v <= 255:
+        return v
+    if isinstance(v, str) and v.lower() in PROTOCOLS:
+        return PROTOCOLS[v.lower()]
+    raise Invalid(path, f"expected a protocol name ({', '.join(PROTOCOLS)}) or number 0..255, "
+                  f"got {show(node)}{hint(str(node.value).lower(), PROTOCOLS)}")
+
+
+def _tcp_state(node: YNode, path: str) -> TcpState:
+    name = string(node, path).upper()
+    name = TCP_STATE_ALIASES.get(name, name)
+    if name not in TcpState.__members__ or name == "NONE":
+        names = [s.name for s in TcpState if s.name != "NONE"]
+        raise Invalid(path, f"expected a TCP state ({', '.join(names)}), got {show(node)}"
+                      f"{hint(name, names)}")
+    return TcpState[name]
+
+
+# --- the schema -------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    id: int = f(integer(1, 65535), need="an integer 1..65535, different on every node")
+    name: str = f(any_string, "")
+
+
+@dataclass(frozen=True, slots=True)
+class General:
+    mode: str = f(choice("sync", "stats"), "sync")
+    lock_file: str = f(string, "/run/conntrackd-py.lock")
+    control_socket: str = f(socket_path, "/run/conntrackd-py.sock")
+    netns: str | None = f(optional(netns), None)
+
+
+@dataclass(frozen=True, slots=True)
+class Logging:
+    level: str = f(choice("debug", "info", "warning", "error"), "info")
+    format: str = f(choice("text", "json"), "text")
+    target: str = f(choice("stderr", "file", "syslog"), "stderr")
+    file: str | None = f(optional(string), None)
+
+
+@dataclass(frozen=True, slots=True)
+class Netlink:
+    rcvbuf: int = f(size(64 * KiB), 64 * MiB)
+    reliable_events: bool = f(boolean, False)
+    set_events_sysctl: bool = f(boolean, True)
+    overrun_resync: bool = f(boolean, True)
+    commit_batch: int = f(integer(1, 10000), 256)
+
+
+@dataclass(frozen=True, slots=True)
+class ListFilter:
+    """`policy` "accept" keeps only the flows matching `items`; "ignore" drops them.
+
+    Items are protocol numbers, `ipaddress` networks, or `TcpState` members (ints).
+    The default, ignore nothing, accepts everything.
+    """
+    policy: str = "ignore"
+    items: tuple[int | Net, ...] = ()
+
+
+def _list_filter(item: Any) -> Any:
+    def parse(node: YNode, path: str) -> ListFilter:
+        pairs = mapping(node, path)
+        if len(pairs) != 1 or next(iter(pairs)) not in ("accept", "ignore"):
+            bad = next((k for k in pairs if k not in ("accept", "ignore")), "")
+            raise Invalid(f"{path}.{bad}" if bad else path, "expected exactly one of "
+                          f"'accept: [...]' or 'ignore: [...]'{hint(bad, ['accept', 'ignore'])}")
+        policy = next(iter(pairs))
+        items = listof(item)(pairs[policy][1], f"{path}.{policy}")
+        if policy == "accept" and not items:
+            raise Invalid(f"{path}.accept", "an empty accept list would drop every flow; "
+                          "remove the filter to accept everything")
+        return ListFilter(policy, items)
+    return f(parse, factory=ListFilter)
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    protocols: ListFilter = _list_filter(_protocol)
+    addresses: ListFilter = _list_filter(network)
+    tcp_states: ListFilter = _list_filter(_tcp_state)
+    ignore_sync_link: bool = f(boolean, True)
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """Key files: the first signs, all verify (two during a key rotation)."""
+    key_files: tuple[str, ...] = f(listof(string, max_len=2), ())
+
+
+@dataclass(frozen=True, slots=True)
+class Ftfw:
+    ack_every: int = f(integer(1, 1 << 20), 64)
+    ack_interval: float = f(duration(positive=True), 0.05)
+    resend_queue: int = f(integer(1, 1 << 24), 131072)
+    alive_interval: float = f(duration(positive=True), 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Notrack:
+    resync_interval: float = f(duration(), 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Alarm:
+    refresh: float = f(duration(positive=True), 15.0)
+    cache_timeout: float = f(duration(positive=True), 180.0)
+
+
+_PORT = integer(1, 65535)
+_BUF = size(4 * KiB)
+
+
+def _needs_interface(addr: str) -> bool:
+    """IPv6 link-local unicast and interface/link-scope multicast exist on one link only."""
+    a = ipaddress.ip_address(addr)
+    return a.version == 6 and (a.is_link_local or (a.is_multicast and a.packed[1] & 15 <= 2))
+
+
+@dataclass(frozen=True, slots=True)
+class Multicast:
+    group: str = f(multicast, need="a multicast address such as 225.0.0.50 or ff02::cd:1")
+    port: int = f(_PORT, 3780)
+    interface: str | None = f(optional(ifname), None)
+    source: str | None = f(optional(unicast), None)
+    ttl: int = f(integer(0, 255), 1)
+    rcvbuf: int = f(_BUF, 8 * MiB)
+    sndbuf: int = f(_BUF, 8 * MiB)
+
+
+def _check_multicast(m: Multicast, path: str) -> None:
+    version = ipaddress.ip_address(m.group).version
+    if m.source is not None and ipaddress.ip_address(m.source).version != version:
+        raise Invalid(f"{path}.source", f"{m.source!r} is not an IPv{version} address like "
+                      f"the group {m.group!r}")
+    if m.interface is None and _needs_interface(m.group):
+        raise Invalid(f"{path}.interface", f"is required: group {m.group!r} is link-scoped")
+
+
+@dataclass(frozen=True, slots=True)
+class Udp:
+    bind: str = f(unicast, need="the local address of the sync link")
+    peers: tuple[str, ...] = f(listof(unicast, min_len=1), need="the peers' addresses (a list)")
+    port: int = f(_PORT, 3780)
+    interface: str | None = f(optional(ifname), None)
+    rcvbuf: int = f(_BUF, 8 * MiB)
+    sndbuf: int = f(_BUF, 8 * MiB)
+
+
+def _check_udp(u: Udp, path: str) -> None:
+    version = ipaddress.ip_address(u.bind).version
+    for i, peer in enumerate(u.peers):
+        if ipaddress.ip_address(peer).version != version:
+            raise Invalid(f"{path}.peers[{i}]", f"{peer!r} is not an IPv{version} address "
+                          f"like bind {u.bind!r}")
+        if peer == u.bind:
+            raise Invalid(f"{path}.peers[{i}]", "is this node's own bind address")
+    if u.interface is None and any(map(_needs_interface, (u.bind, *u.peers))):
+        raise Invalid(f"{path}.interface", "is required with IPv6 link-local addresses")
+
+
+@dataclass(frozen=True, slots=True)
+class Channel:
+    """One sync link: exactly one of `multicast` and `udp` is set."""
+    multicast: Multicast | None = f(optional(section(Multicast, _check_multicast)), None)
+    udp: Udp | None = f(optional(section(Udp, _check_udp)), None)
+
+
+def _check_channel(ch: Channel, path: str) -> None:
+    if (ch.multicast is None) == (ch.udp is None):
+        raise Invalid(path, "needs exactly one of 'multicast: {...}' or 'udp: {...}'")
+
+
+def _channel_identity(ch: Channel) -> tuple[Any, ...]:
+    if ch.multicast is not None:
+        return ("multicast", ch.multicast.group, ch.multicast.port, ch.multicast.interface)
+    assert ch.udp is not None
+    return ("udp", ch.udp.bind, ch.udp.port)
+
+
+@dataclass(frozen=True, slots=True)
+class Sync:
+    mode: str = f(choice("ftfw", "notrack", "alarm"), "ftfw")
+    startup_resync: bool = f(boolean, True)
+    peer_timeout: float = f(duration(positive=True), 5.0)
+    mtu: int = f(integer(576, 9000), 1400)
+    commit_timeout: float | None = f(optional(duration(positive=True)), None)
+    purge_timeout: float = f(duration(), 60.0)
+    external_cache: bool = f(boolean, True)
+    tcp_window_tracking: bool = f(boolean, False)
+    peers: tuple[int, ...] = f(listof(integer(1, 65535)), ())
+    auth: Auth = sec(Auth)
+    ftfw: Ftfw = sec(Ftfw)
+    notrack: Notrack = sec(Notrack)
+    alarm: Alarm = sec(Alarm)
+    channels: tuple[Channel, ...] = f(listof(section(Channel, _check_channel),
+                                             key=_channel_identity), ())
+    failback: bool = f(boolean, True)
+
+
+@dataclass(frozen=True, slots=True)
+class Accounting:
+    enabled: bool = f(boolean, False)
+    file: str | None = f(optional(string), None)
+    format: str = f(choice("json", "text"), "json")
+    syslog: bool = f(boolean, False)
+    buffer: int = f(integer(1, 10_000_000), 10000)
+    top_talkers: int = f(integer(0, 10000), 20)
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    accounting: Accounting = sec(Accounting)
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    listen: str | None = f(optional(listen), None)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    node: Node = f(section(Node), need="this node's identity, e.g. 'node: {id: 1}'")
+    general: General = sec(General)
+    logging: Logging = sec(Logging)
+    netlink: Netlink = sec(Netlink)
+    filters: Filters = sec(Filters)
+    sync: Sync = sec(Sync)
+    stats: Stats = sec(Stats)
+    metrics: Metrics = sec(Metrics)
+    path: str | None = None
+
+
+def _check(cfg: Config) -> None:
+    """Rules that span sections; each names the key to fix."""
+    s, lg = cfg.sync, cfg.logging
+    if cfg.general.mode == "sync" and not s.channels:
+        raise Invalid("sync.channels", "at least one channel is needed when general.mode is "
+                      "'sync' (or set general.mode: stats)")
+    if cfg.node.id in s.peers:
+        raise Invalid("sync.peers", f"lists this node's own id {cfg.node.id}")
+    if s.peer_timeout <= s.ftfw.alive_interval:
+        raise Invalid("sync.peer_timeout", f"{s.peer_timeout:g}s must be longer than "
+                      f"sync.ftfw.alive_interval ({s.ftfw.alive_interval:g}s)")
+    if s.mode == "alarm" and s.alarm.cache_timeout <= s.alarm.refresh:
+        raise Invalid("sync.alarm.cache_timeout", f"{s.alarm.cache_timeout:g}s must be longer "
+                      f"than sync.alarm.refresh ({s.alarm.refresh:g}s)")
+    addrs = [ch.multicast.group if ch.multicast else ch.udp.bind if ch.udp else ""
+             for ch in s.channels]
+    if s.mtu < 1280 and any(":" in a for a in addrs):
+        raise Invalid("sync.mtu", f"{s.mtu} is below 1280, the IPv6 minimum")
+    if lg.target == "file" and lg.file is None:
+        raise Invalid("logging.file", "is required when logging.target is 'file'")
+    if lg.target != "file" and lg.file is not None:
+        raise Invalid("logging.file", f"is set but logging.target is {lg.target!r}; "
+                      "set 'target: file' or remove it")
+
+
+# --- entry points -----------------------------------------------------------------------------
+
+def _parse(text: str, filename: str, path: str | None) -> Config:
+    marks: dict[str, yaml.Mark] = {}
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if root is not None:
+            index(root, "", marks)
+        cfg = build(Config, root, "", {"path": path})
+        _check(cfg)
+    except Invalid as e:
+        line = e.mark.line + 1 if e.mark is not None else line_of(marks, e.key)
+        raise ConfigError(e.problem, key=e.key, filename=filename, line=line) from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        raise ConfigError(f"not valid YAML: {e.problem or e.context}", filename=filename,
+                          line=mark.line + 1 if mark else None) from None
+    except yaml.YAMLError as e:  # e.g. a control character (ReaderError)
+        raise ConfigError(f"not valid YAML: {e}", filename=filename) from None
+    return cfg
+
+
+def loads(text: str, filename: str = "<string>") -> Config:
+    """Parse YAML text; `filename` is only used in error messages."""
+    return _parse(text, filename, None)
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and parse a config file. OSError propagates; everything else is a ConfigError."""
+    name = os.fspath(path)
+    with open(name, "rb") as fh:
+        data = fh.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not UTF-8 text (byte {e.start})", filename=name) from None
+    return _parse(text, name, name)
+
+
+DEFAULT_YAML = """\
+node: {id: 1}
+sync:
+  channels:
+    - multicast: {group: 225.0.0.50, port: 3780}
+"""
+
+
+@lru_cache(maxsize=1)
+def default_config() -> Config:
+    """The embedded default: node 1, FTFW over multicast 225.0.0.50:3780, any interface."""
+    return _parse(DEFAULT_YAML, "<embedded default>", None)
+
+
+def load_keys(auth: Auth) -> tuple[bytes, ...]:
+    """Read the sync keys: hex text or raw bytes, 16..64 bytes each; the first signs.
+
+    Errors are ConfigErrors naming the key path and the file.
+    """
+    keys: list[bytes] = []
+    for i, name in enumerate(auth.key_files):
+        where = f"sync.auth.key_files[{i}]"
+        try:
+            with open(name, "rb") as fh:
+                data = fh.read()
+        except OSError as e:
+            raise ConfigError(f"cannot read key file: {e.strerror}", where, name) from None
+        text = data.strip()
+        hexkey = re.fullmatch(rb"(?:[0-9a-fA-F]{2})+", text)
+        key = bytes.fromhex(text.decode()) if hexkey else data
+        if not KEY_MIN <= len(key) <= KEY_MAX:
+            raise ConfigError(f"the key is {len(key)} bytes; {KEY_MIN}..{KEY_MAX} are needed "
+                              "(make one with: head -c 32 /dev/urandom | xxd -p -c 64 > FILE)",
+                              where, name)
+        if key in keys:
+            raise ConfigError(f"holds the same key as sync.auth.key_files[{keys.index(key)}]",
+                              where, name)
+        keys.append(key)
+    return tuple(keys)
+
+
+_PROTOCOL_NAMES = {v: k for k, v in PROTOCOLS.items()}
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain data (YAML/JSON-ready) that `loads` turns back into an equal Config."""
+    return {x.name: _plain(getattr(cfg, x.name)) for x in fields(cfg) if x.name != "path"}
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, Filters):  # protocol names read better than numbers
+        out = {x.name: _plain(getattr(v, x.name)) for x in fields(v)}
+        out["protocols"] = {v.protocols.policy: [_PROTOCOL_NAMES.get(p, p) if isinstance(
+            p, int) else p for p in v.protocols.items]}
+        return out
+    if isinstance(v, ListFilter):
+        return {v.policy: [_plain(i) for i in v.items]}
+    if isinstance(v, Channel):
+        return {"multicast": _plain(v.multicast)} if v.multicast else {"udp": _plain(v.udp)}
+    if is_dataclass(v) and not isinstance(v, type):
+        return {x.name: _plain(getattr(v, x.name)) for x in fields(v)}
+    if isinstance(v, TcpState):
+        return v.name
+    if isinstance(v, tuple):
+        return [_plain(i) for i in v]
+    if isinstance(v, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return str(v)
+    return v

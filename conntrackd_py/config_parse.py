@@ -1,0 +1,360 @@
+"""Typed readers for composed YAML nodes: the machinery under `config.py`.
+
+Owns turning `yaml.compose` nodes into checked Python values (ints in range, sizes, durations,
+addresses, lists, dataclass sections) and remembering where each key sits in the file, so an
+error can name its line. It knows nothing of the conntrackd-py schema (that is `config.py`) and
+never constructs arbitrary Python objects from YAML: only the safe scalar types are built.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import os
+import re
+from collections.abc import Callable
+from dataclasses import MISSING, field, fields
+from typing import Any, TypeVar
+
+import yaml
+from yaml.constructor import SafeConstructor
+from yaml.nodes import MappingNode, ScalarNode, SequenceNode
+
+YNode = yaml.Node
+Parser = Callable[[YNode, str], Any]
+T = TypeVar("T")
+
+
+class Invalid(Exception):
+    """A problem at key path `key`; the caller adds the file name and the line of `key`."""
+
+    def __init__(self, key: str, problem: str, mark: yaml.Mark | None = None) -> None:
+        super().__init__(key, problem)
+        self.key, self.problem, self.mark = key, problem, mark
+
+
+# --- structure --------------------------------------------------------------------------------
+
+def f(parse: Parser, default: Any = MISSING, *, factory: Callable[[], Any] | None = None,
+      need: str = "") -> Any:
+    """A dataclass field read from YAML by `parse`; `need` explains a required key."""
+    md = {"parse": parse, "need": need}
+    if factory is not None:
+        return field(default_factory=factory, metadata=md)
+    return field(metadata=md) if default is MISSING else field(default=default, metadata=md)
+
+
+def join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def show(node: YNode) -> str:
+    """The value as the user wrote it: quoted if it is a string."""
+    if isinstance(node, ScalarNode):
+        return repr(node.value) if node.tag.endswith(":str") else str(node.value or "null")
+    return "a mapping" if isinstance(node, MappingNode) else "a list"
+
+
+def hint(word: str, options: Any) -> str:
+    close = difflib.get_close_matches(word, [str(o) for o in options], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def is_null(node: YNode) -> bool:
+    return isinstance(node, ScalarNode) and node.tag.endswith(":null")
+
+
+def scalar(node: YNode, path: str) -> Any:
+    if not isinstance(node, ScalarNode):
+        raise Invalid(path, f"expected a single value, got {show(node)}")
+    try:
+        return SafeConstructor().construct_object(node)
+    except ValueError:  # e.g. a timestamp-shaped 2024-02-30: let the caller reject the text
+        return str(node.value)
+
+
+def mapping(node: YNode | None, path: str) -> dict[str, tuple[YNode, YNode]]:
+    """Key -> (key node, value node); an empty or null section is an empty mapping."""
+    if node is None or is_null(node):
+        return {}
+    if not isinstance(node, MappingNode):
+        what = "the top level must be a mapping of sections" if not path else \
+            "expected a mapping of keys"
+        raise Invalid(path, f"{what}, got {show(node)}", node.start_mark)
+    out: dict[str, tuple[YNode, YNode]] = {}
+    for k, v in _pairs(node, path):
+        out[str(k.value)] = (k, v)
+    return out
+
+
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+def _pairs(node: MappingNode, path: str) -> list[tuple[YNode, YNode]]:
+    """The (key, value) pairs with YAML merge keys (`<<: *base`) expanded, lowest priority
+    first: merged mappings, the earlier of them winning, then the mapping's own keys.
+    Unlike SafeConstructor.flatten_mapping this leaves the (possibly shared) nodes alone."""
+    own: list[tuple[YNode, YNode]] = []
+    merged: list[tuple[YNode, YNode]] = []
+    seen: dict[str, YNode] = {}
+    for k, v in node.value:
+        if not isinstance(k, ScalarNode):
+            raise Invalid(path, "keys must be plain words", k.start_mark)
+        if k.tag == _MERGE:
+            sources = v.value if isinstance(v, SequenceNode) else [v]
+            for src in reversed(sources):
+                if not isinstance(src, MappingNode):
+                    raise Invalid(path, "a merge key (<<) takes a mapping or a list of them",
+                                  k.start_mark)
+                merged += _pairs(src, path)
+            continue
+        if k.value in seen:
+            raise Invalid(join(path, str(k.value)), "appears twice (first on line "
+                          f"{seen[k.value].start_mark.line + 1})", k.start_mark)
+        seen[k.value] = k
+        own.append((k, v))
+    return merged + own
+
+
+def build(cls: type[T], node: YNode | None, path: str, extra: dict[str, Any] | None = None) -> T:
+    """A dataclass from a mapping: fields made with `f` are its keys; others come from `extra`."""
+    pairs = mapping(node, path)
+    spec = {x.name: x for x in fields(cls) if "parse" in x.metadata}  # type: ignore[arg-type]
+    for key, (knode, _) in pairs.items():
+        if key not in spec:
+            why = hint(key, spec) or f"; expected one of: {', '.join(spec)}"
+            raise Invalid(join(path, key), f"unknown key{why}", knode.start_mark)
+    kwargs = dict(extra or {})
+    for name, fld in spec.items():
+        if name in pairs:
+            kwargs[name] = fld.metadata["parse"](pairs[name][1], join(path, name))
+        elif fld.default is MISSING and fld.default_factory is MISSING:
+            raise Invalid(join(path, name), f"is required: {fld.metadata['need']}",
+                          node.start_mark if node is not None else None)
+    return cls(**kwargs)
+
+
+def section(cls: type[T], check: Callable[[T, str], None] | None = None) -> Parser:
+    """A parser for a nested dataclass; `check(obj, path)` adds rules across its fields."""
+    def parse(node: YNode, path: str) -> T:
+        obj = build(cls, node, path)
+        if check is not None:
+            check(obj, path)
+        return obj
+    return parse
+
+
+def sec(cls: type[Any]) -> Any:
+    """A field holding a whole section, all defaults when absent."""
+    return f(section(cls), factory=cls)
+
+
+def index(node: YNode, path: str, out: dict[str, yaml.Mark],
+          above: frozenset[int] = frozenset()) -> None:
+    """Record the mark of every key path, for errors found after parsing."""
+    if id(node) in above:
+        raise Invalid(path, "a YAML alias refers to itself", node.start_mark)
+    if isinstance(node, MappingNode):
+        for k, v in node.value:
+            p = join(path, str(k.value))
+            out.setdefault(p, k.start_mark)
+            index(v, p, out, above | {id(node)})
+    elif isinstance(node, SequenceNode):
+        for i, v in enumerate(node.value):
+            out.setdefault(f"{path}[{i}]", v.start_mark)
+            index(v, f"{path}[{i}]", out, above | {id(node)})
+
+
+def line_of(marks: dict[str, yaml.Mark], key: str) -> int | None:
+    """The line of `key`, or of its closest parent that appears in the file."""
+    while key:
+        if key in marks:
+            return marks[key].line + 1
+        key = re.sub(r"(?:^|\.)[^.\[]+$|\[\d+\]$", "", key)
+    return None
+
+
+# --- values -----------------------------------------------------------------------------------
+
+def integer(lo: int, hi: int) -> Parser:
+    def parse(node: YNode, path: str) -> int:
+        v = scalar(node, path)
+        if type(v) is not int or not lo <= v <= hi:
+            raise Invalid(path, f"expected an integer {lo}..{hi}, got {show(node)}")
+        return v
+    return parse
+
+
+def boolean(node: YNode, path: str) -> bool:
+    v = scalar(node, path)
+    if type(v) is not bool:
+        raise Invalid(path, f"expected true or false, got {show(node)}")
+    return v
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?")
+_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def duration(positive: bool = False) -> Parser:
+    """Seconds as a number, or a string like '200ms', '1.5s', '5m', '1h'."""
+    def parse(node: YNode, path: str) -> float:
+        v, secs = scalar(node, path), None
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            secs = float(v)
+        elif isinstance(v, str) and (m := _DURATION.fullmatch(v.strip())):
+            secs = float(m[1]) * _SECONDS[m[2]]
+        if secs is None or not math.isfinite(secs) or secs < 0:
+            raise Invalid(path, "expected a duration: seconds, or a string like '200ms', "
+                          f"'1s', '5m', got {show(node)}")
+        if positive and secs == 0:
+            raise Invalid(path, "must be longer than 0")
+        return secs
+    return parse
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:([KMG])(?:I?B)?|B)?", re.IGNORECASE)
+
+
+def size(lo: int, hi: int = 1 << 30) -> Parser:
+    """Bytes as an integer, or a string like '8MiB', '8M', '512k' (K/M/G are powers of 1024)."""
+    def parse(node: YNode, path: str) -> int:
+        v, n = scalar(node, path), None
+        if type(v) is int:
+            n = v
+        elif isinstance(v, str) and (m := _SIZE.fullmatch(v.strip())):
+            exact = float(m[1]) * 1024 ** (" KMG".index(m[2].upper()) if m[2] else 0)
+            n = int(exact) if exact.is_integer() else None
+        if n is None:
+            raise Invalid(path, "expected a size: bytes, or a string like '8MiB', '8M', "
+                          f"'512KiB', got {show(node)}")
+        if not lo <= n <= hi:
+            raise Invalid(path, f"expected a size between {lo} and {hi} bytes, got {n}")
+        return n
+    return parse
+
+
+def choice(*options: str) -> Parser:
+    def parse(node: YNode, path: str) -> str:
+        v = scalar(node, path)
+        if not isinstance(v, str) or v not in options:
+            raise Invalid(path, f"expected one of {', '.join(map(repr, options))}, got "
+                          f"{show(node)}{hint(str(node.value), options)}")
+        return v
+    return parse
+
+
+def string(node: YNode, path: str) -> str:
+    """Any non-empty scalar, as written (so `interface: 1234` is the string '1234')."""
+    if not isinstance(node, ScalarNode) or is_null(node) or node.value == "":
+        raise Invalid(path, f"expected a non-empty string, got {show(node)}")
+    return str(node.value)
+
+
+def any_string(node: YNode, path: str) -> str:
+    return "" if isinstance(node, ScalarNode) and node.value == "" else string(node, path)
+
+
+def optional(parse: Parser) -> Parser:
+    """`null` (or `~`, or nothing) means None."""
+    return lambda node, path: None if is_null(node) else parse(node, path)
+
+
+def listof(item: Parser, *, min_len: int = 0, max_len: int = 1 << 16,
+           key: Callable[[Any], Any] = lambda v: v) -> Parser:
+    """A tuple; entries whose `key` repeats an earlier one are errors."""
+    def parse(node: YNode, path: str) -> tuple[Any, ...]:
+        if not isinstance(node, SequenceNode) and not is_null(node):
+            raise Invalid(path, f"expected a list, got {show(node)}")
+        values = node.value if isinstance(node, SequenceNode) else []
+        out = tuple(item(n, f"{path}[{i}]") for i, n in enumerate(values))
+        if not min_len <= len(out) <= max_len:
+            want = f"at least {min_len}" if len(out) < min_len else f"at most {max_len}"
+            raise Invalid(path, f"needs {want} entries, got {len(out)}")
+        seen = [key(v) for v in out]
+        for i, k in enumerate(seen):
+            if k in seen[:i]:
+                raise Invalid(f"{path}[{i}]", f"repeats {path}[{seen.index(k)}]")
+        return out
+    return parse
+
+
+def ip(node: YNode, path: str) -> str:
+    """An IPv4 or IPv6 address, in canonical form."""
+    try:
+        return str(ipaddress.ip_address(string(node, path)))
+    except ValueError:
+        raise Invalid(path, f"{show(node)} is not an IPv4 or IPv6 address") from None
+
+
+def unicast(node: YNode, path: str) -> str:
+    addr = ip(node, path)
+    if ipaddress.ip_address(addr).is_multicast:
+        raise Invalid(path, f"{addr!r} is a multicast address; expected a unicast one")
+    return addr
+
+
+def multicast(node: YNode, path: str) -> str:
+    text = string(node, path)
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        addr = None
+    if addr is None or not addr.is_multicast:
+        raise Invalid(path, f"{text!r} is not a multicast address (224.0.0.0/4 or ff00::/8)")
+    return str(addr)
+
+
+def network(node: YNode, path: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An address (as a /32 or /128) or a CIDR network without host bits."""
+    text = string(node, path)
+    try:
+        return ipaddress.ip_network(text)
+    except ValueError:
+        try:
+            why = f" (did you mean '{ipaddress.ip_network(text, strict=False)}'?)"
+        except ValueError:
+            why = ""
+    raise Invalid(path, f"{text!r} is not an address or CIDR network like 10.0.0.0/8 or "
+                  f"fd00::/64{why}")
+
+
+_IFNAME = re.compile(r"[^/:\s]{1,15}")
+
+
+def ifname(node: YNode, path: str) -> str:
+    name = string(node, path)
+    if not _IFNAME.fullmatch(name):
+        raise Invalid(path, f"{name!r} is not an interface name (1-15 characters, no '/', "
+                      "':' or spaces)")
+    return name
+
+
+def socket_path(node: YNode, path: str) -> str:
+    name = string(node, path)
+    if len(os.fsencode(name)) > 107:
+        raise Invalid(path, "a UNIX socket path may be at most 107 bytes long")
+    return name
+
+
+def netns(node: YNode, path: str) -> str:
+    name = string(node, path)
+    if "/" in name or name in (".", ".."):
+        raise Invalid(path, f"{name!r} is not a namespace name (as in `ip netns add NAME`)")
+    return name
+
+
+def listen(node: YNode, path: str) -> str:
+    """ADDRESS:PORT with a literal address, IPv6 in brackets."""
+    text = string(node, path)
+    m = re.fullmatch(r"\[([^\]]+)\]:(\d{1,5})|([^:\[\]]+):(\d{1,5})", text)
+    try:
+        addr = ipaddress.ip_address(m[1] or m[3]) if m else None
+    except ValueError:
+        addr = None
+    if not m or addr is None or (addr.version == 6) != bool(m[1]) \
+            or not 1 <= int(m[2] or m[4]) <= 65535:
+        raise Invalid(path, f"expected ADDRESS:PORT like '127.0.0.1:9477' or '[::1]:9477', "
+                      f"got {show(node)}")
+    return text

@@ -1,0 +1,475 @@
+"""Convert a conntrackd.conf into conntrackd-py YAML: `conntrackd-py import-conf FILE`.
+
+Owns a small parser for conntrackd's configuration syntax (nested `Name [args] { ... }` blocks,
+`Key value` lines, `#` comments) and the mapping of its options onto our schema. Whatever has
+no equivalent is reported with its conntrackd.conf line, never dropped silently. Text in, text
+out: it must not start, bind or touch anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .config import PROTOCOLS, TCP_STATE_ALIASES, ConfigError, MiB, loads
+
+#: conntrackd.conf spellings (getprotobyname) that differ from ours
+_PROTOCOL_ALIASES = {"ipv6-icmp": "icmpv6", "icmp6": "icmpv6", "udp-lite": "udplite"}
+_TCP_STATES = {"SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT", "LAST_ACK",
+               "TIME_WAIT", "CLOSE", "SYN_SENT2"}
+_NO_EQUIVALENT = {
+    "hashsize": "no equivalent: the caches grow as needed",
+    "hashlimit": "no equivalent: the caches grow as needed",
+    "nice": "no equivalent: use the systemd unit (Nice=)",
+    "scheduler": "no equivalent: use the systemd unit (CPUSchedulingPolicy=)",
+    "systemd": "no equivalent option; see the conntrackd-py systemd unit",
+    "eventiterationlimit": "no equivalent: events are drained in batches",
+    "pollsecs": "polling mode is not supported; conntrackd-py always uses events",
+}
+_DEFAULT_RCVBUF = 64 * MiB
+
+
+class ConfSyntaxError(ConfigError):
+    """conntrackd.conf text that cannot be parsed (unbalanced braces and the like)."""
+
+
+@dataclass
+class Stmt:
+    """One `Key words...` line, or a `Name args { ... }` block when `body` is not None."""
+    words: list[str]
+    line: int
+    body: list[Stmt] | None = None
+
+    @property
+    def key(self) -> str:
+        return self.words[0].lower() if self.words else ""
+
+    @property
+    def args(self) -> list[str]:
+        return self.words[1:]
+
+
+_TOKEN = re.compile(r'"[^"\n]*"|[{}]|[^\s{}"#]+|#.*|"')
+
+
+def parse(text: str, filename: str = "<conntrackd.conf>") -> list[Stmt]:
+    """conntrackd.conf text -> statements. Newlines end statements; braces nest blocks."""
+    tokens: list[tuple[str, int]] = []
+    for n, line in enumerate(text.splitlines(), 1):
+        for tok in _TOKEN.findall(line):
+            if tok.startswith("#"):
+                break
+            if tok == '"':
+                raise ConfSyntaxError("unterminated quoted string", filename=filename, line=n)
+            tokens.append((tok.strip('"') if len(tok) > 1 else tok, n))
+        tokens.append(("\n", n))
+    return _block(tokens, 0, None, filename)[0]
+
+
+def _block(tokens: list[tuple[str, int]], pos: int, opened: int | None,
+           filename: str) -> tuple[list[Stmt], int]:
+    stmts: list[Stmt] = []
+    words: list[str] = []
+    first = 0
+    while pos < len(tokens):
+        tok, n = tokens[pos]
+        pos += 1
+        if tok == "{":
+            if not words and stmts and stmts[-1].body is None:  # `Name` then `{` on a new line
+                head = stmts.pop()
+                words, first = head.words, head.line
+            if not words:
+                raise ConfSyntaxError("'{' without a section name", filename=filename, line=n)
+            body, pos = _block(tokens, pos, first, filename)
+            stmts.append(Stmt(words, first, body))
+            words = []
+        elif tok in ("}", "\n"):
+            if words:
+                stmts.append(Stmt(words, first))
+                words = []
+            if tok == "}":
+                if opened is None:
+                    raise ConfSyntaxError("'}' without a matching '{'", filename=filename,
+                                          line=n)
+                return stmts, pos
+        else:
+            if not words:
+                first = n
+            words.append(tok)
+    if opened is not None:
+        raise ConfSyntaxError("section is never closed with '}'", filename=filename,
+                              line=opened)
+    return stmts, pos
+
+
+def _onoff(value: str) -> bool | None:
+    v = value.lower()
+    return True if v in ("on", "yes", "true", "1") else False if v in (
+        "off", "no", "false", "0") else None
+
+
+@dataclass
+class _Converter:
+    filename: str
+    notes: list[tuple[int, str]] = field(default_factory=list)
+    out: dict[str, dict[str, Any]] = field(default_factory=lambda: {
+        k: {} for k in ("node", "general", "logging", "netlink", "filters", "sync", "stats")})
+    channels: list[tuple[bool, dict[str, Any]]] = field(default_factory=list)
+    rcvbuf: list[tuple[int, Stmt]] = field(default_factory=list)
+
+    def note(self, st: Stmt, msg: str) -> None:
+        self.notes.append((st.line, f"{self.filename}:{st.line}: {' '.join(st.words)}: {msg}"))
+
+    def value(self, st: Stmt, kind: str = "str") -> Any:
+        """The single argument of `st` as `kind` (str, int, bool, ip); None after a note."""
+        if len(st.args) != 1:
+            self.note(st, "expected exactly one value; not converted")
+            return None
+        raw = st.args[0]
+        v: Any = raw
+        if kind == "int":
+            v = int(raw) if raw.isdigit() else None
+        elif kind == "bool":
+            v = _onoff(raw)
+        elif kind == "ip":
+            try:
+                v = str(ipaddress.ip_address(raw))
+            except ValueError:
+                v = None
+        if v is None:
+            self.note(st, f"{raw!r} is not a valid {kind} value; not converted")
+        return v
+
+    def put(self, section: dict[str, Any], key: str, st: Stmt, kind: str = "str",
+            transform: Any = None) -> None:
+        v = self.value(st, kind)
+        if v is not None:
+            section[key] = transform(v) if transform else v
+
+    # --- sections -------------------------------------------------------------------------
+    def convert(self, stmts: list[Stmt]) -> dict[str, Any]:
+        self.out["general"]["mode"] = "sync" if any(st.key == "sync" for st in stmts) else "stats"
+        for st in stmts:
+            handler = {"sync": self.sync, "general": self.general, "stats": self.stats}.get(st.key)
+            if handler is None or st.body is None:
+                self.note(st, "not a conntrackd-py feature; not converted" if st.key == "helper"
+                          else "not recognised; not converted")
+                continue
+            handler(st.body)
+        self.finish_netlink()
+        if self.channels:  # the `Default` link is the one conntrackd starts on: put it first
+            ordered = [c for d, c in self.channels if d] + [c for d, c in self.channels if not d]
+            self.out["sync"]["channels"] = ordered
+        self.node_id()
+        return {k: v for k, v in self.out.items() if v}
+
+    def sync(self, body: list[Stmt]) -> None:
+        s = self.out["sync"]
+        for st in body:
+            if st.key == "mode" and st.body is not None and len(st.args) == 1:
+                mode = st.args[0].lower()
+                if mode not in ("ftfw", "notrack", "alarm"):
+                    self.note(st, "unknown sync mode; not converted")
+                    continue
+                s["mode"] = mode
+                self.mode(st.body, s)
+            elif st.key in ("multicast", "udp") and st.body is not None:
+                self.channel(st)
+            elif st.key == "tcp":
+                self.note(st, "TCP channels are not supported; use a UDP or multicast channel")
+            elif st.key == "options" and st.body is not None:
+                for opt in st.body:
+                    if opt.key == "tcpwindowtracking" and opt.body is None:
+                        self.put(s, "tcp_window_tracking", opt, "bool")
+                    elif opt.key == "expectationsync":
+                        self.note(opt, "expectations are not replicated by conntrackd-py")
+                    else:
+                        self.note(opt, "not recognised; not converted")
+            else:
+                self.note(st, "not recognised; not converted")
+
+    def mode(self, body: list[Stmt], s: dict[str, Any]) -> None:
+        for st in body:
+            k = st.key
+            if k == "resendqueuesize":
+                self.put(s.setdefault("ftfw", {}), "resend_queue", st, "int")
+            elif k == "ackwindowsize":
+                self.put(s.setdefault("ftfw", {}), "ack_every", st, "int")
+            elif k == "disableexternalcache":
+                self.put(s, "external_cache", st, "bool", lambda v: not v)
+            elif k == "disableinternalcache":
+                if _onoff(st.args[0] if st.args else "") is not False:
+                    self.note(st, "conntrackd-py always keeps an internal cache; ignored")
+            elif k in ("committimeout", "purgetimeout"):
+                self.put(s, k.replace("timeout", "_timeout"), st, "int")
+            elif k == "startupresync":
+                self.put(s, "startup_resync", st, "bool")
+            elif k in ("refreshtime", "cachetimeout"):
+                key = "refresh" if k == "refreshtime" else "cache_timeout"
+                self.put(s.setdefault("alarm", {}), key, st, "int")
+            elif k == "resendbuffersize":
+                self.note(st, "obsolete in conntrackd too (see ResendQueueSize); ignored")
+            else:
+                self.note(st, "not recognised; not converted")
+
+    def channel(self, block: Stmt) -> None:
+        assert block.body is not None
+        is_mc = block.key == "multicast"
+        ch: dict[str, Any] = {}
+        peers: list[str] = []
+        default = [a.lower() for a in block.args] == ["default"]
+        if block.args and not default:
+            self.note(block, f"unexpected {' '.join(block.args)!r} (only 'Default'); ignored")
+        for st in block.body:
+            k = st.key
+            if k in ("ipv4_address", "ipv6_address"):
+                self.put(ch, "group" if is_mc else "bind", st, "ip")
+            elif k == ("group" if is_mc else "port"):
+                self.put(ch, "port", st, "int")
+            elif k in ("ipv4_interface", "ipv6_interface") and is_mc:
+                self.put(ch, "source", st, "ip")
+            elif k in ("ipv4_destination_address", "ipv6_destination_address") and not is_mc:
+                v = self.value(st, "ip")
+                if v is not None:
+                    peers.append(v)
+            elif k == "interface":
+                self.put(ch, "interface", st)
+            elif k in ("sndsocketbuffer", "rcvsocketbuffer"):
+                self.put(ch, k[:3] + "buf", st, "int")
+            elif k == "checksum":
+                if _onoff(st.args[0] if st.args else "") is False:
+                    self.note(st, "datagrams are always checksummed (and optionally "
+                              "authenticated: sync.auth); ignored")
+            else:
+                self.note(st, "not recognised; not converted")
+        if peers:
+            ch["peers"] = peers
+        self.channels.append((default, {"multicast" if is_mc else "udp": ch}))
+
+    def general(self, body: list[Stmt]) -> None:
+        g, lg = self.out["general"], self.out["logging"]
+        for st in body:
+            k = st.key
+            if k == "lockfile":
+                self.put(g, "lock_file", st)
+            elif k == "unix" and st.body is not None:
+                for u in st.body:
+                    if u.key == "path":
+                        self.put(g, "control_socket", u)
+                    elif u.key != "backlog":
+                        self.note(u, "not recognised; not converted")
+            elif k in ("netlinkbuffersize", "socketbuffersize", "netlinkbuffersizemaxgrowth",
+                       "socketbuffersizemaxgrown"):
+                v = self.value(st, "int")
+                if v is not None:
+                    self.rcvbuf.append((v, st))
+            elif k == "netlinkeventsreliable":
+                self.put(self.out["netlink"], "reliable_events", st, "bool")
+            elif k == "netlinkoverrunresync":
+                v = _onoff(st.args[0]) if len(st.args) == 1 else None
+                if v is None and st.args and st.args[0].isdigit():
+                    v = True
+                    self.note(st, "the resync runs at once, not after a delay")
+                if v is None:
+                    self.note(st, "expected on, off or seconds; not converted")
+                else:
+                    self.out["netlink"]["overrun_resync"] = v
+            elif k == "filter" and st.body is not None:
+                self.filters(st)
+            elif k in ("logfile", "syslog"):
+                self.log_target(st, lg)
+            elif k in _NO_EQUIVALENT:
+                self.note(st, f"{_NO_EQUIVALENT[k]}; ignored")
+            else:
+                self.note(st, "not recognised; not converted")
+
+    def log_target(self, st: Stmt, lg: dict[str, Any]) -> None:
+        arg = st.args[0] if len(st.args) == 1 else ""
+        on = _onoff(arg)
+        if on is False:
+            return
+        if "target" in lg:
+            self.note(st, f"conntrackd-py logs to one place; kept logging to {lg['target']}")
+        elif st.key == "syslog":
+            lg["target"] = "syslog"
+            if on is None:
+                self.note(st, "the syslog facility is always 'daemon'")
+        else:
+            lg["target"], lg["file"] = "file", "/var/log/conntrackd-py.log" if on else arg
+
+    def filters(self, block: Stmt) -> None:
+        assert block.body is not None
+        if [a.lower() for a in block.args] == ["from", "kernelspace"]:
+            self.note(block, "filters are applied in user space")
+        fl = self.out["filters"]
+        for st in block.body:
+            kind = {"protocol": "protocols", "address": "addresses", "state": "tcp_states"}.get(
+                st.key)
+            policy = st.args[0].lower() if len(st.args) == 1 else ""
+            if kind is None or st.body is None or policy not in ("accept", "ignore"):
+                self.note(st, "not recognised; not converted")
+                continue
+            items = [w for sub in st.body for w in sub.words]
+            lines = {w: sub for sub in st.body for w in sub.words}
+            if kind == "protocols":
+                values = [self.protocol(w, lines[w]) for w in items]
+            elif kind == "addresses":
+                values = [self.address(sub) for sub in st.body]
+            else:
+                values = self.states(items, st)
+            values = [v for v in values if v is not None]
+            if kind in fl and policy not in fl[kind]:
+                self.note(st, f"conflicts with the earlier {next(iter(fl[kind]))} list for "
+                          f"{kind}; not converted")
+                continue
+            if policy == "accept" and not values:
+                self.note(st, "nothing left to accept; not converted")
+                continue
+            existing = fl.setdefault(kind, {}).setdefault(policy, [])
+            existing += [v for v in values if v not in existing]
+
+    def protocol(self, word: str, st: Stmt) -> Any:
+        name = _PROTOCOL_ALIASES.get(word.lower(), word.lower())
+        if name in PROTOCOLS:
+            return name
+        if name.isdigit() and int(name) <= 255:
+            return int(name)
+        self.note(st, f"unknown protocol {word!r}; use its number; not converted")
+        return None
+
+    def address(self, st: Stmt) -> str | None:
+        if st.key not in ("ipv4_address", "ipv6_address") or len(st.args) != 1:
+            self.note(st, "expected IPv4_address or IPv6_address and one address; not converted")
+            return None
+        try:
+            net = ipaddress.ip_network(st.args[0], strict=False)
+        except ValueError:
+            self.note(st, "not an address or network; not converted")
+            return None
+        host = net.prefixlen == net.max_prefixlen
+        return str(net.network_address) if host else str(net)
+
+    def states(self, words: list[str], st: Stmt) -> list[Any]:
+        names = [w.strip(",").upper() for w in words if w.strip(",")]
+        if names[-2:] == ["FOR", "TCP"]:
+            names = names[:-2]
+        out = []
+        for name in names:
+            name = TCP_STATE_ALIASES.get(name, name)
+            if name in _TCP_STATES:
+                out.append(name)
+            else:
+                self.note(st, f"unknown TCP state {name!r}; not converted")
+        return out
+
+    def stats(self, body: list[Stmt]) -> None:
+        acc = self.out["stats"].setdefault("accounting", {})
+        for st in body:
+            arg = st.args[0] if len(st.args) == 1 else ""
+            on = _onoff(arg)
+            if st.key == "logfile" and on is not False:
+                acc.update(enabled=True, file="/var/log/conntrackd-py/flows.log" if on else arg,
+                           format="text")
+            elif st.key == "syslog" and on is not False:
+                acc.update(enabled=True, syslog=True)
+            elif st.key == "netlinkeventsreliable":
+                self.put(self.out["netlink"], "reliable_events", st, "bool")
+            elif st.key not in ("logfile", "syslog"):
+                self.note(st, "not recognised; not converted")
+        if not acc:
+            del self.out["stats"]["accounting"]
+
+    # --- values that need the whole file ----------------------------------------------------
+    def finish_netlink(self) -> None:
+        """conntrackd grows its buffer on overruns up to MaxGrowth; ours is fixed, so use the
+        largest size given, but never less than our default (measured to survive bursts)."""
+        if not self.rcvbuf:
+            return
+        size, st = max(self.rcvbuf, key=lambda x: x[0])
+        if size > _DEFAULT_RCVBUF:
+            self.out["netlink"]["rcvbuf"] = size
+        else:
+            self.note(st, f"conntrackd-py's netlink buffer is fixed, not grown: kept its "
+                      f"default of {_DEFAULT_RCVBUF // MiB}MiB (set netlink.rcvbuf to override)")
+
+    def node_id(self) -> None:
+        """conntrackd has no node id: take the last byte(s) of this node's sync address."""
+        for ch in self.out["sync"].get("channels", []):
+            spec = ch.get("multicast") or ch.get("udp")
+            addr = spec.get("source") or spec.get("bind")
+            if addr:
+                ip = ipaddress.ip_address(addr)
+                nid = int(ip) & (0xFF if ip.version == 4 else 0xFFFF)
+                if nid:
+                    self.out["node"]["id"] = nid
+                    self.notes.append((1 << 30, f"node.id: conntrackd has no node id; {nid} was "
+                                       f"derived from this node's sync address {addr}. Every "
+                                       "node needs a different one: check the peers' configs"))
+                    return
+        self.out["node"]["id"] = 1
+        if self.out["general"]["mode"] == "sync":
+            self.notes.append((1 << 30, "node.id: conntrackd has no node id and no sync address "
+                               "to derive one from; set node.id (1..65535, different on every "
+                               "node) instead of the placeholder 1"))
+
+
+def convert(text: str, filename: str = "<conntrackd.conf>") -> tuple[str, list[str]]:
+    """conntrackd.conf text -> (conntrackd-py YAML text, what could not be mapped).
+
+    Each entry of the list names its conntrackd.conf line. Raises ConfSyntaxError when the
+    text cannot be parsed at all.
+    """
+    conv = _Converter(filename)
+    data = conv.convert(parse(text, filename))
+    notes = [text for _, text in sorted(conv.notes, key=lambda n: n[0])]
+    header = [f"# conntrackd-py configuration converted from {filename} by",
+              "# `conntrackd-py import-conf`. Check it with: conntrackd-py --check -C FILE"]
+    if notes:
+        header += ["#", "# Review (not converted or approximated):"]
+        header += [f"#   - {n}" for n in notes]
+    body = yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+    return "\n".join(header) + "\n\n" + body, notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="conntrackd-py import-conf",
+                                description="Convert a conntrackd.conf to conntrackd-py YAML.")
+    p.add_argument("conf", help="conntrackd.conf to read ('-' = stdin)")
+    p.add_argument("-o", "--output", metavar="FILE", help="write the YAML here (default: stdout)")
+    args = p.parse_args(argv)
+    try:
+        if args.conf == "-":
+            text = sys.stdin.read()
+        else:
+            with open(args.conf) as fh:
+                text = fh.read()
+    except OSError as e:
+        print(f"conntrackd-py import-conf: cannot read {args.conf}: {e.strerror}",
+              file=sys.stderr)
+        return 1
+    name = "<stdin>" if args.conf == "-" else args.conf
+    try:
+        out, notes = convert(text, name)
+    except ConfigError as e:
+        print(f"conntrackd-py import-conf: {e}", file=sys.stderr)
+        return 1
+    for n in notes:
+        print(f"note: {n}", file=sys.stderr)
+    if args.output:
+        with open(args.output, "w") as fh:
+            fh.write(out)
+    else:
+        sys.stdout.write(out)
+    try:
+        loads(out, args.output or "<output>")
+    except ConfigError as e:
+        print(f"conntrackd-py import-conf: the converted config needs a manual fix: {e}",
+              file=sys.stderr)
+        return 1
+    return 0
