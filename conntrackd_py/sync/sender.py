@@ -1,0 +1,278 @@
+"""The sending half of the engine: our stream of sequenced datagrams.
+
+This module owns what we put on the wire and in which order: the coalescing queue of live
+changes, full resyncs (snapshot, RESYNC_BEGIN ... RESYNC_END, emitted lazily and paced by the
+resend window), the ALARM refresh allowance, ALIVEs, sequence numbers and the FIRST_LAP flag,
+and in FTFW the resend queue with the NACK and RESYNC_REQUEST rules that decide between a
+retransmission and a full resync. It knows peers only through the ACK positions the engine
+passes in (`acks`: our seq each live peer has acked). No clock, no socket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from . import wire
+from .alarm import RefreshPacer
+from .config import Counters, Mode, SyncConfig
+from .ftfw import ResendQueue
+from .outbox import Outbox
+from .seqnum import add, after, diff
+from .wire import Message, ResyncRequest
+
+Source = Callable[[], Iterable[tuple[bytes, bytes]]]
+
+_UPDATE, _DESTROY = wire.UPDATE_PREFIX, wire.DESTROY_PREFIX
+_BEGIN, _END, _ALIVE = (wire.MARKER_BYTES[k] for k in wire.MARKERS)
+
+
+class Sender:
+    def __init__(self, cfg: SyncConfig, epoch: int, source: Source, counters: Counters,
+                 now: float) -> None:
+        self.cfg = cfg
+        self.node_id = cfg.node_id
+        self.epoch = epoch
+        self.keys = wire.KeyRing(cfg.keys)
+        self.source = source
+        self.c = counters
+        self.body_limit = cfg.mtu - wire.HEADER_SIZE - (wire.TAG_SIZE if cfg.keys else 0)
+        self.resend = ResendQueue(cfg.resend_queue_max, cfg.resend_queue_bytes) \
+            if cfg.mode is Mode.FTFW else None
+        self.pacer = RefreshPacer(cfg.alarm_refresh, now) if cfg.mode is Mode.ALARM else None
+        self.live = Outbox()
+        self.seq = 0  # newest sequenced datagram sent; the stream starts at 1
+        self.first_lap = True
+        self.resync_box: Outbox | None = None
+        self.resync_pending = True  # every epoch's stream begins with a full resync
+        self.resync_begin: int | None = None  # seq of the newest RESYNC_BEGIN sent
+        self.last_stream = now
+
+    # --- local changes -------------------------------------------------------------------
+    def put(self, key: bytes, value: bytes | None) -> None:
+        need = len(key) + (len(value) if value is not None else 0) + wire.FLOW_OVERHEAD
+        if need > self.body_limit:
+            raise ValueError(f"a flow message of {need} bytes does not fit the MTU")
+        if not wire.is_packed_array(key) or (value is not None
+                                             and not wire.is_packed_array(value)):
+            raise ValueError("flow key and value must be packed msgpack arrays")
+        self.live.put(key, value)
+        # the live message carries fresher state than a snapshot taken earlier
+        if self.resync_box is not None:
+            self.resync_box.discard(key)
+        if self.pacer is not None:
+            self.pacer.discard(key)
+
+    # --- ACK positions -------------------------------------------------------------------
+    def max_lag(self, acks: Iterable[int], now: float | None = None) -> int | None:
+        """How far behind our newest seq the slowest of `acks` is (None: no ack at all).
+
+        With `now` (the resync window's view), two kinds of peers are looked at differently.
+        One that already misses datagrams gone from the resend queue waits for a full resync
+        and will jump to its RESYNC_BEGIN: it counts as having acked everything before that
+        BEGIN if it is still queued, else not at all (the resync it needs must be able to
+        start). One whose ACK has not moved past a datagram sent `peer_timeout` ago does not
+        hear us (a one-way failure): it does not count, or it would stall resyncs for all."""
+        worst = None
+        floor = begin = None
+        resend = self.resend
+        if now is not None and resend is not None:
+            lo = resend.lowest
+            floor = None if lo is None else add(lo, -1)
+            b = self.resync_begin
+            if b is not None and resend.contains(b):
+                begin = add(b, -1)
+        for acked in acks:
+            if floor is not None and resend is not None and now is not None:
+                if diff(acked, floor) < 0:
+                    if begin is None:
+                        continue
+                    acked = begin
+                sent = resend.first_sent(add(acked, 1))
+                if sent is not None and now - sent > self.cfg.peer_timeout:
+                    continue
+            lag = diff(self.seq, acked)
+            if worst is None or lag > worst:
+                worst = lag
+        return worst
+
+    def release(self, acks: Iterable[int]) -> None:
+        """Drop from the resend queue what every live peer has acked."""
+        if self.resend is not None:
+            lag = self.max_lag(acks)
+            if lag is not None:
+                self.resend.release_upto(add(self.seq, -lag))
+
+    def window_open(self, acks: Iterable[int], now: float) -> bool:
+        """Full resyncs and refreshes pause while a live peer lags too far (FTFW)."""
+        if self.resend is None:
+            return True
+        lag = self.max_lag(acks, now)
+        return lag is None or lag < self.cfg.resync_window
+
+    # --- NACKs and resync requests -----------------------------------------------------
+    def on_nack(self, ranges: Iterable[tuple[int, int]], acked: int | None,
+                now: float) -> None:
+        """Retransmit what is still queued; what is gone is replaced by a full resync."""
+        if self.resend is None:
+            return
+        gone: int | None = None
+        for a, b in ranges:
+            if after(b, self.seq):
+                b = self.seq
+            if acked is not None and not after(a, acked):
+                a = add(acked, 1)
+            if diff(b, a) < 0:
+                continue
+            g = self.resend.nack(a, b, now, self.cfg.retransmit_holdoff)
+            if g is not None and (gone is None or after(g, gone)):
+                gone = g
+        if gone is not None and not self.resync_covers(gone):
+            self.resync_pending = True
+
+    def resync_covers(self, seq: int) -> bool:
+        """Will a receiver missing `seq` (and everything before) get a complete resync anyway?
+        Yes if one is pending, or if a RESYNC_BEGIN after `seq` is still in the resend queue
+        (it will receive or NACK it, and jump there)."""
+        if self.resync_pending:
+            return True
+        b = self.resync_begin
+        return (b is not None and self.resend is not None and self.resend.contains(b)
+                and after(b, seq))
+
+    def on_resync_request(self, m: ResyncRequest) -> None:
+        if m.epoch == 0:
+            # the requester has not heard this epoch yet: if our whole stream since seq 1 is
+            # still queued, it will NACK it from 1 and get our initial full resync that way
+            if self.resend is not None and self.first_lap and self.resend.lowest == 1:
+                return
+        elif m.epoch == self.epoch and self.resync_covers(add(m.from_seq, -1)):
+            return
+        self.resync_pending = True
+
+    # --- building datagrams ------------------------------------------------------------
+    def more_to_send(self, window_open: bool) -> bool:
+        if self.live or (self.resend is not None and self.resend.wants):
+            return True
+        return (self.resync_pending or self.resync_box is not None) and window_open
+
+    def retransmissions(self, limit: int, now: float) -> list[bytes]:
+        if self.resend is None or not self.resend.wants:
+            return []
+        out = self.resend.take(limit, now)
+        self.c.retransmitted += len(out)
+        return out
+
+    def control_datagrams(self, msgs: list[Message]) -> list[bytes]:
+        """Unsequenced datagrams for control messages; their header seq is our newest."""
+        out: list[bytes] = []
+        parts: list[bytes] = []
+        size = 0
+        flags = wire.FIRST_LAP if self.first_lap else 0
+        for m in msgs:
+            b = wire.encode_message(m)
+            if parts and size + len(b) > self.body_limit:
+                out.append(wire.seal(flags, self.node_id, self.epoch, self.seq, len(parts),
+                                     b"".join(parts), self.keys))
+                parts, size = [], 0
+            parts.append(b)
+            size += len(b)
+        if parts:
+            out.append(wire.seal(flags, self.node_id, self.epoch, self.seq, len(parts),
+                                 b"".join(parts), self.keys))
+        return out
+
+    def _start_resync(self) -> None:
+        """Snapshot the internal cache for a full resync. Waiting live updates are in the
+        snapshot already (`source()` includes every change reported), so they are dropped;
+        waiting destroys stay and leave right after RESYNC_BEGIN."""
+        self.resync_pending = False
+        self.resync_box = Outbox(self.source())
+        if self.live:
+            self.live = Outbox((k, v) for k, v in self.live.items() if v is None)
+        self.c.resyncs_sent += 1
+
+    @staticmethod
+    def _fill(box: Outbox, parts: list[bytes], size: int, limit: int,
+              allowance: int = -1) -> tuple[int, int, bool]:
+        """Append `box`'s messages to `parts` while they fit (at most `allowance` of them,
+        -1: no limit). Returns (new size, messages added, datagram full)."""
+        append, pop = parts.append, box.pop
+        n = 0
+        while n != allowance:
+            item = pop()
+            if item is None:
+                return size, n, False
+            k, v = item
+            if v is None:
+                need = len(k) + 2
+                if size + need > limit:
+                    box.unpop(k, v)
+                    return size, n, True
+                append(_DESTROY)
+                append(k)
+            else:
+                need = len(k) + len(v) + 2
+                if size + need > limit:
+                    box.unpop(k, v)
+                    return size, n, True
+                append(_UPDATE)
+                append(k)
+                append(v)
+            size += need
+            n += 1
+        return size, n, False
+
+    def stream_datagram(self, now: float, window_open: bool) -> bytes | None:
+        """The next sequenced datagram: RESYNC_BEGIN if a resync starts, live changes, then
+        the resync in progress (or the ALARM refresh allowance), else an ALIVE when one is
+        due; None if there is nothing to send."""
+        limit = self.body_limit
+        parts: list[bytes] = []
+        size = count = 0
+        begin = False
+        if self.resync_box is None and self.resync_pending and window_open:
+            self._start_resync()
+            parts.append(_BEGIN)
+            size, count, begin = len(_BEGIN), 1, True
+        size, n, full = self._fill(self.live, parts, size, limit)
+        count += n
+        flows = n
+        if not full and window_open:
+            box = self.resync_box
+            if box is not None:
+                size, n, full = self._fill(box, parts, size, limit)
+                count += n
+                flows += n
+                if not full and size + len(_END) <= limit:
+                    parts.append(_END)
+                    count += 1
+                    self.resync_box = None
+            elif self.pacer is not None:
+                allowance = self.pacer.allowance(now)
+                if allowance > 0:
+                    size, n, full = self._fill(self.pacer.box, parts, size, limit, allowance)
+                    self.pacer.emitted += n
+                    count += n
+                    flows += n
+        if count == 0:
+            if now < self.last_stream + self.cfg.alive_interval:
+                return None
+            parts.append(_ALIVE)
+            count = 1
+        self.c.flows_sent += flows
+        return self._seal(parts, count, begin, now)
+
+    def _seal(self, parts: list[bytes], count: int, begin: bool, now: float) -> bytes:
+        seq = add(self.seq, 1)
+        if seq == 0:
+            self.first_lap = False  # wrapped: receivers can no longer assume a start at 1
+        self.seq = seq
+        flags = wire.SEQUENCED | (wire.FIRST_LAP if self.first_lap else 0)
+        data = wire.seal(flags, self.node_id, self.epoch, seq, count, b"".join(parts),
+                         self.keys)
+        if begin:
+            self.resync_begin = seq
+        if self.resend is not None:
+            self.resend.add(seq, data, now)
+        self.last_stream = now
+        return data
