@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_daemon(cfg: Any, detach: bool = False) -> int:
     import trio
 
+    from .config import ConfigError
     from .daemon import Daemon, LockError
     from .kernel.nl import KernelError
     lg = cfg.logging
@@ -235,6 +236,9 @@ def run_daemon(cfg: Any, detach: bool = False) -> int:
         trio.run(Daemon(cfg).run)
     except LockError as e:
         logging.getLogger("conntrackd_py").error("%s", e)
+        return 1
+    except ConfigError as e:
+        logging.getLogger("conntrackd_py").error("bad configuration: %s", e)
         return 1
     except (KernelError, PermissionError) as e:
         logging.getLogger("conntrackd_py").error("cannot start: %s", e)

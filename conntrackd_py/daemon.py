@@ -15,7 +15,6 @@ import fcntl
 import logging
 import math
 import os
-import secrets
 import signal
 import socket
 import time
@@ -26,13 +25,14 @@ from typing import Any
 import trio
 
 from . import filters as filters_mod
+from . import sync as sync_engine
 from .cache import ExternalCache
 from .config import Config, load_keys
 from .control import ControlError, ControlServer
-from .flow import Flow, unpack_flow
+from .flow import unpack_flow, unpack_key
 from .kernel.codec import EventType
 from .kernel.table import Table
-from .sync import engine as sync_engine
+from .sync.config import config_from
 from .tracker import Tracker
 from .transport import ChannelSpec, Transport
 
@@ -103,13 +103,14 @@ def build_filter(cfg: Config) -> Any:
     for s in specs:
         sync_addrs += [a for a in (s.source, s.bind, *s.peers) if a]
     ports = {s.port for s in specs}
+    sync_addrs += [s.group for s in specs if s.group]
+    def listed(lf: Any) -> tuple[str, tuple[Any, ...]] | None:
+        return (lf.policy, tuple(lf.items)) if lf.items else None
+
     return filters_mod.build(
-        protocols=(f.protocols.policy, tuple(f.protocols.items)) if f.protocols.items
-        or (f.protocols.policy == "accept" and f.protocols.items) else None,
-        addresses=(f.addresses.policy, tuple(f.addresses.items)) if f.addresses.items else None,
-        tcp_states=(f.tcp_states.policy, tuple(f.tcp_states.items)) if f.tcp_states.items
-        else None,
-        sync_port=next(iter(ports)) if f.ignore_sync_link and len(ports) == 1 else None,
+        protocols=listed(f.protocols), addresses=listed(f.addresses),
+        tcp_states=listed(f.tcp_states),
+        sync_ports=ports if f.ignore_sync_link else (),
         sync_addrs=sync_addrs if f.ignore_sync_link else (),
     )
 
@@ -119,7 +120,7 @@ class Daemon:
         self.cfg = cfg
         self.netns = cfg.general.netns
         self.started = time.time()
-        self.epoch = secrets.randbits(32) or 1
+        self.epoch = self._next_epoch()
         self.tracker: Tracker | None = None
         self.engine: sync_engine.Engine | None = None
         self.transport: Transport | None = None
@@ -128,10 +129,28 @@ class Daemon:
         self.last_commit: dict[str, Any] | None = None
         self._wake = trio.Event()
         self._watchers: list[trio.MemorySendChannel[str]] = []
-        self._direct: list[tuple[str, Flow | tuple[int, Any]]] = []
+        self._direct: list[tuple[bytes, bytes | None]] = []
         self._direct_wake = trio.Event()
         self.direct_stats = {"created": 0, "updated": 0, "deleted": 0, "failed": 0}
         self.nursery: trio.Nursery | None = None
+
+    def _next_epoch(self) -> int:
+        """Epochs must grow across restarts (peers drop an older one as a replay), so the last
+        one is kept beside the lock file; the wall clock alone would do unless it steps back."""
+        path = self.cfg.general.lock_file + ".epoch"
+        try:
+            with open(path) as f:
+                previous: int | None = int(f.read().strip())
+        except (OSError, ValueError):
+            previous = None
+        epoch = sync_engine.new_epoch(time.time(), previous)
+        try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            with open(path, "w") as f:
+                f.write(f"{epoch}\n")
+        except OSError as e:
+            log.warning("cannot keep the epoch in %s (%s); restarts rely on the clock", path, e)
+        return epoch
 
     # --- engine plumbing ----------------------------------------------------------------
     def _now(self) -> float:
@@ -168,20 +187,23 @@ class Daemon:
     def _apply_event(self, ev: Any, now: float) -> None:
         ext = self.external
         direct = not self.cfg.sync.external_cache
-        if isinstance(ev, sync_engine.RemoteUpdate):
+        if isinstance(ev, sync_engine.RemoteFlows):
+            origin = ev.origin
             if direct:
-                self._queue_direct("update", (ev.key, ev.value))
+                self._direct.extend(ev.flows)
+                self._direct_wake.set()
             else:
-                ext.upsert(ev.origin, ev.key, ev.value, now)
+                for k, v in ev.flows:
+                    if v is None:
+                        ext.remove(origin, k)
+                    else:
+                        ext.upsert(origin, k, v, now)
             if self._watchers:
-                self._notify_watchers(f"external node {ev.origin}", ev.key, ev.value)
-        elif isinstance(ev, sync_engine.RemoteDestroy):
-            if direct:
-                self._queue_direct("destroy", (ev.key, None))
-            else:
-                ext.remove(ev.origin, ev.key)
-            if self._watchers:
-                self._notify_watchers(f"external node {ev.origin}", ev.key, None)
+                for k, v in ev.flows:
+                    self._notify_watchers(f"external node {origin}", k, v)
+        elif isinstance(ev, sync_engine.ResyncAborted):
+            log.warning("full resync from node %d aborted; its stale entries stay until the "
+                        "next one", ev.origin)
         elif isinstance(ev, sync_engine.ResyncStarted):
             ext.begin_sweep(ev.origin, now)
             log.info("full resync from node %d started", ev.origin)
@@ -198,19 +220,13 @@ class Daemon:
                         ev.node, self.cfg.sync.peer_timeout, ext.count(ev.node))
 
     # --- direct mode (external cache off) -------------------------------------------------
-    def _queue_direct(self, op: str, item: Any) -> None:
-        self._direct.append((op, item))
-        self._direct_wake.set()
-
     async def _direct_writer(self, table: Table) -> None:
         be_liberal = not self.cfg.sync.tcp_window_tracking
         while True:
             await self._direct_wake.wait()
             self._direct_wake = trio.Event()
             batch, self._direct = self._direct, []
-            latest: dict[bytes, bytes | None] = {}
-            for _op, (key, value) in batch:  # type: ignore[misc]
-                latest[key] = value
+            latest: dict[bytes, bytes | None] = dict(batch)  # the latest state per flow wins
             ups = [unpack_flow(k, v) for k, v in latest.items() if v is not None]
             if ups:
                 res = await table.commit(ups, be_liberal=be_liberal)
@@ -219,7 +235,6 @@ class Daemon:
                 self.direct_stats["failed"] += res.failed
             for k, v in latest.items():
                 if v is None:
-                    from .flow import unpack_key
                     zone, orig = unpack_key(k)
                     if await table.delete(zone, orig):
                         self.direct_stats["deleted"] += 1
@@ -271,7 +286,7 @@ class Daemon:
     def in_sync(self) -> bool:
         return self.engine.in_sync() if self.engine is not None else True
 
-    def _dump_lines(self, which: str, args: dict[str, Any]) -> list[str]:
+    def _dump_lines(self, which: str, args: dict[str, Any]) -> list[Any]:
         proto = args.get("proto")
         nat = args.get("nat")  # "src" | "dst" | "any"
         origin = args.get("origin")
@@ -282,6 +297,8 @@ class Daemon:
         else:
             pairs = ((o, k, v) for o, k, v, _seen in self.external.items(
                 None if origin is None else int(origin)))
+        if args.get("raw"):  # exact bytes, for convergence checks
+            return [[o, k.hex(), v.hex()] for o, k, v in pairs]
         for o, k, v in pairs:
             f = unpack_flow(k, v)
             if proto is not None and f.orig.proto != int(proto):
@@ -295,7 +312,6 @@ class Daemon:
         return out
 
     def _notify_watchers(self, where: str, key: bytes, value: bytes | None) -> None:
-        from .flow import unpack_key
         if value is None:
             zone, orig = unpack_key(key)
             line = f"[DESTROY] {where}: zone={zone} {orig.format()}"
@@ -468,7 +484,7 @@ class Daemon:
         if sync_on:
             assert self.transport is not None
             self.engine = sync_engine.Engine(
-                sync_engine.config_from(cfg, keys), epoch=self.epoch,
+                config_from(cfg, keys), epoch=self.epoch,
                 source=self.tracker.cache.items, now=self._now())
         # the internal cache is loaded before the engine can be asked for a resync
         await self.tracker.resync_from_kernel()

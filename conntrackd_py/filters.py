@@ -22,12 +22,12 @@ def _matches_any(addr: bytes, nets: list[Net]) -> bool:
 def build(protocols: tuple[str, tuple[int, ...]] | None = None,
           addresses: tuple[str, tuple[Net, ...]] | None = None,
           tcp_states: tuple[str, tuple[int, ...]] | None = None,
-          sync_port: int | None = None,
+          sync_ports: Iterable[int] = (),
           sync_addrs: Iterable[str] = ()) -> Callable[[Flow], bool]:
     """A predicate: True = track and replicate the flow.
 
     Each filter is (policy, items) with policy "accept" (only these) or "ignore" (all but
-    these). Flows of the sync protocol itself (UDP to `sync_port`, or between `sync_addrs`)
+    these). Flows of the sync protocol itself (UDP to one of `sync_ports`, or between `sync_addrs`)
     are always ignored: replicating them would feed the link its own traffic.
     """
     checks: list[Callable[[Flow], bool]] = []
@@ -56,11 +56,11 @@ def build(protocols: tuple[str, tuple[int, ...]] | None = None,
 
         checks.append(state_ok)
     sync_set = frozenset(ipaddress.ip_address(a).packed for a in sync_addrs)
-    if sync_port is not None or sync_set:
+    ports = frozenset(sync_ports)
+    if ports or sync_set:
         def not_sync(f: Flow) -> bool:
             o: Tuple = f.orig
-            if sync_port is not None and o.proto == 17 and (
-                    o.dport == sync_port or o.sport == sync_port):
+            if o.proto == 17 and (o.dport in ports or o.sport in ports):
                 return False
             return not (o.src in sync_set and o.dst in sync_set)
 

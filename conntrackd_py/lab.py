@@ -764,5 +764,111 @@ class TcpStream:
         return res
 
 
+
+# --- conntrackd-py itself in a lab namespace -------------------------------------------------
+
+_DAEMON_YAML = """
+node: {{id: {node}, name: {name}}}
+general:
+  lock_file: {dir}/conntrackd-py.lock
+  control_socket: {dir}/ctl.sock
+logging: {{level: {log_level}, target: file, file: {dir}/daemon.log}}
+netlink: {{rcvbuf: {rcvbuf}}}
+filters:
+  addresses: {{ignore: [127.0.0.0/8, "::1"]}}
+sync:
+  mode: {mode}
+  external_cache: {external_cache}
+  peer_timeout: {peer_timeout}
+  auth: {{key_files: [{key_files}]}}
+  channels:
+    - multicast: {{group: {group}, port: {port}, interface: {iface}, source: {sync_ip}}}
+{extra}
+"""
+
+
+class DaemonProc:
+    """conntrackd-py running in a lab namespace, with its files in `workdir`."""
+
+    def __init__(self, ns: Netns, workdir: str, node: int, sync_ip: str, *,
+                 iface: str = "sync0", group: str = SYNC_GROUP, port: int = 3780,
+                 mode: str = "ftfw", key: bytes | None = None, external_cache: bool = True,
+                 peer_timeout: float = 5.0, log_level: str = "info", rcvbuf: int = 64 << 20,
+                 extra: str = "") -> None:
+        os.makedirs(workdir, exist_ok=True)
+        self.ns, self.workdir, self.node = ns, workdir, node
+        key_files = ""
+        if key is not None:
+            kf = os.path.join(workdir, "sync.key")
+            with open(kf, "w") as f:
+                f.write(key.hex() + "\n")
+            os.chmod(kf, 0o600)
+            key_files = kf
+        self.conf = os.path.join(workdir, "conntrackd-py.yaml")
+        with open(self.conf, "w") as f:
+            f.write(_DAEMON_YAML.format(
+                node=node, name=f"{ns.name}", dir=workdir, mode=mode, group=group, port=port,
+                iface=iface, sync_ip=sync_ip, key_files=key_files, log_level=log_level,
+                external_cache="true" if external_cache else "false",
+                peer_timeout=peer_timeout, rcvbuf=rcvbuf, extra=extra))
+        self.socket = os.path.join(workdir, "ctl.sock")
+        self.log = os.path.join(workdir, "daemon.log")
+        self.proc: subprocess.Popen[Any] | None = None
+        self.start()
+
+    def start(self, timeout: float = 15.0) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket)
+        self.proc = self.ns.popen(sys.executable, "-m", "conntrackd_py.cli", "-C", self.conf,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(self.socket):
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read() if self.proc.stderr else ""
+                raise RuntimeError(f"conntrackd-py in {self.ns.name} exited: {err}"
+                                   f"{self.read_log()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"conntrackd-py in {self.ns.name} did not start")
+            time.sleep(0.02)
+
+    def read_log(self) -> str:
+        try:
+            with open(self.log) as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def call(self, cmd: str, **args: Any) -> Any:
+        from conntrackd_py.control import ControlClient
+        with ControlClient(self.socket) as c:
+            return c.call(cmd, **args)
+
+    def cli(self, *flags: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+        """The command line, as keepalived's notify script would run it."""
+        return self.ns.run(sys.executable, "-m", "conntrackd_py.cli", "-C", self.conf, *flags,
+                           check=check, timeout=120)
+
+    def stats(self, kind: str | None = None) -> dict[str, Any]:
+        return dict(self.call("stats", kind=kind))
+
+    def external_keys(self, origin: int | None = None) -> set[str]:
+        return set(self.call("dump", cache="external", origin=origin))
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, leaving its lock and socket files behind."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -58,7 +58,12 @@ class Tracker:
         self.on_flow_event = on_flow_event
         self.stats = TrackerStats()
         if set_events_sysctl:
-            old = set_sysctl("net.netfilter.nf_conntrack_events", 1, netns_name)
+            try:
+                old = set_sysctl("net.netfilter.nf_conntrack_events", 1, netns_name)
+            except OSError as e:  # e.g. /proc/sys read-only in a container
+                old = None
+                log.warning("cannot set net.netfilter.nf_conntrack_events=1 (%s): flows created "
+                            "with no listener may never emit events; set it on the host", e)
             if old is not None and old != "1":
                 log.info("set net.netfilter.nf_conntrack_events=1 (was %s) so that every flow "
                          "emits events", old)

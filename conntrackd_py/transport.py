@@ -103,7 +103,7 @@ def open_channel(spec: ChannelSpec, netns_name: str | None = None) -> Channel:
                 local = ipaddress.ip_address(spec.source).packed if spec.source else bytes(4)
                 mreqn = grp + local + struct.pack("=i", ifindex)
                 sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn)
-                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, mreqn[4:])
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, mreqn)  # full ip_mreqn
                 sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, spec.ttl)
                 sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
                 dests = [(spec.group, spec.port)]

@@ -1,0 +1,133 @@
+"""Replication between real daemons in lab namespaces over a real multicast sync link."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+
+import pytest
+
+from conntrackd_py.lab import (
+    SYNC_GROUP,
+    DaemonProc,
+    Lab,
+    add_sync_loss,
+    cluster_topology,
+    udp_flows,
+)
+from conntrackd_py.netns import socket_in
+
+pytestmark = pytest.mark.cluster
+
+KEY = bytes(range(32))
+
+
+def wait_until(pred: Callable[[], bool], limit: float, what: str) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {limit} s waiting for {what}")
+
+
+def internal(d: DaemonProc) -> set[tuple[str, str]]:
+    return {(k, v) for _o, k, v in d.call("dump", cache="internal", raw=True)}
+
+
+def external(d: DaemonProc, origin: int) -> set[tuple[str, str]]:
+    return {(k, v) for _o, k, v in d.call("dump", cache="external", origin=origin, raw=True)}
+
+
+def converged(daemons: list[DaemonProc]) -> bool:
+    views = {d.node: internal(d) for d in daemons}
+    return all(external(d, o) == views[o] for d in daemons for o in views if o != d.node)
+
+
+def start_cluster(lab: Lab, n: int, tmp: str, **kw: object) -> tuple[object, list[DaemonProc]]:
+    topo = cluster_topology(lab, n_fw=n)
+    loss = kw.pop("loss", 0)
+    if loss:
+        for fw in topo.fws:
+            add_sync_loss(fw, 3780, int(loss))  # type: ignore[call-overload]
+    daemons = [DaemonProc(fw, os.path.join(tmp, f"n{k}"), k, topo.sync_ip(k), key=KEY,
+                          **kw)  # type: ignore[arg-type]
+               for k, fw in enumerate(topo.fws, 1)]
+    return topo, daemons
+
+
+def make_flows(topo: object, daemons: list[DaemonProc], per_node: int) -> None:
+    """Flows through fw1 (the VIP holder) and flows of each other firewall's own."""
+    udp_flows(topo.client, topo.server_ip, per_node)  # type: ignore[attr-defined]
+    for k, fw in enumerate(topo.fws[1:], 2):  # type: ignore[attr-defined]
+        udp_flows(fw, topo.server_ip, per_node, dport=6000 + k)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("loss", [5, 20])
+def test_two_nodes_converge_exactly_with_loss_from_the_first_second(
+        lab: Lab, tmp_path: object, loss: int) -> None:
+    topo, daemons = start_cluster(lab, 2, str(tmp_path), loss=loss)
+    make_flows(topo, daemons, 3000)
+    time.sleep(1)
+    make_flows(topo, daemons, 0)
+    wait_until(lambda: converged(daemons), 60, f"convergence at {loss}% loss")
+    a, b = daemons
+    assert len(internal(a)) >= 3000 and len(internal(b)) >= 3000
+    sent = a.stats("sync")["sync"]["counters"]
+    assert sent["nacks_received"] + sent.get("resyncs_sent", 0) > 0, "loss was really recovered"
+    assert b.call("in_sync")["in_sync"]
+
+
+def test_three_nodes_on_one_group_each_hold_every_peers_flows(lab: Lab, tmp_path: object) -> None:
+    topo, daemons = start_cluster(lab, 3, str(tmp_path))
+    make_flows(topo, daemons, 1000)
+    wait_until(lambda: converged(daemons), 30, "three-node convergence")
+    for d in daemons:
+        by_node = d.stats("cache")["cache"]["external_by_node"]
+        assert sorted(by_node) == sorted(str(o.node) for o in daemons if o is not d)
+
+
+def test_destroy_reaches_peers_and_a_restarted_peer_catches_up(lab: Lab, tmp_path: object) -> None:
+    topo, daemons = start_cluster(lab, 2, str(tmp_path), loss=5)
+    a, b = daemons
+    make_flows(topo, daemons, 2000)
+    wait_until(lambda: converged(daemons), 30, "first convergence")
+    topo.fws[0].run("conntrack", "-D", "-p", "udp", "--sport", "1024")  # type: ignore[attr-defined]
+    topo.fws[0].run("conntrack", "-D", "-p", "udp", "--sport", "1025")  # type: ignore[attr-defined]
+    wait_until(lambda: converged(daemons), 30, "destroys to reach the peer")
+    assert len(external(b, 1)) == len(internal(a)) < 2000 + 5
+    b.kill()  # a crash: stale lock and socket stay behind
+    udp_flows(topo.client, topo.server_ip, 500, dport=7000)  # type: ignore[attr-defined]
+    b.start()
+    wait_until(lambda: converged(daemons), 30, "the restarted peer to catch up")
+    assert "took over stale lock" in b.read_log()
+
+
+def test_a_forged_datagram_changes_nothing_and_is_counted(lab: Lab, tmp_path: object) -> None:
+    topo, daemons = start_cluster(lab, 2, str(tmp_path))
+    a, b = daemons
+    make_flows(topo, daemons, 200)
+    wait_until(lambda: converged(daemons), 30, "convergence")
+    before = external(b, 1)
+    from conntrackd_py.flow import Flow, Tuple, pack_flow
+    from conntrackd_py.sync import wire
+    t = Tuple(b"\x0a\x00\x00\x63", b"\x0a\x00\x00\x64", 17, 1, 2)
+    k, v = pack_flow(Flow(t, t.invert(), timeout=300))
+    # node 1's current stream position, so only the tag can give the forgery away
+    st = a.stats("sync")["sync"]
+    forged = [wire.encode_datagram(1, st["epoch"], (st["seq"] + i) & 0xFFFFFFFF, [(k, v)],
+                                   sequenced=True, first_lap=False, keys=[bytes(32)])
+              for i in range(1, 6)]
+    fw3 = topo.fws[0]  # type: ignore[attr-defined]
+    with socket_in(fw3.name, socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(topo.sync_ip(1)))  # type: ignore[attr-defined]
+        for d in forged:
+            s.sendto(d, (SYNC_GROUP, 3780))
+    time.sleep(1)
+    assert external(b, 1) == before
+    counters = b.stats("sync")["sync"]["counters"]
+    assert counters["bad_mac"] >= 5, counters
+    assert k.hex() not in {key for key, _ in external(b, 1)}
+
