@@ -133,7 +133,7 @@ def _print_tree(d: dict[str, Any], depth: int) -> None:
 
 
 def _control(cfg: Any, args: argparse.Namespace) -> int:
-    from .control import ControlClient, ControlError
+    from .ctlclient import ControlClient, ControlError
     as_json = args.output == "json"
     try:
         client = ControlClient(cfg.general.control_socket)

@@ -19,16 +19,15 @@ from typing import Any
 
 import trio
 
+from .ctlclient import ControlClient, ControlError
+
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 64 << 10
+__all__ = ["BadRequest", "ControlClient", "ControlError", "ControlServer"]
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 StreamHandler = Callable[[dict[str, Any]], AsyncIterator[Any]]
-
-
-class ControlError(Exception):
-    """A request the daemon refused; the text goes back to the client."""
 
 
 class BadRequest(ControlError):
@@ -118,50 +117,3 @@ class ControlServer:
             await self._reply(stream, {"ok": False, "error": str(e)})
             return
         await self._reply(stream, {"ok": True, "result": result})
-
-
-class ControlClient:
-    """Blocking client (the CLI is a short-lived process; no event loop needed)."""
-
-    def __init__(self, path: str, timeout: float | None = 300.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(path)
-        self.file = self.sock.makefile("rb")
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
-
-    def __enter__(self) -> ControlClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _send(self, cmd: str, args: dict[str, Any]) -> None:
-        self.sock.sendall(json.dumps({"cmd": cmd, "args": args}).encode() + b"\n")
-
-    def _read(self) -> dict[str, Any]:
-        line = self.file.readline()
-        if not line:
-            raise ControlError("the daemon closed the connection")
-        reply: dict[str, Any] = json.loads(line)
-        return reply
-
-    def call(self, cmd: str, **args: Any) -> Any:
-        self._send(cmd, args)
-        reply = self._read()
-        if not reply.get("ok"):
-            raise ControlError(reply.get("error", "unknown error"))
-        return reply.get("result")
-
-    def stream(self, cmd: str, **args: Any) -> Any:
-        self._send(cmd, args)
-        while True:
-            reply = self._read()
-            if not reply.get("ok"):
-                raise ControlError(reply.get("error", "unknown error"))
-            if not reply.get("more"):
-                return
-            yield reply["result"]

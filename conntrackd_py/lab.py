@@ -839,7 +839,7 @@ class DaemonProc:
             return ""
 
     def call(self, cmd: str, **args: Any) -> Any:
-        from conntrackd_py.control import ControlClient
+        from conntrackd_py.ctlclient import ControlClient
         with ControlClient(self.socket) as c:
             return c.call(cmd, **args)
 
@@ -868,6 +868,100 @@ class DaemonProc:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+
+# --- keepalived in a lab namespace -------------------------------------------------------------
+
+_KEEPALIVED_CONF = """
+global_defs {{
+    router_id {name}
+    vrrp_version 3
+    script_user root
+    enable_script_security
+    vrrp_garp_master_repeat 2
+}}
+vrrp_instance FW {{
+    state BACKUP
+    interface lan0
+    virtual_router_id 51
+    priority {priority}
+    advert_int {advert}
+    track_interface {{
+        lan0
+        wan0
+    }}
+    virtual_ipaddress {{
+{vips}
+    }}
+    notify_master "{notify} primary"
+    notify_backup "{notify} backup"
+    notify_fault "{notify} fault"
+}}
+"""
+
+
+class Keepalived:
+    """keepalived (VRRPv3) in a firewall namespace, moving both VIPs of a ClusterTopology and
+    calling config/keepalived/notify.sh against `daemon` (None: no replication)."""
+
+    def __init__(self, ns: Netns, workdir: str, topo: ClusterTopology, priority: int,
+                 daemon: DaemonProc | None, advert: float = 0.2) -> None:
+        os.makedirs(workdir, exist_ok=True)
+        self.ns, self.workdir = ns, workdir
+        notify = os.path.join(workdir, "notify.sh")
+        repo_notify = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                   "config", "keepalived", "notify.sh")
+        bindir = os.path.dirname(sys.executable)
+        self.events = os.path.join(workdir, "notify.log")
+        with open(notify, "w") as f:
+            f.write("#!/bin/sh\n"
+                    f'echo "$(date +%s.%N) start $1" >> {self.events}\n')
+            if daemon is not None:
+                f.write(f"CONNTRACKD_PY_CONFIG={daemon.conf} CONNTRACKD_PY={bindir}/conntrackd-py "
+                        f"{repo_notify} \"$1\" >> {workdir}/notify.out 2>&1\n")
+            f.write(f'echo "$(date +%s.%N) done $1" >> {self.events}\n')
+        os.chmod(notify, 0o755)
+        a = topo.site
+        vips = "\n".join(f"        {v}" for v in (
+            f"10.{a}.1.1/24 dev lan0", f"10.{a}.2.1/24 dev wan0"))
+        self.conf = os.path.join(workdir, "keepalived.conf")
+        with open(self.conf, "w") as f:
+            f.write(_KEEPALIVED_CONF.format(name=ns.name, priority=priority, advert=advert,
+                                            vips=vips, notify=notify))
+        self.proc: subprocess.Popen[Any] | None = None
+        self.start()
+
+    def start(self) -> None:
+        w = self.workdir
+        self.started = time.time()
+        with open(f"{w}/keepalived.log", "a") as log:
+            self.proc = self.ns.popen(
+                "keepalived", "-n", "-l", "-D", "-P", "-f", self.conf, "-p", f"{w}/k.pid",
+                "-r", f"{w}/vrrp.pid", "-c", f"{w}/chk.pid", "--no-syslog",
+                stdout=log, stderr=subprocess.STDOUT)
+
+    def notifications(self) -> list[tuple[float, str, str]]:
+        try:
+            with open(self.events) as f:
+                return [(float(t), what, state) for t, what, state in
+                        (line.split() for line in f if line.strip())]
+        except FileNotFoundError:
+            return []
+
+    def is_master(self) -> bool:
+        """Master since the last start(), with the notify script's MASTER actions done."""
+        n = [x for x in self.notifications() if x[1] == "done" and x[0] >= self.started]
+        return bool(n) and n[-1][2] == "primary"
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        # keepalived's VRRP child may outlive the parent for a moment
+        with contextlib.suppress(OSError, ValueError), open(
+                os.path.join(self.workdir, "vrrp.pid")) as f:
+            os.kill(int(f.read().strip()), signal.SIGKILL)
 
 
 if __name__ == "__main__":
