@@ -18,8 +18,12 @@ class ControlClient:
 
     def __init__(self, path: str, timeout: float | None = 300.0) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(path)
+        try:
+            self.sock.settimeout(timeout)
+            self.sock.connect(path)
+        except BaseException:
+            self.sock.close()
+            raise
         self.file = self.sock.makefile("rb")
 
     def close(self) -> None:

@@ -14,15 +14,17 @@ import sys
 import tempfile
 import time
 
-from .lab import DaemonProc, Keepalived, Lab, TcpStream, cluster_topology, udp_flows
+from .lab import (
+    DaemonProc,
+    Keepalived,
+    Lab,
+    TcpStream,
+    cluster_topology,
+    harden_for_failover,
+    udp_flows,
+)
 
 SERVICE = 9000
-STRICT_FORWARD = f"""
-flush chain inet ctpy forward
-add rule inet ctpy forward ct state established,related accept
-add rule inet ctpy forward iifname "lan0" tcp dport {SERVICE} tcp flags & (syn|ack) == syn ct state new accept
-add rule inet ctpy forward iifname "lan0" udp dport 5000 ct state new accept
-"""
 
 
 def _say(msg: str) -> None:
@@ -65,9 +67,7 @@ def _run(lab: Lab, tmp: str, nflows: int, replicate: bool) -> int:
     key = os.urandom(32)  # the pre-shared key both nodes sign and verify with
     daemons: list[DaemonProc | None] = []
     for k, fw in enumerate(topo.fws, 1):
-        fw.sysctl("net.netfilter.nf_conntrack_tcp_loose", 0)
-        fw.sysctl("net.netfilter.nf_conntrack_tcp_be_liberal", 0)
-        fw.nft(STRICT_FORWARD)
+        harden_for_failover(fw, SERVICE, udp_port=5000)
         daemons.append(DaemonProc(fw, os.path.join(tmp, f"d{k}"), k, topo.sync_ip(k), key=key)
                        if replicate else None)
     if replicate:

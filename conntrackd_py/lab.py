@@ -871,6 +871,24 @@ class DaemonProc:
 
 
 
+
+def harden_for_failover(fw: Netns, service_port: int, udp_port: int | None = None) -> None:
+    """The firewall the failover scenario needs: only established/related traffic and new SYNs
+    to the service are forwarded, and neither mid-stream pickup nor window leniency: only a
+    committed conntrack entry can carry an existing connection across a takeover."""
+    fw.sysctl("net.netfilter.nf_conntrack_tcp_loose", 0)
+    fw.sysctl("net.netfilter.nf_conntrack_tcp_be_liberal", 0)
+    rules = [
+        "flush chain inet ctpy forward",
+        "add rule inet ctpy forward ct state established,related accept",
+        f'add rule inet ctpy forward iifname "lan0" tcp dport {service_port} '
+        "tcp flags & (syn|ack) == syn ct state new accept",
+    ]
+    if udp_port is not None:
+        rules.append(f'add rule inet ctpy forward iifname "lan0" udp dport {udp_port} '
+                     "ct state new accept")
+    fw.nft("\n".join(rules) + "\n")
+
 # --- keepalived in a lab namespace -------------------------------------------------------------
 
 _KEEPALIVED_CONF = """

@@ -21,16 +21,12 @@ from conntrackd_py.lab import (
     Lab,
     TcpStream,
     cluster_topology,
+    harden_for_failover,
 )
 
 pytestmark = pytest.mark.cluster
 
 SERVICE = 9000
-STRICT_FORWARD = f"""
-flush chain inet ctpy forward
-add rule inet ctpy forward ct state established,related accept
-add rule inet ctpy forward iifname "lan0" tcp dport {SERVICE} tcp flags & (syn|ack) == syn ct state new accept
-"""
 
 
 def wait_until(pred: Callable[[], bool], limit: float, what: str) -> None:
@@ -48,9 +44,7 @@ def build(lab: Lab, tmp: str, replicate: bool) -> tuple[ClusterTopology, list[Da
     daemons: list[DaemonProc | None] = []
     kas = []
     for k, fw in enumerate(topo.fws, 1):
-        fw.sysctl("net.netfilter.nf_conntrack_tcp_loose", 0)
-        fw.sysctl("net.netfilter.nf_conntrack_tcp_be_liberal", 0)
-        fw.nft(STRICT_FORWARD)
+        harden_for_failover(fw, SERVICE)
         d = DaemonProc(fw, os.path.join(tmp, f"d{k}"), k, topo.sync_ip(k),
                        key=bytes(range(32))) if replicate else None
         daemons.append(d)
