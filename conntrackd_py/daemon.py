@@ -10,6 +10,7 @@ kernel/, policy in filters.py and config.py.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import logging
@@ -18,13 +19,14 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict
 from typing import Any
 
 import trio
 
 from . import filters as filters_mod
+from . import sdnotify
 from . import sync as sync_engine
 from .cache import ExternalCache
 from .config import Config, load_keys
@@ -291,6 +293,7 @@ class Daemon:
         nat = args.get("nat")  # "src" | "dst" | "any"
         origin = args.get("origin")
         out = []
+        pairs: Iterator[tuple[int | None, bytes, bytes]]
         if which == "internal":
             assert self.tracker is not None
             pairs = ((None, k, v) for k, v in self.tracker.cache.items())
@@ -457,8 +460,11 @@ class Daemon:
                 await self._start(nursery)
                 log.info("conntrackd-py node %d ready (mode %s, epoch %08x)", cfg.node.id,
                          cfg.sync.mode if cfg.general.mode == "sync" else "stats", self.epoch)
+                sdnotify.notify("READY=1")
+                nursery.start_soon(sdnotify.watchdog)
                 task_status.started()
         finally:
+            sdnotify.notify("STOPPING=1")
             for c in (self.tracker, self.transport):
                 if c is not None:
                     c.close()
@@ -505,12 +511,33 @@ class Daemon:
         await nursery.start(server.serve)
         nursery.start_soon(self._signals)
 
+    def reload(self) -> None:
+        """SIGHUP: apply what can change without a restart (log level, filters); name the rest."""
+        from .config import ConfigError, load
+        if not self.cfg.path:
+            log.info("SIGHUP: running on the embedded default config; nothing to reload")
+            return
+        try:
+            new = load(self.cfg.path)
+        except (ConfigError, OSError) as e:
+            log.error("SIGHUP: %s; keeping the running configuration", e)
+            return
+        logging.getLogger().setLevel(new.logging.level.upper())
+        if self.tracker is not None:
+            self.tracker.accept = build_filter(new)
+        needs_restart = [name for name in ("node", "general", "netlink", "sync")
+                         if getattr(new, name) != getattr(self.cfg, name)]
+        self.cfg = dataclasses.replace(self.cfg, logging=new.logging, filters=new.filters,
+                                       stats=new.stats, metrics=new.metrics)
+        log.info("SIGHUP: reloaded logging and filters from %s%s", self.cfg.path,
+                 f"; changes to {', '.join(needs_restart)} need a restart" if needs_restart
+                 else "")
+
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
             async for sig in sigs:
                 if sig == signal.SIGHUP:
-                    log.info("SIGHUP: nothing to reload in this version; restart to apply "
-                             "config changes")
+                    self.reload()
                     continue
                 log.info("received %s, stopping", signal.Signals(sig).name)
                 assert self.nursery is not None

@@ -131,3 +131,35 @@ def test_a_forged_datagram_changes_nothing_and_is_counted(lab: Lab, tmp_path: ob
     assert counters["bad_mac"] >= 5, counters
     assert k.hex() not in {key for key, _ in external(b, 1)}
 
+
+
+def test_with_the_external_cache_off_received_flows_go_straight_into_the_kernel(
+        lab: Lab, tmp_path: object) -> None:
+    topo, daemons = start_cluster(lab, 2, str(tmp_path), external_cache=False)
+    a, b = daemons
+    udp_flows(topo.client, topo.server_ip, 2000)  # type: ignore[attr-defined]
+    fw2 = topo.fws[1]  # type: ignore[attr-defined]
+    wait_until(lambda: sum(" dport=5000 " in line for line in fw2.conntrack_list()) == 2000, 30,
+               "fw1's flows in fw2's kernel table")
+    assert b.stats("cache")["cache"]["external"] == 0
+    assert b.stats()["direct"]["created"] >= 2000
+    topo.fws[0].run("conntrack", "-D", "-p", "udp", "--sport", "1024")  # type: ignore[attr-defined]
+    wait_until(lambda: sum(" dport=5000 " in line for line in fw2.conntrack_list()) == 1999, 30,
+               "the destroy to reach fw2's kernel table")
+
+
+def test_sighup_reloads_the_log_level_and_names_what_needs_a_restart(
+        lab: Lab, tmp_path: object) -> None:
+    import signal
+    _topo, daemons = start_cluster(lab, 2, str(tmp_path))
+    a = daemons[0]
+    with open(a.conf) as f:
+        conf = f.read()
+    with open(a.conf, "w") as f:
+        f.write(conf.replace("level: info", "level: debug").replace("peer_timeout: 5.0",
+                                                                   "peer_timeout: 7.0"))
+    assert a.proc is not None
+    a.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "SIGHUP: reloaded" in a.read_log(), 10, "the reload log line")
+    assert "changes to sync need a restart" in a.read_log()
+    assert a.call("in_sync") is not None  # still running
