@@ -429,7 +429,13 @@ class Daemon:
         async def stop(a: dict[str, Any]) -> Any:
             assert self.nursery is not None
             log.info("stop requested over the control socket")
-            self.nursery.cancel_scope.cancel()
+            nursery = self.nursery
+
+            async def after_reply() -> None:
+                await trio.sleep(0.1)  # let the reply reach the client first
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(after_reply)
             return "stopping"
 
         async def stats(a: dict[str, Any]) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -163,3 +164,32 @@ def test_sighup_reloads_the_log_level_and_names_what_needs_a_restart(
     wait_until(lambda: "SIGHUP: reloaded" in a.read_log(), 10, "the reload log line")
     assert "changes to sync need a restart" in a.read_log()
     assert a.call("in_sync") is not None  # still running
+
+
+def test_conntrackd_flags_work_as_keepalived_scripts_use_them(lab: Lab, tmp_path: object) -> None:
+    topo, daemons = start_cluster(lab, 2, str(tmp_path))
+    a, b = daemons
+    udp_flows(topo.client, topo.server_ip, 300)  # type: ignore[attr-defined]
+    wait_until(lambda: converged(daemons), 30, "convergence")
+    assert b.cli("-s", "sync").returncode == 0
+    ext = b.cli("-e", "-p", "udp", "--src-nat")
+    assert ext.returncode == 0
+    assert len([ln for ln in ext.stdout.splitlines() if "dport=5000" in ln]) == 300
+    assert b.cli("-e", "-p", "tcp").stdout.strip() == ""
+    stats = json.loads(b.cli("-s", "cache", "-o", "json").stdout)
+    assert stats["cache"]["external_by_node"]["1"] >= 300
+    commit = b.cli("-c")
+    assert commit.returncode == 0
+    created = int(commit.stdout.split("created ")[1].split(",")[0])
+    assert created == len(internal(a)) >= 300  # fw1's 300 UDP flows plus its own few
+    fw2 = topo.fws[1]  # type: ignore[attr-defined]
+    assert sum("dport=5000" in ln for ln in fw2.conntrack_list()) == 300
+    assert b.cli("-f", "external").returncode == 0
+    assert b.stats("cache")["cache"]["external"] == 0
+    assert a.cli("-i").stdout.count("dport=5000") == 300
+    bad = b.cli("-n", "notanode")
+    assert bad.returncode == 1
+    assert b.cli("-k").returncode == 0
+    assert b.proc is not None
+    b.proc.wait(10)
+    assert b.cli("-s").returncode == 1  # nobody listening: a clear error, exit 1
