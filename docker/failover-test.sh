@@ -87,7 +87,8 @@ dump() {  # the firewalls' last words, for a failure report
   done
 }
 broken() { log "ERROR: $*"; dump; exit 2; }
-cid() { "${DC[@]}" ps -q "$1"; }
+declare -A ID  # service -> container id, resolved once after `up` (a compose call costs ~1 s)
+cid() { [ -n "${ID[$1]:-}" ] || ID[$1]=$("${DC[@]}" ps -q "$1"); printf '%s\n' "${ID[$1]}"; }
 has_vip() { docker exec "$(cid "$1")" ip -4 -o addr show dev lan0 2>/dev/null | grep -q " $LAN_VIP/"; }
 health() { docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{end}}' "$(cid "$1")"; }
 running() { [ "$(docker inspect -f '{{.State.Running}}' "$(cid "$1")" 2>/dev/null)" = true ]; }
@@ -111,6 +112,10 @@ docker image inspect "$CTPY_IMAGE" >/dev/null 2>&1 || broken "no image $CTPY_IMA
 
 timeout 60 "${DC[@]}" down -v --remove-orphans --timeout 1 >/dev/null 2>&1 || true
 timeout 120 "${DC[@]}" up -d >"$TMP/up.log" 2>&1 || { cat "$TMP/up.log" >&2; broken "compose up failed"; }
+for s in fw1 fw2 client server; do
+  cid "$s" >/dev/null
+  [ -n "${ID[$s]}" ] || broken "no container for $s"
+done
 log "stack up"
 
 fw1_master() { has_vip fw1 && ! has_vip fw2; }
@@ -122,7 +127,7 @@ if [ "$REPLICATION" = on ]; then
     || broken "the firewalls are not healthy after 45s (fw1: $(health fw1), fw2: $(health fw2))"
 fi
 
-"${DC[@]}" exec -T client python3 -u /scenario/stream.py client --host "$SERVER" \
+docker exec "$(cid client)" python3 -u /scenario/stream.py client --host "$SERVER" \
   --warmup "$WARMUP" --run "$(echo "$WARMUP + $AFTER" | bc)" --drain "$MAX_STALL" \
   --max-stall "$MAX_STALL" >"$TMP/client.out" 2>&1 &
 CLIENT_PID=$!
@@ -175,11 +180,39 @@ CLIENT_PID=
 
 RESULT=$(grep '^{' "$TMP/client.out" | tail -n1 || true)
 [ -n "$RESULT" ] || { cat "$TMP/client.out" >&2; broken "no result from the stream client (exit $CLIENT_RC)"; }
+docker logs "$(cid fw2)" >"$TMP/fw2.log" 2>&1 || true
 echo "----- fw2 takeover (notify script) -----" >&2
-"${DC[@]}" logs --no-color fw2 2>/dev/null | grep -E 'notify:|Entering MASTER' | tail -n 8 | sed 's/^/  /' >&2 || true
+awk '/notify: state primary at/ { n = NR } { l[NR] = $0 } END { if (n) for (i = n; i <= NR; i++) if (l[i] ~ /notify:/) print "  " l[i] }' \
+  "$TMP/fw2.log" >&2
 echo "-----" >&2
 STALL=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1]).get("max_stall", "?"))' "$RESULT")
 log "stream result: $RESULT"
+# The takeover's timeline, from the stream's last echo before its longest silence (~ the
+# moment fw1 died): when fw2's notify script started (VRRP detection + keepalived), when its
+# commit was done (the daemon's share, client start included), when the stream resumed.
+TIMING=$(python3 - "$RESULT" "$TMP/fw2.log" <<'PY' || true
+import json, re, sys
+res = json.loads(sys.argv[1])
+log = open(sys.argv[2], errors="replace").read().splitlines()
+start = [i for i, l in enumerate(log) if re.search(r"notify: state primary at [0-9.]+", l)]
+if not start or not res.get("stall_wall"):
+    sys.exit(1)
+t_notify = float(re.search(r"state primary at ([0-9.]+)", log[start[-1]]).group(1))
+commit = next((l for l in log[start[-1]:] if re.search(r"notify: (commit ->|conntrackd-py -c ->)", l)), "")
+m = re.search(r"\+(\d+) ms$", commit)
+kern = re.search(r"kernel ([0-9.]+) ms", commit)
+fail, resume = res["stall_wall"]
+out = {"stall_s": res["max_stall"], "notify_ms": round((t_notify - fail) * 1000)}
+if m:
+    out["notify_to_commit_ms"] = int(m.group(1))
+    out["commit_done_ms"] = out["notify_ms"] + int(m.group(1))
+    out["commit_to_resume_ms"] = round((resume - fail) * 1000) - out["commit_done_ms"]
+if kern:
+    out["kernel_commit_ms"] = float(kern.group(1))
+print(json.dumps(out))
+PY
+)
+[ -z "$TIMING" ] || log "takeover timing: $TIMING"
 if [ "$CLIENT_RC" = 0 ]; then
   echo "PASS: the stream survived the failover (replication $REPLICATION): no reset, no lost byte, stall ${STALL}s"
   exit 0

@@ -10,7 +10,8 @@
 #    VRRP, the sync link and established traffic (so the new master's own stack never
 #    answers a taken-over stream with a RST before the commit lands).
 # 3. Writes keepalived.conf: one VRRP instance on lan0 carrying both VIPs, notify script
-#    calling conntrackd-py (notify.sh).
+#    calling conntrackd-py (notify.sh; its settings CTPY_NOTIFY_* go to
+#    /etc/conntrackd-py/notify.env).
 set -euo pipefail
 : "${NET:?}" "${FW_ID:?}" "${VRRP_PRIORITY:?}" "${SERVICE_PORT:?}"
 ADVERT_INT=${ADVERT_INT:-0.2}
@@ -62,6 +63,10 @@ NFT
 # keepalived (enable_script_security) runs only root-owned scripts in root-owned directories;
 # the mounted checkout may belong to anyone, so the notify script is copied.
 install -m 0755 /scenario/notify.sh /usr/local/sbin/ctpy-notify
+# keepalived does not pass the container's environment to its scripts: the notify script's
+# settings (see notify.sh) go to a file it reads.
+printf 'CTPY_NOTIFY_CLIENT=%q\nCTPY_NOTIFY_PURGE=%q\n' "${CTPY_NOTIFY_CLIENT:-socket}" \
+  "${CTPY_NOTIFY_PURGE:-0}" >/etc/conntrackd-py/notify.env
 mkdir -p /etc/keepalived
 cat >/etc/keepalived/keepalived.conf <<KA
 global_defs {

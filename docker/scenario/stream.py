@@ -11,7 +11,7 @@ server echoes every one back, complete and in order. After `warmup` seconds it p
 `drain` seconds for the echoes still owed, then prints one JSON line:
     {"result": "pass"|"fail", "sent", "received", "max_stall", "stall_at", "errors": [...]}
 `max_stall` is the longest silence between two echoes (s), `stall_at` when it began (s since
-connect). Exit status: 0 pass, 1 fail (reset, closed, corrupt, lost or stalled past
+connect), `stall_wall` its [start, end] as Unix times (to line it up with other logs). Exit status: 0 pass, 1 fail (reset, closed, corrupt, lost or stalled past
 `max-stall`), 2 could not connect.
 Standard library only: it runs in any container with python3.
 """
@@ -66,6 +66,7 @@ def client(a: argparse.Namespace) -> int:
         return 2
     c.setblocking(False)
     t0 = time.monotonic()
+    wall0 = time.time() - t0  # monotonic -> Unix time
     print(f"connected from {c.getsockname()[0]}:{c.getsockname()[1]}", flush=True)
     sent = received = 0
     out, buf, errors = b"", b"", []
@@ -130,6 +131,8 @@ def client(a: argparse.Namespace) -> int:
     c.close()
     res = {"result": "fail" if errors else "pass", "sent": sent, "received": received,
            "max_stall": round(max_stall, 3), "stall_at": round(stall_at, 3),
+           "stall_wall": [round(wall0 + t0 + stall_at, 3),
+                          round(wall0 + t0 + stall_at + max_stall, 3)],
            "errors": errors}
     print(json.dumps(res), flush=True)
     return 1 if errors else 0

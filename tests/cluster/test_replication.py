@@ -75,7 +75,8 @@ def test_two_nodes_converge_exactly_with_loss_from_the_first_second(
     make_flows(topo, daemons, 0)
     wait_until(lambda: converged(daemons), 60, f"convergence at {loss}% loss")
     a, b = daemons
-    assert len(internal(a)) >= 3000 and len(internal(b)) >= 3000
+    assert len(internal(a)) >= 3000
+    assert len(internal(b)) >= 3000
     sent = a.stats("sync")["sync"]["counters"]
     assert sent["nacks_received"] + sent.get("resyncs_sent", 0) > 0, "loss was really recovered"
     assert b.call("in_sync")["in_sync"]
@@ -137,7 +138,7 @@ def test_a_forged_datagram_changes_nothing_and_is_counted(lab: Lab, tmp_path: ob
 def test_with_the_external_cache_off_received_flows_go_straight_into_the_kernel(
         lab: Lab, tmp_path: object) -> None:
     topo, daemons = start_cluster(lab, 2, str(tmp_path), external_cache=False)
-    a, b = daemons
+    _a, b = daemons
     udp_flows(topo.client, topo.server_ip, 2000)  # type: ignore[attr-defined]
     fw2 = topo.fws[1]  # type: ignore[attr-defined]
     wait_until(lambda: sum(" dport=5000 " in line for line in fw2.conntrack_list()) == 2000, 30,
