@@ -885,8 +885,8 @@ def harden_for_failover(fw: Netns, service_port: int, udp_port: int | None = Non
         "tcp flags & (syn|ack) == syn ct state new accept",
     ]
     if udp_port is not None:
-        rules.append(f'add rule inet ctpy forward iifname "lan0" udp dport {udp_port} '
-                     "ct state new accept")
+        rules.append(f'add rule inet ctpy forward iifname "lan0" udp dport '
+                     f"{udp_port}-{udp_port + 15} ct state new accept")
     fw.nft("\n".join(rules) + "\n")
 
 # --- keepalived in a lab namespace -------------------------------------------------------------

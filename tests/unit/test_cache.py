@@ -364,10 +364,18 @@ def test_commit_plan_gives_flows_whose_estimate_ran_out_the_stale_timeout() -> N
     c.upsert(A, *pack_flow(udp(1, timeout=30)), now=0.0)
     c.upsert(A, *pack_flow(udp(2, timeout=30)), now=29.5)
     plan = c.commit_plan(now=30.0)
-    assert [(f.orig.sport, f.timeout) for f in plan] == [(1, STALE_COMMIT_TIMEOUT), (2, 30)]
+    # the most recently refreshed flow comes first
+    assert [(f.orig.sport, f.timeout) for f in plan] == [(2, 30), (1, STALE_COMMIT_TIMEOUT)]
     plan = c.commit_plan(now=30.0, stale_timeout=None)
     assert [(f.orig.sport, f.timeout) for f in plan] == [(2, 30)]
-    assert [f.timeout for f in c.commit_plan(now=30.0, stale_timeout=5)] == [5, 30]
+    assert [f.timeout for f in c.commit_plan(now=30.0, stale_timeout=5)] == [30, 5]
+
+
+def test_commit_plan_puts_the_most_recently_refreshed_flows_first() -> None:
+    c = ExternalCache()
+    for port, seen in ((1, 5.0), (2, 9.0), (3, 1.0), (4, 7.0)):
+        c.upsert(A, *pack_flow(udp(port, timeout=300)), now=seen)
+    assert [f.orig.sport for f in c.commit_plan(now=10.0)] == [2, 4, 1, 3]
 
 
 def test_commit_plan_never_commits_a_longer_timeout_than_received() -> None:
