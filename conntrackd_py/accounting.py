@@ -269,6 +269,12 @@ class Accounting:
         self.records_written += len(batch)
         return len(batch)
 
+    def close(self) -> None:
+        """Close the file (the writer does this itself when it stops)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
     async def writer(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                      ) -> None:
         """Drain the buffer to the file (and syslog) forever."""
@@ -282,9 +288,8 @@ class Accounting:
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + 2.0
                 await self.drain_once(abandon_on_cancel=True)
-            if not scope.cancelled_caught and self._file is not None:
-                self._file.close()
-                self._file = None
+            if not scope.cancelled_caught:
+                self.close()
 
 
 def enable_kernel_accounting(netns_name: str | None) -> None:

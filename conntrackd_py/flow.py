@@ -172,11 +172,11 @@ class Flow(NamedTuple):
 
     @property
     def is_snat(self) -> bool:
-        return bool(self.status & Status.SRC_NAT)
+        return bool(self.status & 0x10)  # IPS_SRC_NAT (int: IntFlag math is slow)
 
     @property
     def is_dnat(self) -> bool:
-        return bool(self.status & Status.DST_NAT)
+        return bool(self.status & 0x20)  # IPS_DST_NAT
 
     @property
     def snat_to(self) -> tuple[bytes, int] | None:
