@@ -28,12 +28,14 @@ import trio
 from . import filters as filters_mod
 from . import sdnotify
 from . import sync as sync_engine
+from .accounting import Accounting, enable_kernel_accounting
 from .cache import ExternalCache
 from .config import Config, load_keys
 from .control import ControlError, ControlServer
 from .flow import unpack_flow, unpack_key
 from .kernel.codec import EventType
 from .kernel.table import Table
+from .metrics import exposition, serve_metrics
 from .sync.config import config_from
 from .tracker import Tracker
 from .transport import ChannelSpec, Transport
@@ -135,6 +137,8 @@ class Daemon:
         self._direct_wake = trio.Event()
         self.direct_stats = {"created": 0, "updated": 0, "deleted": 0, "failed": 0}
         self.nursery: trio.Nursery | None = None
+        self.accounting = (Accounting(cfg.stats.accounting) if cfg.stats.accounting.enabled
+                           else None)
 
     def _next_epoch(self) -> int:
         """Epochs must grow across restarts (peers drop an older one as a replay), so the last
@@ -175,7 +179,12 @@ class Daemon:
         self.pump()
 
     def pump(self) -> None:
-        """Send what the engine wants to send, apply what it decided, re-arm the timer."""
+        """After an input: flush the engine, then wake the timer task (its deadline moved)."""
+        self._flush()
+        self._wake.set()
+
+    def _flush(self) -> None:
+        """Send what the engine wants to send and apply what it decided."""
         eng, tr = self.engine, self.transport
         if eng is None or tr is None:
             return
@@ -184,7 +193,6 @@ class Daemon:
             tr.send(d)
         for ev in eng.events():
             self._apply_event(ev, now)
-        self._wake.set()
 
     def _apply_event(self, ev: Any, now: float) -> None:
         ext = self.external
@@ -256,7 +264,7 @@ class Daemon:
                 eng.handle_timer(now)
             if self.transport is not None:
                 self.transport.reevaluate(now)
-            self.pump()
+            self._flush()  # not pump(): waking ourselves would spin
             await trio.lowlevel.checkpoint()
 
     def _on_datagrams(self, burst: list[bytes]) -> None:
@@ -367,6 +375,8 @@ class Daemon:
                                          **asdict(c.stats)} for c in tr2.channels]}
         if not self.cfg.sync.external_cache:
             out["direct"] = dict(self.direct_stats)
+        if kind in (None, "accounting") and self.accounting is not None:
+            out["accounting"] = self.accounting.snapshot()
         return out
 
     def handlers(self) -> dict[str, Any]:
@@ -488,11 +498,15 @@ class Daemon:
             self.transport = Transport(channel_specs(cfg), netns_name=self.netns,
                                        silence_timeout=cfg.sync.peer_timeout,
                                        failback=cfg.sync.failback)
+        if self.accounting is not None:
+            enable_kernel_accounting(self.netns)
+            nursery.start_soon(self.accounting.writer)
         self.tracker = Tracker(
             netns_name=self.netns, rcvbuf=cfg.netlink.rcvbuf,
             reliable=cfg.netlink.reliable_events,
             set_events_sysctl=cfg.netlink.set_events_sysctl, accept=build_filter(cfg),
-            on_delta=self._on_delta if sync_on else None)
+            on_delta=self._on_delta if sync_on else None,
+            on_flow_event=self.accounting.on_flow_event if self.accounting else None)
         if sync_on:
             assert self.transport is not None
             self.engine = sync_engine.Engine(
@@ -515,6 +529,9 @@ class Daemon:
         server = ControlServer(cfg.general.control_socket, self.handlers(),
                                {"watch": self._watch})
         await nursery.start(server.serve)
+        if cfg.metrics.listen:
+            await nursery.start(serve_metrics, cfg.metrics.listen,
+                                exposition(lambda: self.stats(None)))
         nursery.start_soon(self._signals)
 
     def reload(self) -> None:
@@ -544,6 +561,8 @@ class Daemon:
             async for sig in sigs:
                 if sig == signal.SIGHUP:
                     self.reload()
+                    if self.accounting is not None:
+                        self.accounting.reopen()
                     continue
                 log.info("received %s, stopping", signal.Signals(sig).name)
                 assert self.nursery is not None

@@ -19,7 +19,9 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -64,21 +66,31 @@ def image() -> str:
     return tag
 
 
-def _failover(image: str, replication: str) -> tuple[int, str, dict[str, object]]:
+def _failover(image: str, replication: str) -> tuple[int, str, dict[str, Any]]:
     res = _run(["./failover-test.sh"], timeout=RUN_TIMEOUT, REPLICATION=replication,
                SKIP_BUILD="1", CTPY_IMAGE=image)
     m = re.findall(r"stream result: (\{.*\})", res.stdout)
     return res.returncode, res.stdout, (json.loads(m[-1]) if m else {})
 
 
+def _timing(out: str) -> dict[str, Any]:
+    """failover-test.sh's `takeover timing: {...}` line (ms from the stream's last echo)."""
+    m = re.findall(r"takeover timing: (\{.*\})", out)
+    return json.loads(m[-1]) if m else {}
+
+
 def test_stream_survives_failover_with_replication(
-        image: str, record_property: pytest.RecordProperty) -> None:
+        image: str, record_property: Callable[[str, object], None]) -> None:
     rc, out, result = _failover(image, "on")
     assert rc == 0, f"the stream did not survive the failover (exit {rc}):\n{_tail(out)}"
     assert result.get("errors") == [], _tail(out)
     assert result["received"] == result["sent"], _tail(out)
     record_property("stall_s", result["max_stall"])
-    print(f"failover stall {result['max_stall']}s, {result['received']} lines, none lost")
+    timing = _timing(out)
+    for k, v in timing.items():
+        record_property(k, v)
+    print(f"failover stall {result['max_stall']}s, {result['received']} lines, none lost; "
+          f"takeover timing {timing}")
 
 
 def test_stream_dies_without_replication(image: str) -> None:

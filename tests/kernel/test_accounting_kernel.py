@@ -1,0 +1,116 @@
+"""Accounting against the real kernel: a known TCP transfer through the firewall yields a
+DESTROY record whose byte and packet counts match what was sent.
+
+Tolerance: conntrack counts layer-3 bytes per skb, so bytes = payload + headers, and each
+counted packet carries between 40 (IPv4 + TCP, no options) and 80 (IPv4 + TCP with the most
+options the stack sends) bytes of headers. GSO/GRO may merge segments into one counted packet,
+which changes the packet count but not this per-packet bound.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from conntrackd_py.accounting import Accounting, enable_kernel_accounting
+from conntrackd_py.config import Accounting as AccCfg
+from conntrackd_py.lab import FirewallTopology
+from conntrackd_py.netns import socket_in
+from conntrackd_py.tracker import Tracker
+
+pytestmark = pytest.mark.kernel
+
+PORT = 9099
+UP = 1 << 20  # client -> server
+DOWN = 10 * 1024  # server -> client
+HDR_MIN, HDR_MAX = 40, 80
+
+
+def _server(sock: socket.socket) -> int:
+    conn, _ = sock.accept()
+    with conn:
+        got = 0
+        while chunk := conn.recv(65536):
+            got += len(chunk)
+        conn.sendall(b"r" * DOWN)
+    return got
+
+
+def _client(ns: str, dst: str) -> tuple[int, int]:
+    with socket_in(ns, socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(20)
+        s.connect((dst, PORT))
+        s.sendall(b"u" * UP)
+        s.shutdown(socket.SHUT_WR)
+        back = 0
+        while chunk := s.recv(65536):
+            back += len(chunk)
+        return s.getsockname()[1], back
+
+
+async def test_destroy_record_counts_match_a_known_transfer(
+        fw_topo: FirewallTopology, tmp_path: Path) -> None:
+    t = fw_topo
+    enable_kernel_accounting(t.fw.name)
+    assert t.fw.sysctl_get("net.netfilter.nf_conntrack_acct") == "1"
+    assert t.fw.sysctl_get("net.netfilter.nf_conntrack_timestamp") == "1"
+    path = tmp_path / "acct.jsonl"
+    acc = Accounting(AccCfg(enabled=True, file=str(path)))
+    tracker = Tracker(netns_name=t.fw.name, rcvbuf=8 << 20, on_flow_event=acc.on_flow_event)
+    listener = socket_in(t.server.name, socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.bind(("0.0.0.0", PORT))
+        listener.listen(1)
+        listener.settimeout(20)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(tracker.run)
+            await nursery.start(acc.writer)
+            t0 = time.time()
+            async with trio.open_nursery() as io:
+                got: list[int] = []
+
+                async def serve() -> None:
+                    got.append(await trio.to_thread.run_sync(_server, listener))
+
+                io.start_soon(serve)
+                await trio.sleep(0.1)
+                sport, back = await trio.to_thread.run_sync(_client, t.client.name,
+                                                            t.server_ip)
+            assert got == [UP]
+            assert back == DOWN
+            await trio.sleep(0.3)  # the last ACKs pass the firewall
+            t.fw.run("conntrack", "-D", "-p", "tcp", "--orig-port-src", str(sport))
+            t1 = time.time()
+            with trio.move_on_after(10):
+                while acc.records_written < 1:  # noqa: ASYNC110 - the writer's thread
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+    finally:
+        tracker.close()
+        listener.close()
+
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    mine = [r for r in records if f"sport={sport} dport={PORT}" in r["orig"]]
+    assert len(mine) == 1, records
+    r = mine[0]
+    assert r["proto"] == "tcp"
+    assert r["state"] is not None
+    assert r["orig"] == f"src={t.client_ip} dst={t.server_ip} sport={sport} dport={PORT}"
+    assert r["snat"] is not None
+    assert r["snat"].startswith(f"{t.fw_wan_ip}:")
+    for direction, payload in (("orig", UP), ("reply", DOWN)):
+        packets, nbytes = r[f"{direction}_packets"], r[f"{direction}_bytes"]
+        headers = nbytes - payload
+        assert packets >= 3, r  # SYN (or SYN-ACK), data, FIN at least
+        assert HDR_MIN * packets <= headers <= HDR_MAX * packets, (direction, r)
+    assert t0 - 1 <= r["start"] <= r["end"] <= t1 + 1
+    assert 0 <= r["duration"] < 30
+    snap = acc.snapshot()
+    assert snap["totals"]["tcp"]["orig"]["bytes"] >= UP
+    assert snap["top_talkers"][0]["source"] == t.client_ip
+    assert snap["records_dropped"] == 0

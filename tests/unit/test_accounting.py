@@ -1,0 +1,361 @@
+"""Accounting records, totals, heavy hitters, the bounded buffer, the writer; metrics text."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from conntrackd_py.accounting import Accounting, HeavyHitters, enable_kernel_accounting, record
+from conntrackd_py.config import Accounting as AccCfg
+from conntrackd_py.flow import Counters, Flow, Status, TcpState, Tuple
+from conntrackd_py.kernel.codec import EventType
+from conntrackd_py.metrics import StatsCollector, exposition, parse_listen, serve_metrics
+
+D = EventType.DESTROY
+
+
+def ip(s: str) -> bytes:
+    return socket.inet_pton(socket.AF_INET6 if ":" in s else socket.AF_INET, s)
+
+
+C0 = Counters(10, 1000, 8, 4000)
+
+
+def mkflow(src: str = "10.0.0.2", dst: str = "192.0.2.1", sport: int = 40000, dport: int = 80,
+           proto: int = 6, counters: Counters | None = C0,
+           nat: bool = False, start_ns: int = 1_700_000_000_000_000_000,
+           stop_ns: int = 1_700_000_002_500_000_000) -> Flow:
+    orig = Tuple(ip(src), ip(dst), proto, sport, dport)
+    reply = orig.invert()
+    status = int(Status.ASSURED | Status.SEEN_REPLY)
+    if nat:
+        reply = Tuple(ip(dst), ip("203.0.113.1"), proto, dport, 61000)
+        status |= Status.SRC_NAT
+    return Flow(orig, reply, status=status, mark=7, zone=0,
+                state=TcpState.TIME_WAIT if proto == 6 else None, counters=counters,
+                start_ns=start_ns, stop_ns=stop_ns)
+
+
+def cfg(tmp_path: Path | None = None, **kw: Any) -> AccCfg:
+    base: dict[str, Any] = {"enabled": True,
+                            "file": str(tmp_path / "acct.log") if tmp_path else None}
+    base.update(kw)
+    return AccCfg(**base)
+
+
+def read_lines(*paths: Path) -> list[dict[str, Any]]:
+    out = []
+    for p in paths:
+        if p.exists():
+            out += [json.loads(line) for line in p.read_text().splitlines()]
+    return out
+
+
+# --- records and totals ----------------------------------------------------------------------
+
+def test_record_has_both_tuples_nat_counters_and_times() -> None:
+    r = record(mkflow(nat=True), end_fallback=0.0)
+    assert r["orig"] == "src=10.0.0.2 dst=192.0.2.1 sport=40000 dport=80"
+    assert r["reply"] == "src=192.0.2.1 dst=203.0.113.1 sport=80 dport=61000"
+    assert r["snat"] == "203.0.113.1:61000"
+    assert r["dnat"] is None
+    assert (r["proto"], r["state"], r["mark"], r["zone"]) == ("tcp", "TIME_WAIT", 7, 0)
+    assert (r["orig_packets"], r["orig_bytes"], r["reply_packets"], r["reply_bytes"]) == (
+        10, 1000, 8, 4000)
+    assert r["start"] == pytest.approx(1_700_000_000.0)
+    assert r["end"] == pytest.approx(1_700_000_002.5)
+    assert r["duration"] == pytest.approx(2.5)
+    json.dumps(r)
+
+
+def test_record_without_timestamps_uses_the_event_time() -> None:
+    r = record(mkflow(start_ns=0, stop_ns=0, proto=17), end_fallback=123.0)
+    assert (r["start"], r["end"], r["duration"], r["state"]) == (None, 123.0, None, None)
+    r6 = record(mkflow(src="2001:db8::1", dst="2001:db8::2", nat=False), 0.0)
+    assert r6["orig"].startswith("src=2001:db8::1 dst=2001:db8::2")
+
+
+def test_only_destroy_events_with_counters_count() -> None:
+    acc = Accounting(cfg(), clock=lambda: 5.0)
+    acc.on_flow_event(EventType.NEW, mkflow())
+    acc.on_flow_event(EventType.UPDATE, mkflow())
+    acc.on_flow_event(D, mkflow(counters=None))
+    assert acc.flows == 0
+    acc.on_flow_event(D, mkflow())
+    acc.on_flow_event(D, mkflow(proto=17, counters=Counters(1, 100, 2, 200)))
+    s = acc.snapshot()
+    assert s["flows"] == 2
+    assert s["packets"] == 21
+    assert s["bytes"] == 5300
+    assert s["totals"]["tcp"] == {"flows": 1, "orig": {"packets": 10, "bytes": 1000},
+                                  "reply": {"packets": 8, "bytes": 4000}}
+    assert s["totals"]["udp"]["reply"]["bytes"] == 200
+    assert s["records_pending"] == 0  # no file, no syslog: nothing to buffer
+    json.dumps(s)
+
+
+# --- heavy hitters -----------------------------------------------------------------------------
+
+def test_heavy_hitters_find_the_big_sources_in_bounded_memory() -> None:
+    hh = HeavyHitters(20)
+    heavy = {f"10.1.0.{i}".encode(): 1_000_000 * (i + 1) for i in range(5)}
+    n = 0
+    for rnd in range(50):
+        for k, w in heavy.items():
+            hh.add(k, w // 50)
+        for j in range(400):  # 20000 distinct small sources overall
+            hh.add(f"small-{rnd}-{j}".encode(), 1000)
+            n += 1
+        assert len(hh.counts) <= 80
+    top = hh.top(5)
+    assert {k for k, _ in top} == set(heavy)
+    for k, v in top:
+        assert heavy[k] - hh.error <= v <= heavy[k]
+    assert hh.error <= hh.total / 21
+
+
+def test_top_talkers_in_snapshot_are_addresses_sorted_by_bytes() -> None:
+    acc = Accounting(cfg(top_talkers=2))
+    for i in range(1, 200):
+        acc.on_flow_event(D, mkflow(src=f"10.9.{i // 250}.{i % 250}",
+                                    counters=Counters(1, 10, 1, 10)))
+    acc.on_flow_event(D, mkflow(src="10.0.0.99", counters=Counters(1, 10**6, 1, 10**6)))
+    acc.on_flow_event(D, mkflow(src="2001:db8::5", counters=Counters(1, 10**5, 1, 10**5)))
+    top = acc.snapshot()["top_talkers"]
+    assert [t["source"] for t in top] == ["10.0.0.99", "2001:db8::5"]
+    assert top[0]["bytes"] <= 2 * 10**6
+    assert len(acc.talkers.counts) <= 4 * 20
+
+
+# --- the buffer and the writer -------------------------------------------------------------------
+
+def test_full_buffer_drops_and_counts() -> None:
+    acc = Accounting(cfg(file="/nonexistent/x", buffer=3))
+    for _ in range(10):
+        acc.on_flow_event(D, mkflow())
+    s = acc.snapshot()
+    assert (s["records_pending"], s["records_dropped"], s["flows"]) == (3, 7, 10)
+
+
+async def test_writer_writes_json_lines(tmp_path: Path) -> None:
+    acc = Accounting(cfg(tmp_path))
+    for port in range(5):
+        acc.on_flow_event(D, mkflow(sport=port + 1))
+    assert await acc.drain_once() == 5
+    acc.close()
+    lines = read_lines(tmp_path / "acct.log")
+    assert [r["orig"].split("sport=")[1].split()[0] for r in lines] == ["1", "2", "3", "4", "5"]
+    assert acc.snapshot()["records_written"] == 5
+
+
+async def test_writer_text_format(tmp_path: Path) -> None:
+    acc = Accounting(cfg(tmp_path, format="text"))
+    acc.on_flow_event(D, mkflow())
+    await acc.drain_once()
+    acc.close()
+    (line,) = (tmp_path / "acct.log").read_text().splitlines()
+    assert line.startswith("[")
+    assert "]\ttcp     6  0 TIME_WAIT src=10.0.0.2" in line
+    assert "packets=10 bytes=1000" in line
+    assert "packets=8 bytes=4000" in line
+    assert line.endswith("delta-time=2")
+
+
+async def test_rotation_by_rename_and_by_sighup_loses_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "acct.log"
+    acc = Accounting(cfg(tmp_path))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(acc.writer)
+        sent = 0
+
+        async def some(n: int) -> None:
+            nonlocal sent
+            for _ in range(n):
+                sent += 1
+                acc.on_flow_event(D, mkflow(sport=sent))
+            await trio.sleep(0.5)
+
+        await some(10)
+        os.rename(path, tmp_path / "acct.log.1")  # logrotate without copytruncate
+        await some(10)  # may still land in .1 until the inode check: still not lost
+        await trio.sleep(1.3)
+        await some(10)
+        assert path.exists()
+        os.rename(path, tmp_path / "acct.log.2")
+        acc.reopen()  # SIGHUP
+        await some(10)
+        nursery.cancel_scope.cancel()
+    got = read_lines(tmp_path / "acct.log.1", tmp_path / "acct.log.2", path)
+    ports = sorted(int(r["orig"].split("sport=")[1].split()[0]) for r in got)
+    assert ports == list(range(1, 41))
+    assert len(read_lines(path)) == 10  # the records after the SIGHUP went to a new file
+    assert acc.records_written == 40
+    assert acc.records_dropped == 0
+
+
+async def test_stalled_writer_does_not_block_ingestion(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    acc = Accounting(cfg(tmp_path, buffer=1000))
+    release = threading.Event()
+    real = acc._write_blocking
+
+    def stalled(lines: list[str], check: bool) -> None:
+        release.wait(10)
+        real(lines, check)
+
+    monkeypatch.setattr(acc, "_write_blocking", stalled)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(acc.writer)
+        acc.on_flow_event(D, mkflow())
+        await trio.sleep(0.3)  # the writer is now stuck in its thread
+        n = 50_000
+        flow = mkflow()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            acc.on_flow_event(D, flow)
+        elapsed = time.perf_counter() - t0
+        assert elapsed < 1.0, f"{n} events took {elapsed:.2f} s with a stalled writer"
+        # the buffer holds 1000 records; everything else is dropped and counted
+        assert n - 1000 <= acc.records_dropped <= n + 1 - 999
+        assert acc.records_dropped + len(acc.pending) == n + 1
+        release.set()
+        await trio.sleep(0.8)
+        nursery.cancel_scope.cancel()
+    assert acc.records_written + acc.records_dropped == n + 1
+    assert len(read_lines(tmp_path / "acct.log")) == acc.records_written >= 999
+
+
+async def test_write_error_counts_and_drops(tmp_path: Path) -> None:
+    acc = Accounting(cfg(file=str(tmp_path / "no" / "such" / "dir.log")))
+    acc.on_flow_event(D, mkflow())
+    assert await acc.drain_once() == 0
+    assert acc.write_errors == 1
+    assert acc.records_dropped == 1
+
+
+def test_enable_kernel_accounting_sets_both_sysctls(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def fake(key: str, value: int | str, ns: str | None = None) -> str:
+        calls.append((key, value, ns))
+        return "0"
+
+    monkeypatch.setattr("conntrackd_py.accounting.set_sysctl", fake)
+    enable_kernel_accounting("fw")
+    assert calls == [("net.netfilter.nf_conntrack_acct", 1, "fw"),
+                     ("net.netfilter.nf_conntrack_timestamp", 1, "fw")]
+
+
+# --- metrics -----------------------------------------------------------------------------------
+
+STATS: dict[str, Any] = {
+    "runtime": {"node": 1, "uptime_s": 12.5, "in_sync": True, "commits": 3,
+                "last_commit": {"created": 5, "updated": 0, "failed": 1, "seconds": 0.25}},
+    "cache": {"internal": 42, "external": 17, "external_by_node": {"2": 17},
+              "kernel_events": {"events": 10, "new": 5, "update": 3, "destroy": 2,
+                                "overruns": 1, "malformed": 0, "reads": 4},
+              "tracker": {"dumps": 2, "reconciles": 2, "ignored": 9,
+                          "last_dump_seconds": 0.01}},
+    "sync": {"counters": {"datagrams_sent": 100, "datagrams_received": 90, "retransmitted": 4,
+                          "lost": 1, "resend_queue_depth": 6, "bad_mac": 2},
+             "rejected": {"bad_tag": 2, "malformed": 1},
+             "resync": {"pending": False, "active": False, "remaining": 0},
+             "resend_queue_bytes": 600,
+             "peers": {"2": {"up": True, "last_seen": 100.0, "silent_s": 0.5, "lag": 3}}},
+    "link": {"active": "udp -> 10.0.0.2:3780", "switches": 1,
+             "channels": [{"channel": "udp -> 10.0.0.2:3780", "up": True, "sent": 100,
+                           "received": 90, "send_errors": 0}]},
+}
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_metrics_exposition_parses_with_the_library_parser() -> None:
+    acc = Accounting(cfg())
+    acc.on_flow_event(D, mkflow())
+    text = exposition(lambda: {**STATS, "accounting": acc.snapshot()})().decode()
+    s = samples(text)
+    p = "conntrackd_py_"
+    assert s[(p + "cache_flows", (("cache", "internal"),))] == 42
+    assert s[(p + "external_cache_flows", (("node", "2"),))] == 17
+    assert s[(p + "kernel_events_total", (("type", "destroy"),))] == 2
+    assert s[(p + "netlink_overruns_total", ())] == 1
+    assert s[(p + "reconciles_total", ())] == 2
+    assert s[(p + "sync_datagrams_total", (("direction", "sent"),))] == 100
+    assert s[(p + "sync_retransmitted_total", ())] == 4
+    assert s[(p + "sync_lost_total", ())] == 1
+    assert s[(p + "sync_rejected_total", (("reason", "bad_tag"),))] == 2
+    assert s[(p + "resend_queue_depth", ())] == 6
+    assert s[(p + "peer_up", (("node", "2"),))] == 1
+    assert s[(p + "peer_replication_lag_datagrams", (("node", "2"),))] == 3
+    assert abs(s[(p + "peer_last_seen_seconds", (("node", "2"),))] - time.time()) < 5
+    assert s[(p + "in_sync", ())] == 1
+    assert s[(p + "commits_total", ())] == 3
+    assert s[(p + "last_commit_duration_seconds", ())] == 0.25
+    assert s[(p + "link_up", (("channel", "udp -> 10.0.0.2:3780"),))] == 1
+    assert s[(p + "accounting_bytes_total", (("direction", "orig"), ("proto", "tcp")))] == 1000
+    assert s[(p + "accounting_flows_total", (("proto", "tcp"),))] == 1
+
+
+def test_collector_copes_with_stats_only_mode() -> None:
+    stats = {"runtime": STATS["runtime"], "cache": {"internal": 1, "external": 0,
+                                                    "external_by_node": {}}}
+    names = {m.name for m in StatsCollector(lambda: stats).collect()}
+    assert "conntrackd_py_cache_flows" in names
+    assert not any(n.startswith("conntrackd_py_sync_") for n in names)
+
+
+def test_parse_listen() -> None:
+    assert parse_listen("127.0.0.1:9477") == ("127.0.0.1", 9477)
+    assert parse_listen("[::1]:9477") == ("::1", 9477)
+    with pytest.raises(ValueError, match="ADDRESS:PORT"):
+        parse_listen("localhost")
+
+
+async def _http(port: int, request: bytes) -> bytes:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(request)
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    return data
+
+
+async def test_metrics_server_answers_get_metrics() -> None:
+    counter = {"n": 0}
+
+    def stats() -> dict[str, Any]:
+        counter["n"] += 1
+        return {"runtime": {**STATS["runtime"], "commits": counter["n"]}}
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve_metrics, "127.0.0.1:0", exposition(stats))
+        r1 = await _http(port, b"GET /metrics HTTP/1.0\r\n\r\n")
+        r2 = await _http(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        bad = await _http(port, b"GET /nope HTTP/1.0\r\n\r\n")
+        post = await _http(port, b"POST /metrics HTTP/1.0\r\n\r\n")
+        nursery.cancel_scope.cancel()
+    head, _, body = r1.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200 OK")
+    assert b"text/plain; version=0.0.4" in head
+    assert samples(body.decode())[("conntrackd_py_commits_total", ())] == 1
+    assert samples(r2.partition(b"\r\n\r\n")[2].decode())[("conntrackd_py_commits_total",
+                                                            ())] == 2
+    assert bad.startswith(b"HTTP/1.0 404")
+    assert post.startswith(b"HTTP/1.0 405")
