@@ -526,12 +526,13 @@ class Daemon:
                 nursery.start_soon(self._direct_writer, Table(self.netns,
                                                               batch=cfg.netlink.commit_batch))
             self.pump()
-        server = ControlServer(cfg.general.control_socket, self.handlers(),
-                               {"watch": self._watch})
-        await nursery.start(server.serve)
         if cfg.metrics.listen:
             await nursery.start(serve_metrics, cfg.metrics.listen,
                                 exposition(lambda: self.stats(None)))
+        # the control socket last: once it answers, everything else is up
+        server = ControlServer(cfg.general.control_socket, self.handlers(),
+                               {"watch": self._watch})
+        await nursery.start(server.serve)
         nursery.start_soon(self._signals)
 
     def reload(self) -> None:

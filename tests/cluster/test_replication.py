@@ -194,3 +194,40 @@ def test_conntrackd_flags_work_as_keepalived_scripts_use_them(lab: Lab, tmp_path
     assert b.proc is not None
     b.proc.wait(10)
     assert b.cli("-s").returncode == 1  # nobody listening: a clear error, exit 1
+
+
+def test_metrics_endpoint_is_scraped_and_its_counters_move(lab: Lab, tmp_path: object) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    extra = ("stats: {accounting: {enabled: true, file: ACCT}}\n"
+             "metrics: {listen: '127.0.0.1:9477'}\n")
+    topo = cluster_topology(lab, n_fw=2)
+    daemons = [DaemonProc(fw, os.path.join(str(tmp_path), f"n{k}"), k, topo.sync_ip(k),
+                          key=KEY, extra=extra.replace(
+                              "ACCT", os.path.join(str(tmp_path), f"acct{k}.jsonl")))
+               for k, fw in enumerate(topo.fws, 1)]
+
+    def scrape(k: int) -> dict[str, float]:
+        with socket_in(topo.fws[k - 1].name, socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(("127.0.0.1", 9477))
+            s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        body = data.split(b"\r\n\r\n", 1)[1].decode()
+        return {f"{s.name}{sorted(s.labels.items())}": s.value
+                for fam in text_string_to_metric_families(body) for s in fam.samples}
+
+    before = scrape(2)
+    udp_flows(topo.client, topo.server_ip, 500)
+    wait_until(lambda: converged(daemons), 30, "convergence")
+    after_b, after_a = scrape(2), scrape(1)
+    ext_key = "conntrackd_py_cache_flows[('cache', 'external')]"
+    assert after_b[ext_key] >= 500 > before.get(ext_key, 0)
+    sent = "conntrackd_py_sync_datagrams_total[('direction', 'sent')]"
+    assert after_a[sent] > 0
+    assert after_b["conntrackd_py_in_sync[]"] == 1
+    topo.fws[0].run("conntrack", "-D", "-p", "udp")
+    wait_until(lambda: scrape(1).get("conntrackd_py_accounting_flows_total[('proto', 'udp')]",
+                                     0) >= 500, 15, "accounting totals to count the destroys")
