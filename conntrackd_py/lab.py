@@ -26,6 +26,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -717,6 +718,27 @@ print(json.dumps({'sent': sent, 'received': expect - 1, 'max_stall': round(max_s
 """
 
 
+def tcp_echo_server(server: Netns, ip: str, port: int) -> subprocess.Popen[str]:
+    """A process in `server` echoing every TCP byte back; returns once it listens."""
+    srv = server.popen(sys.executable, "-c", _ECHO_SERVER, ip, str(port),
+                       stdout=subprocess.PIPE, text=True)
+    assert srv.stdout is not None
+    if srv.stdout.readline().strip() != "ready":
+        raise RuntimeError("echo server did not start")
+    return srv
+
+
+def wait_until(pred: Callable[[], object], limit: float, what: str,
+               interval: float = 0.05) -> None:
+    """Poll `pred` until it is true; AssertionError naming `what` after `limit` seconds."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {limit} s waiting for {what}")
+
+
 class TcpStream:
     """A TCP connection client -> server carrying numbered lines at `rate`/s, echoed back.
 
@@ -726,11 +748,7 @@ class TcpStream:
 
     def __init__(self, client: Netns, server: Netns, server_ip: str, port: int,
                  rate: float = 200.0) -> None:
-        srv = server.popen(sys.executable, "-c", _ECHO_SERVER, server_ip, str(port),
-                           stdout=subprocess.PIPE, text=True)
-        assert srv.stdout is not None
-        if srv.stdout.readline().strip() != "ready":
-            raise RuntimeError("echo server did not start")
+        tcp_echo_server(server, server_ip, port)
         self.proc = client.popen(sys.executable, "-c", _STREAM_CLIENT, server_ip, str(port),
                                  str(rate), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                  text=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 
 import pytest
 
@@ -22,20 +21,12 @@ from conntrackd_py.lab import (
     TcpStream,
     cluster_topology,
     harden_for_failover,
+    wait_until,
 )
 
 pytestmark = pytest.mark.cluster
 
 SERVICE = 9000
-
-
-def wait_until(pred: Callable[[], bool], limit: float, what: str) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {limit} s waiting for {what}")
 
 
 def build(lab: Lab, tmp: str, replicate: bool) -> tuple[ClusterTopology, list[DaemonProc | None],

@@ -6,7 +6,6 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable
 
 import pytest
 
@@ -17,21 +16,13 @@ from conntrackd_py.lab import (
     add_sync_loss,
     cluster_topology,
     udp_flows,
+    wait_until,
 )
 from conntrackd_py.netns import socket_in
 
 pytestmark = pytest.mark.cluster
 
 KEY = bytes(range(32))
-
-
-def wait_until(pred: Callable[[], bool], limit: float, what: str) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {limit} s waiting for {what}")
 
 
 def internal(d: DaemonProc) -> set[tuple[str, str]]:

@@ -9,23 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from conntrackd_py.lab import Netns
-
-SERVER = r"""
-import socket, sys
-s = socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(8)
-print('ready', flush=True)
-while True:
-    c, _ = s.accept()
-    f = c.makefile('rb')
-    try:
-        for line in f:
-            c.sendall(line)
-    except OSError:
-        pass
-"""
+from conntrackd_py.lab import Netns, tcp_echo_server
 
 CLIENT = r"""
 import socket, sys, time
@@ -52,10 +36,7 @@ for cmd in sys.stdin:
 
 class TcpConn:
     def __init__(self, client: Netns, server: Netns, server_ip: str, port: int) -> None:
-        srv = server.popen(sys.executable, "-c", SERVER, server_ip, str(port),
-                           stdout=subprocess.PIPE, text=True)
-        assert srv.stdout is not None
-        assert srv.stdout.readline().strip() == "ready"
+        tcp_echo_server(server, server_ip, port)
         self.client = client.popen(sys.executable, "-c", CLIENT, server_ip, str(port),
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.client.stdout is not None
