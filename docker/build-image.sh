@@ -56,7 +56,12 @@ pyv=${PY_VERSION/./}
 rm -f "$HERE"/wheels/conntrackd_py-*.whl
 log "wheels: $(cd "$HERE" && printf '%s\n' pkg/*.whl wheels/*.whl | sed -E 's,^[a-z]+/,,; s/-(py2|py3|cp3).*//' | tr '\n' ' ')"
 
+old=$(docker image inspect -f '{{.Id}}' "$IMAGE" 2>/dev/null || true)
 log "docker build $IMAGE FROM $BASE_IMAGE"
 docker build -q --build-arg BASE_IMAGE="$BASE_IMAGE" -t "$IMAGE" "$HERE" 2>&1 >/dev/null \
   | { grep -v -E 'legacy builder is deprecated|Install the buildx|docs.docker.com/go/buildx|^$' || true; } >&2
+# the image this tag named before, now untagged: removed unless something still uses it
+if [ -n "$old" ] && [ "$old" != "$(docker image inspect -f '{{.Id}}' "$IMAGE")" ]; then
+  docker rmi "$old" >/dev/null 2>&1 || true
+fi
 log "built $IMAGE in $(( $(date +%s) - start ))s"

@@ -9,8 +9,12 @@
 # until fw1 holds the VIPs and (replication on) both firewalls report healthy (`-s sync`),
 # opens a TCP stream client -> server through the VIPs (numbered lines echoed back, each one
 # checked), then kills fw1 and checks that the stream continues with no reset, no lost or
-# reordered byte and a bounded stall, which it prints. Everything is torn down on exit,
-# whatever happened (containers, networks, volumes).
+# reordered byte and a bounded stall, which it prints with the takeover's timeline (`takeover
+# timing: {...}`, ms from the stream's last echo before the gap: notify_ms when fw2's notify
+# script started, commit_done_ms when its commit was done, of which notify_to_commit_ms in the
+# script and kernel_commit_ms in the kernel; commit_to_resume_ms is TCP's retransmission
+# backoff). Everything is torn down on exit, whatever happened (containers, networks,
+# volumes).
 #
 # Exit status: 0 the stream survived; 1 it did not (reset, lost data or stalled for good);
 # 2 the test could not run (build, start, VRRP, health or connection failure).
@@ -19,6 +23,9 @@
 #   REPLICATION=on|off   off: fw2 runs conntrackd-py with a config on another sync port
 #   FAILOVER=kill|stop   kill (the default): fw1's links go down and it is SIGKILLed, as in a
 #                        crash; stop: `docker stop` (SIGTERM: keepalived gives the VIPs up)
+#   CTPY_NOTIFY_CLIENT=socket|cli  how the notify script reaches the daemon (scenario/notify.sh):
+#                        socket (the default) one light Python client for all the steps, cli
+#                        one `conntrackd-py -c` etc. per step
 #   SKIP_BUILD=1         use the image as it is (CTPY_IMAGE, default conntrackd-py:local)
 #   KEEP=1               leave the stack running at the end (for debugging)
 #   WARMUP=3 AFTER=6     seconds of streaming before and after the failover
@@ -195,8 +202,8 @@ import json, re, sys
 res = json.loads(sys.argv[1])
 log = open(sys.argv[2], errors="replace").read().splitlines()
 start = [i for i, l in enumerate(log) if re.search(r"notify: state primary at [0-9.]+", l)]
-if not start or not res.get("stall_wall"):
-    sys.exit(1)
+if not start or res.get("result") != "pass" or not res.get("stall_wall"):
+    sys.exit(1)  # a dead stream has no end to its stall
 t_notify = float(re.search(r"state primary at ([0-9.]+)", log[start[-1]]).group(1))
 commit = next((l for l in log[start[-1]:] if re.search(r"notify: (commit ->|conntrackd-py -c ->)", l)), "")
 m = re.search(r"\+(\d+) ms$", commit)

@@ -24,9 +24,10 @@
 exec >>/proc/1/fd/1 2>&1
 T0=$(date +%s.%N)
 STATE=${1:-}
+# shellcheck disable=SC1091  # written by fw-setup.sh
 [ ! -r /etc/conntrackd-py/notify.env ] || . /etc/conntrackd-py/notify.env
 CONF=${CONNTRACKD_PY_CONFIG:-/etc/conntrackd-py/conntrackd-py.yaml}
-SOCK=${CTPY_NOTIFY_SOCKET:-/run/conntrackd-py.sock}
+SOCK=${CTPY_NOTIFY_SOCKET:-/run/conntrackd-py.sock}   # = general.control_socket (fw*.yaml)
 CLIENT=${CTPY_NOTIFY_CLIENT:-socket}
 log() { printf '%s notify: %s\n' "$(date +%T.%3N)" "$*"; }
 since() { awk -v a="$T0" -v b="$(date +%s.%N)" 'BEGIN { printf "%d", (b - a) * 1000 }'; }

@@ -9,10 +9,12 @@ The client sends numbered 100-byte lines at `rate`/s for `run` seconds and check
 server echoes every one back, complete and in order. After `warmup` seconds it prints
 `ready {...}` (the moment to fail a firewall over). When the sending is done it waits up to
 `drain` seconds for the echoes still owed, then prints one JSON line:
-    {"result": "pass"|"fail", "sent", "received", "max_stall", "stall_at", "errors": [...]}
+    {"result": "pass"|"fail", "sent", "received", "max_stall", "stall_at", "stall_wall",
+     "errors": [...]}
 `max_stall` is the longest silence between two echoes (s), `stall_at` when it began (s since
-connect), `stall_wall` its [start, end] as Unix times (to line it up with other logs). Exit status: 0 pass, 1 fail (reset, closed, corrupt, lost or stalled past
-`max-stall`), 2 could not connect.
+connect), `stall_wall` its [start, end] in Unix time (to line it up with other logs).
+Exit status: 0 pass, 1 fail (reset, closed, corrupt, lost or stalled past `max-stall`),
+2 could not connect.
 Standard library only: it runs in any container with python3.
 """
 
