@@ -424,17 +424,18 @@ class Daemon:
             return "resync requested"
 
         async def purge(a: dict[str, Any]) -> Any:
-            # -t: like conntrackd, drop the external cache after the purge timeout
-            assert self.nursery is not None
-            delay = float(a.get("after", self.cfg.sync.purge_timeout))
-
-            async def later() -> None:
-                await trio.sleep(delay)
-                n = self.external.purge()
-                log.info("purged %d external entries (purge timeout %.0f s)", n, delay)
-
-            self.nursery.start_soon(later)
-            return f"external cache purge in {delay:.0f} s"
+            # -t (keepalived: on BACKUP): the flows this node carried as master are zombies
+            # now; shorten their kernel timeouts to the purge timeout so they expire, as
+            # conntrackd does. The external cache (the new master's flows) is left alone.
+            timeout = int(a.get("timeout", self.cfg.sync.purge_timeout))
+            table = Table(self.netns, batch=self.cfg.netlink.commit_batch)
+            try:
+                accept = self.tracker.accept if self.tracker is not None else None
+                n = await table.shorten_timeouts(timeout, accept)
+            finally:
+                table.close()
+            log.info("purge: %d kernel entries now expire within %d s", n, timeout)
+            return {"shortened": n, "timeout": timeout}
 
         async def stop(a: dict[str, Any]) -> Any:
             assert self.nursery is not None

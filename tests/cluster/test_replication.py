@@ -179,6 +179,14 @@ def test_conntrackd_flags_work_as_keepalived_scripts_use_them(lab: Lab, tmp_path
     assert b.cli("-f", "external").returncode == 0
     assert b.stats("cache")["cache"]["external"] == 0
     assert a.cli("-i").stdout.count("dport=5000") == 300
+    # -t: fw1's own (now zombie) kernel entries expire within the purge timeout
+    assert a.cli("-t").returncode == 0
+    res = a.call("purge", timeout=5)
+    assert res["shortened"] >= 300
+    fw1 = topo.fws[0]  # type: ignore[attr-defined]
+    timeouts = [int(ln.split()[4]) for ln in fw1.conntrack_list() if "dport=5000" in ln]
+    assert len(timeouts) == 300
+    assert max(timeouts) <= 5
     bad = b.cli("-n", "notanode")
     assert bad.returncode == 1
     assert b.cli("-k").returncode == 0
