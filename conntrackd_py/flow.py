@@ -231,7 +231,8 @@ class Flow(NamedTuple):
 # --- the packed forms ----------------------------------------------------------------------
 #
 # key   = msgpack [zone, src, dst, proto, sport, dport, icmp_id, icmp_type, icmp_code, opaque]
-# value = msgpack [reply tuple (9 fields, nil when it is orig.invert()), status, timeout,
+# value = msgpack [reply (nil = orig.invert(); [dst, dport] = SNAT; [src, sport, dst, dport];
+#                  or the 9 fields), status, timeout,
 #                  mark, state, tcp flags o/r,
 #                  wscale o/r, labels, helper, master tuple or nil, secmark]
 #
@@ -246,9 +247,37 @@ def pack_key(zone: int, orig: Tuple) -> bytes:
     return key
 
 
+def _pack_reply(orig: Tuple, reply: Tuple) -> Any:
+    """The reply tuple as the difference NAT made to orig's inverse: nil (no NAT), [dst, dport]
+    (source NAT), [src, sport, dst, dport] (both), or the full 9 fields (anything else)."""
+    inv = orig.invert()
+    if reply == inv:
+        return None
+    if reply._replace(src=inv.src, sport=inv.sport, dst=inv.dst, dport=inv.dport) == inv:
+        if reply.src == inv.src and reply.sport == inv.sport:
+            return [reply.dst, reply.dport]
+        return [reply.src, reply.sport, reply.dst, reply.dport]
+    return list(reply)
+
+
+def _unpack_reply(orig: Tuple, r: Any) -> Tuple:
+    if r is None:
+        return orig.invert()
+    if type(r) is list and len(r) in (2, 4):
+        inv = orig.invert()
+        src, sport = (inv.src, inv.sport) if len(r) == 2 else (r[0], r[1])
+        dst, dport = r[-2], r[-1]
+        if not (type(src) is bytes and type(dst) is bytes and len(src) == len(dst) == len(inv.src)
+                and type(sport) is int and type(dport) is int and 0 <= sport < 65536
+                and 0 <= dport < 65536):
+            raise PackError("NAT'd reply addresses/ports do not fit the original tuple")
+        return inv._replace(src=src, sport=sport, dst=dst, dport=dport)
+    return _tuple_from(r)
+
+
 def _pack_value_list(flow: Flow) -> list[Any]:
     return [
-        None if flow.reply == flow.orig.invert() else list(flow.reply), flow.status,
+        _pack_reply(flow.orig, flow.reply), flow.status,
         flow.timeout, flow.mark, flow.state,
         flow.tcp_flags_orig, flow.tcp_flags_reply, flow.tcp_wscale_orig, flow.tcp_wscale_reply,
         flow.labels, flow.helper, list(flow.master) if flow.master else None, flow.secmark,
@@ -309,7 +338,7 @@ def flow_from_parts(zone: int, orig: Tuple, v: Any) -> Flow:
     if type(labels) is not bytes or type(helper) is not str:
         raise PackError("labels must be bytes and helper a string")
     return Flow(
-        orig, orig.invert() if reply is None else _tuple_from(reply), status, timeout, mark,
+        orig, _unpack_reply(orig, reply), status, timeout, mark,
         zone, state, tfo, tfr, wso, wsr, labels, helper,
         None if master is None else _tuple_from(master), secmark,
     )
