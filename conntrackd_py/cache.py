@@ -389,6 +389,9 @@ class ExternalCache:
                 flows.append(flow_from_parts(zone, orig, v))
             except PackError:
                 self.undecodable += 1
+        # Assured TCP connections first: they are what a takeover must keep alive, and they
+        # emit no events between state changes, so recency alone would put them last.
+        flows.sort(key=lambda f: not (f.orig.proto == 6 and f.status & 0x4))  # IPS_ASSURED
         return masters_first(flows)
 
 

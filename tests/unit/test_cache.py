@@ -534,3 +534,13 @@ def test_external_cache_matches_a_simple_model(ops: list[tuple[Any, ...]]) -> No
         assert {(o, k): (v, s) for o, k, v, s in c.items()} == model
         assert len(c) == len(model)
         assert c.origins() == sorted({o for o, _ in model})
+
+
+def test_commit_plan_puts_assured_tcp_connections_before_everything_else() -> None:
+    from conntrackd_py.flow import Flow, Tuple
+    c = ExternalCache()
+    t = Tuple(b"\n\0\0\1", b"\n\0\0\2", 6, 4000, 443)
+    c.upsert(A, *pack_flow(Flow(t, t.invert(), status=0xE, timeout=400000, state=3)), now=1.0)
+    for port in range(1, 4):
+        c.upsert(A, *pack_flow(udp(port, timeout=300)), now=5.0 + port)
+    assert [f.orig.sport for f in c.commit_plan(now=10.0)] == [4000, 3, 2, 1]
