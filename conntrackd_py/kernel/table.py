@@ -117,16 +117,16 @@ class Table:
             deleted += sum(1 for e in await self._req.transact(msgs, seq) if e == 0)
         return deleted
 
-    async def shorten_timeouts(self, timeout: int,
+    async def shorten_timeouts(self, seconds: int,
                                match: Callable[[Flow], bool] | None = None) -> int:
-        """Make every (matching) entry expire within `timeout` seconds; returns how many."""
+        """Make every (matching) entry expire within `seconds`; returns how many."""
         doomed = [f for f in await self.dump()
-                  if f.timeout > timeout and (match is None or match(f))]
+                  if f.timeout > seconds and (match is None or match(f))]
         changed = 0
         for i in range(0, len(doomed), self.batch):
             chunk = doomed[i:i + self.batch]
             seq = self._req.next_seq(len(chunk))
-            msgs = [codec.encode_create(f, seq + j, timeout=timeout, update=True,
+            msgs = [codec.encode_create(f, seq + j, timeout=seconds, update=True,
                                         be_liberal=False) for j, f in enumerate(chunk)]
             changed += sum(1 for e in await self._req.transact(msgs, seq) if e == 0)
         return changed
