@@ -18,7 +18,6 @@ import logging
 import logging.handlers
 import os
 import sys
-import time
 from typing import Any
 
 from . import __version__
@@ -178,7 +177,6 @@ def _control(cfg: Any, args: argparse.Namespace) -> int:
                     print(f"conntrackd-py: {len(lines)} flow entries have been shown.",
                           file=sys.stderr)
                 return 0
-            t0 = time.perf_counter()
             res = client.call(args.action)
             if args.action == "commit" and not as_json:
                 print(f"commit: created {res['created']}, updated {res['updated']}, failed "
@@ -186,7 +184,6 @@ def _control(cfg: Any, args: argparse.Namespace) -> int:
                       + (f" {res['errors']}" if res["errors"] else ""))
                 return 0 if not res["failed"] else 1
             _print(res, as_json)
-            del t0
             return 0
     except ControlError as e:
         print(f"conntrackd-py: {e}", file=sys.stderr)
