@@ -26,7 +26,8 @@ from conntrackd_py.config import (
 from conntrackd_py.flow import TcpState
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
-EXAMPLES = sorted(CONFIG_DIR.rglob("*.yaml"))
+# every conntrackd-py config shipped (config/prometheus holds Prometheus rules, not ours)
+EXAMPLES = sorted(p for p in CONFIG_DIR.rglob("*.yaml") if p.parent.name != "prometheus")
 CHANNEL = "sync:\n  channels:\n    - multicast: {group: 225.0.0.50}\n"
 
 
