@@ -5,6 +5,7 @@ keys. Suites build their own lab namespaces (root needed) and clean them up.
 
     kernel       event ingest, dump, commit, cache bytes/flow   (issue: kernel bridge)
     replication  two daemons on a sync link vs the real conntrackd
+    accounting   what flow accounting costs event ingest (on vs off)
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ Suite = Callable[[argparse.Namespace], dict[str, float]]
 
 
 def _suites() -> dict[str, Suite]:
+    import suite_accounting
     import suite_kernel
-    suites: dict[str, Suite] = {"kernel": suite_kernel.run}
+    suites: dict[str, Suite] = {"kernel": suite_kernel.run, "accounting": suite_accounting.run}
     try:
         import suite_replication
         suites["replication"] = suite_replication.run

@@ -23,6 +23,24 @@ from conntrackd_py.lab import Lab, firewall_topology, udp_flows_popen
 from conntrackd_py.tracker import Tracker
 
 
+def time_events(tracker: Tracker) -> tuple[dict[EventType, float], dict[EventType, float]]:
+    """Wrap `tracker.apply` to note when the first and the last batch of each event type
+    arrived (perf_counter): the ingest window."""
+    first: dict[EventType, float] = {}
+    last: dict[EventType, float] = {}
+    apply = tracker.apply
+
+    def timed(batch: list) -> None:  # type: ignore[type-arg]
+        now = time.perf_counter()
+        for kind in {k for k, _ in batch}:
+            first.setdefault(kind, now)
+            last[kind] = now
+        apply(batch)
+
+    tracker.apply = timed  # type: ignore[method-assign]
+    return first, last
+
+
 async def _kernel(n: int) -> dict[str, float]:
     figs: dict[str, float] = {}
     with Lab("ctbench") as lab:
@@ -32,19 +50,8 @@ async def _kernel(n: int) -> dict[str, float]:
                   "ct state established accept; }\n}\n")
         fw = topo.fw
         fw.sysctl("net.netfilter.nf_conntrack_udp_timeout", 600)
-        first: dict[EventType, float] = {}
-        last: dict[EventType, float] = {}
         tracker = Tracker(netns_name=fw.name)
-        apply = tracker.apply
-
-        def timed(batch: list) -> None:  # type: ignore[type-arg]
-            now = time.perf_counter()
-            for kind in {k for k, _ in batch}:
-                first.setdefault(kind, now)
-                last[kind] = now
-            apply(batch)
-
-        tracker.apply = timed  # type: ignore[method-assign]
+        first, last = time_events(tracker)
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(tracker.run)

@@ -1,97 +1,56 @@
 """Flow accounting: one record per destroyed flow, running totals and top talkers.
 
 `Accounting.on_flow_event` is on the event path (the tracker calls it for every kernel event,
-before filtering), so it only updates integers and appends the flow to a bounded deque; records
-are formatted and written by the `writer` task, in a worker thread, so a slow or full disk
-never blocks event ingestion. When the deque is full, new records are dropped and counted.
+before filtering), so it only updates integers and appends the flow to a bounded deque. The
+`writer` task hands the records in batches to a child process (`acctwriter`) that formats and
+writes them, on another CPU and outside this process's GIL: a burst of DESTROY events or a
+slow or full disk never slows event ingestion. When the deque is full (the child or its disk
+cannot keep up), new records are dropped and counted.
 
-The output file survives log rotation: `reopen()` (called on SIGHUP) and a once-a-second
-check of the path's inode (the file was moved or deleted) both make the writer reopen it.
+The output file survives log rotation: `reopen()` (called on SIGHUP) and the child's
+once-a-second check of the path's inode (the file was moved or deleted) both reopen it.
 Top talkers (bytes by source address) use a bounded Misra-Gries sketch, not a dict that grows
 with every address.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import heapq
-import ipaddress
-import json
 import logging
-import os
+import subprocess
+import sys
 import time
-from collections import deque
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import Any
 
+import msgpack
 import trio
 
+from .acctwriter import json_line, proto_name, record, text_line
 from .config import Accounting as AccountingConfig
-from .flow import Flow, Proto, TcpState
+from .flow import Flow, addr_text
 from .kernel import codec
 from .kernel.nl import set_sysctl
+
+__all__ = ["Accounting", "HeavyHitters", "enable_kernel_accounting", "json_line", "record",
+           "text_line"]
 
 log = logging.getLogger(__name__)
 
 DESTROY = codec.EventType.DESTROY
-#: seconds between checks that the output file is still where the path says
-STAT_INTERVAL = 1.0
-#: how often the writer drains the buffer when idle
+#: how often the writer hands buffered records over when the buffer is not filling up
 DRAIN_INTERVAL = 0.2
-
-_PROTO_NAMES = {p.value: p.name.lower() for p in Proto}
-
-
-def proto_name(p: int) -> str:
-    return _PROTO_NAMES.get(p, str(p))
-
-
-def _addr_port(addr: bytes, port: int) -> str:
-    ip = ipaddress.ip_address(addr)
-    if not port:
-        return str(ip)
-    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
-
-
-def record(flow: Flow, end_fallback: float) -> dict[str, Any]:
-    """The accounting record of a destroyed flow (JSON-ready).
-
-    Times are Unix seconds. The kernel gives start/stop only with nf_conntrack_timestamp on;
-    without it `end` is when the event was seen and `start`/`duration` are None.
-    """
-    c = flow.counters
-    start = flow.start_ns / 1e9 if flow.start_ns else None
-    end = flow.stop_ns / 1e9 if flow.stop_ns else end_fallback
-    state: str | None = None
-    if flow.state is not None:
-        if flow.orig.proto == Proto.TCP and flow.state in TcpState._value2member_map_:
-            state = TcpState(flow.state).name
-        else:
-            state = str(flow.state)
-    snat, dnat = flow.snat_to, flow.dnat_to
-    return {
-        "orig": flow.orig.format(),
-        "reply": flow.reply.format(),
-        "proto": proto_name(flow.orig.proto),
-        "state": state,
-        "snat": _addr_port(*snat) if snat else None,
-        "dnat": _addr_port(*dnat) if dnat else None,
-        "mark": flow.mark,
-        "zone": flow.zone,
-        "orig_packets": c.orig_packets if c else 0,
-        "orig_bytes": c.orig_bytes if c else 0,
-        "reply_packets": c.reply_packets if c else 0,
-        "reply_bytes": c.reply_bytes if c else 0,
-        "start": start,
-        "end": end,
-        "duration": None if start is None else round(max(0.0, end - start), 6),
-    }
-
-
-def text_line(flow: Flow, end_fallback: float) -> str:
-    """conntrackd's stats-log style: `[date]\\t<conntrack -L line> delta-time=N`."""
-    end = flow.stop_ns / 1e9 if flow.stop_ns else end_fallback
-    delta = f" delta-time={round(end - flow.start_ns / 1e9)}" if flow.start_ns else ""
-    return f"[{time.ctime(end)}]\t{flow.format()}{delta}"
+#: asks the writer process to reopen its file (any msgpack integer; records are arrays)
+REOPEN = msgpack.packb(1)
+#: seconds to wait before starting a writer process again after it died
+RESTART_DELAY = 1.0
+#: the pipe to the writer process; Linux allows up to /proc/sys/fs/pipe-max-size (1 MiB)
+PIPE_SIZE = 1 << 20
+F_SETPIPE_SZ = 1031
+#: on shutdown, how long the last records may take to reach the disk
+SHUTDOWN_GRACE = 2.0
 
 
 class HeavyHitters:
@@ -131,21 +90,30 @@ class Accounting:
         self.cfg = cfg
         self.clock = clock
         self.capacity = cfg.buffer
-        self.pending: deque[tuple[Flow, float]] = deque()
+        #: records packed for the writer process, not yet handed over (`_packer` holds them:
+        #: compact bytes rather than live Flow objects the garbage collector would scan)
+        self.buffered = 0
+        self._packer = msgpack.Packer(autoreset=False)
+        #: the writer is woken early when this many records are buffered
+        self.wake_at = max(1, self.capacity // 4)
         self.flows = 0
         self.records_dropped = 0
         self.records_written = 0
+        #: handed to the writer process, not yet reported written or lost
+        self.in_flight = 0
         self.write_errors = 0
         self.reopens = 0
+        self.writer_restarts = 0
         #: proto number -> [flows, orig_packets, orig_bytes, reply_packets, reply_bytes]
         self.totals: dict[int, list[int]] = {}
         self.talkers = HeavyHitters(max(1, cfg.top_talkers) * 10)
         self.path = cfg.file
-        self._file: TextIO | None = None
-        self._ino: tuple[int, int] | None = None
+        self.outputs = self.path is not None or cfg.syslog
         self._reopen = False
-        self._last_stat = 0.0
-        self._syslog = False
+        self._wake = trio.Event()
+        self._progress = trio.Event()
+        self._unpacker = msgpack.Unpacker(use_list=False, raw=False)
+        self.writer_pid: int | None = None
 
     # --- the event path ---------------------------------------------------------------------
     def on_flow_event(self, kind: codec.EventType, flow: Flow) -> None:
@@ -164,12 +132,16 @@ class Accounting:
         t[3] += c.reply_packets
         t[4] += c.reply_bytes
         self.talkers.add(flow.orig.src, c.orig_bytes + c.reply_bytes)
-        if self.path is None and not self.cfg.syslog:
+        if not self.outputs:
             return
-        if len(self.pending) >= self.capacity:
+        n = self.buffered
+        if n >= self.capacity:
             self.records_dropped += 1
             return
-        self.pending.append((flow, self.clock()))
+        self._packer.pack((flow, self.clock()))
+        self.buffered = n + 1
+        if n + 1 == self.wake_at:
+            self._wake.set()
 
     # --- queries ------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
@@ -178,8 +150,7 @@ class Accounting:
                             "reply": {"packets": t[3], "bytes": t[4]}}
             for p, t in sorted(self.totals.items())
         }
-        top = [{"source": str(ipaddress.ip_address(k)), "bytes": v,
-                "max_undercount": self.talkers.error}
+        top = [{"source": addr_text(k), "bytes": v, "max_undercount": self.talkers.error}
                for k, v in self.talkers.top(self.cfg.top_talkers)]
         return {
             "flows": self.flows,
@@ -189,9 +160,10 @@ class Accounting:
             "top_talkers": top,
             "records_written": self.records_written,
             "records_dropped": self.records_dropped,
-            "records_pending": len(self.pending),
+            "records_pending": self.buffered + self.in_flight,
             "buffer": self.capacity,
             "write_errors": self.write_errors,
+            "writer_restarts": self.writer_restarts,
             "file": self.path,
             "format": self.cfg.format,
         }
@@ -200,98 +172,131 @@ class Accounting:
     def reopen(self) -> None:
         """Ask the writer to reopen the file (SIGHUP after a rotation)."""
         self._reopen = True
+        self._wake.set()
 
-    def _format(self, batch: list[tuple[Flow, float]]) -> list[str]:
-        if self.cfg.format == "text":
-            return [text_line(f, t) for f, t in batch]
-        return [json.dumps(record(f, t), separators=(",", ":")) for f, t in batch]
+    async def settled(self) -> None:
+        """Wait until every record buffered so far was written or counted lost."""
+        while self.buffered or self.in_flight:
+            self._wake.set()
+            await self._progress.wait()
 
-    def _open(self) -> None:
-        assert self.path is not None
-        if self._file is not None:
-            try:
-                self._file.close()
-            except OSError as e:
-                log.warning("closing accounting file %s: %s", self.path, e)
-            self.reopens += 1
-        self._file = None
-        f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (kept open across calls)
-        st = os.fstat(f.fileno())
-        self._file, self._ino = f, (st.st_dev, st.st_ino)
+    def _settle(self) -> None:
+        self._progress.set()
+        self._progress = trio.Event()
 
-    def _moved(self) -> bool:
-        assert self.path is not None
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return True
-        return (st.st_dev, st.st_ino) != self._ino
+    def _on_reports(self, data: bytes | bytearray) -> None:
+        self._unpacker.feed(data)
+        for msg in self._unpacker:
+            if msg[0] == 0:
+                self.in_flight -= msg[1]
+                self.records_written += msg[1]
+            elif msg[0] == 1:
+                self.in_flight -= msg[1]
+                self.records_dropped += msg[1]
+                self.write_errors += 1
+                log.warning("%s", msg[2])
+            elif msg[0] == 2:
+                if msg[1].startswith("reopened"):
+                    self.reopens += 1
+                log.info("%s", msg[1])
+        self._settle()
 
-    def _write_blocking(self, lines: list[str], check: bool) -> None:
-        """Runs in a worker thread: open/reopen as needed, write, flush."""
-        if self.path is not None:
-            if self._file is None or self._reopen or (check and self._moved()):
+    async def _reports(self, stream: trio.abc.ReceiveStream) -> None:
+        async for data in stream:
+            self._on_reports(data)
+        raise trio.BrokenResourceError("the accounting writer process exited")
+
+    def _take(self) -> bytes:
+        """The buffered records, now in flight."""
+        data: bytes = self._packer.bytes()
+        self._packer.reset()
+        self.in_flight += self.buffered
+        self.buffered = 0
+        return data
+
+    async def _feed(self, stdin: trio.abc.SendStream) -> None:
+        while True:
+            if self._reopen:
                 self._reopen = False
-                self._open()
-            if lines:
-                assert self._file is not None
-                self._file.write("\n".join(lines) + "\n")
-                self._file.flush()
-        if self.cfg.syslog and lines:
-            import syslog
-            if not self._syslog:
-                syslog.openlog("conntrackd-py", 0, syslog.LOG_DAEMON)
-                self._syslog = True
-            for line in lines:
-                syslog.syslog(syslog.LOG_INFO, line)
+                await stdin.send_all(REOPEN)
+            if not self.buffered:
+                if not self.in_flight:
+                    self._settle()
+                with trio.move_on_after(DRAIN_INTERVAL):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+                continue
+            await stdin.send_all(self._take())
 
-    async def drain_once(self, abandon_on_cancel: bool = False) -> int:
-        """Write everything buffered now; returns the number of records written."""
-        batch: list[tuple[Flow, float]] = []
-        q = self.pending
-        while q:
-            batch.append(q.popleft())
-        now = time.monotonic()
-        check = now - self._last_stat >= STAT_INTERVAL
-        if check:
-            self._last_stat = now
-        if not batch and not check and not self._reopen:
-            return 0
-        lines = self._format(batch)
+    async def _shutdown(self, proc: trio.Process) -> None:
+        """Last records out within SHUTDOWN_GRACE: a stalled disk must not hold up the stop."""
+        assert proc.stdin is not None
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + SHUTDOWN_GRACE
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                if self.buffered:
+                    await proc.stdin.send_all(self._take())
+                await proc.stdin.aclose()
+            assert proc.stdout is not None
+            async for data in proc.stdout:  # the child's last reports, up to its exit
+                self._on_reports(data)
+            await proc.wait()
+        lost = self.buffered
+        if lost or self.in_flight:
+            log.warning("accounting: %d records not written at shutdown",
+                        lost + self.in_flight)
+        self.records_dropped += lost
+        self.buffered = 0
+        self._packer.reset()
+
+    async def _run_child(self, task_status: trio.TaskStatus[None]) -> None:
+        """One writer process, fed until cancelled; raises if the process fails."""
+        cmd = [sys.executable, "-m", "conntrackd_py.acctwriter", self.path or "",
+               self.cfg.format, "1" if self.cfg.syslog else "0"]
+        proc = await trio.lowlevel.open_process(cmd, stdin=subprocess.PIPE,
+                                                stdout=subprocess.PIPE)
+        self._unpacker = msgpack.Unpacker(use_list=False, raw=False)
+        assert isinstance(proc.stdin, trio.lowlevel.FdStream)
+        assert proc.stdout is not None
+        self.writer_pid = proc.pid
+        with contextlib.suppress(OSError):  # a bigger pipe absorbs bursts (~6000 records)
+            fcntl.fcntl(proc.stdin.fileno(), F_SETPIPE_SZ, PIPE_SIZE)
         try:
-            await trio.to_thread.run_sync(self._write_blocking, lines, check,
-                                          abandon_on_cancel=abandon_on_cancel)
-        except OSError as e:
-            self.write_errors += 1
-            self.records_dropped += len(batch)
-            log.warning("cannot write %d accounting records to %s: %s", len(batch), self.path,
-                        e)
-            self._file = None  # try a fresh open next time
-            return 0
-        self.records_written += len(batch)
-        return len(batch)
-
-    def close(self) -> None:
-        """Close the file (the writer does this itself when it stops)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reports, proc.stdout)
+                task_status.started()
+                try:
+                    await self._feed(proc.stdin)
+                except trio.Cancelled:
+                    await self._shutdown(proc)
+                    raise
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                with trio.CancelScope(shield=True):
+                    await proc.wait()
+            if self.in_flight:
+                log.error("accounting writer process exited with %s: %d records lost",
+                          proc.returncode, self.in_flight)
+            self.records_dropped += self.in_flight
+            self.in_flight = 0
+            self._settle()
 
     async def writer(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                      ) -> None:
-        """Drain the buffer to the file (and syslog) forever."""
-        task_status.started()
-        try:
-            while True:
-                await self.drain_once()
-                await trio.sleep(DRAIN_INTERVAL)
-        finally:
-            # last records out, but a stalled disk must not hold up the shutdown
-            with trio.CancelScope(shield=True) as scope:
-                scope.deadline = trio.current_time() + 2.0
-                await self.drain_once(abandon_on_cancel=True)
-            if not scope.cancelled_caught:
-                self.close()
+        """Run the writer process and feed it until cancelled; start it again if it dies."""
+        if not self.outputs:
+            task_status.started()
+            return
+        while True:
+            try:
+                await self._run_child(task_status)
+            except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as eg:
+                log.error("accounting writer process failed (%s); starting it again in %gs",
+                          eg.exceptions[0], RESTART_DELAY)
+            task_status = trio.TASK_STATUS_IGNORED
+            self.writer_restarts += 1
+            await trio.sleep(RESTART_DELAY)
 
 
 def enable_kernel_accounting(netns_name: str | None) -> None:

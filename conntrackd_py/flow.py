@@ -11,8 +11,8 @@ objects are made only for display. Unknown layer-4 protocols keep their raw tupl
 
 from __future__ import annotations
 
-import ipaddress
 from enum import IntEnum, IntFlag
+from socket import inet_ntop
 from typing import Any, NamedTuple
 
 import msgpack
@@ -58,6 +58,11 @@ class Status(IntFlag):
     HW_OFFLOAD = 1 << 15
 
 
+# plain ints for hot paths (IntFlag arithmetic is slow)
+_SEEN_REPLY = int(Status.SEEN_REPLY)
+_ASSURED = int(Status.ASSURED)
+
+
 class TcpState(IntEnum):
     NONE = 0
     SYN_SENT = 1
@@ -73,6 +78,11 @@ class TcpState(IntEnum):
 
 #: IP_CT_TCP_FLAG_BE_LIBERAL: don't check TCP windows for this direction
 TCP_FLAG_BE_LIBERAL = 0x08
+
+
+def addr_text(addr: bytes) -> str:
+    """An address as `conntrack -L` prints it (inet_ntop: a C call, unlike ipaddress)."""
+    return inet_ntop(AF_INET if len(addr) == 4 else AF_INET6, addr)
 
 
 class Tuple(NamedTuple):
@@ -109,7 +119,7 @@ class Tuple(NamedTuple):
 
     def format(self) -> str:
         """`conntrack -L`-style text: `src=.. dst=.. sport=.. dport=..`."""
-        s = f"src={ipaddress.ip_address(self.src)} dst={ipaddress.ip_address(self.dst)}"
+        s = f"src={addr_text(self.src)} dst={addr_text(self.dst)}"
         if self.proto in PORT_PROTOS:
             if self.proto == Proto.GRE:
                 return f"{s} srckey=0x{self.sport:x} dstkey=0x{self.dport:x}"
@@ -210,14 +220,14 @@ class Flow(NamedTuple):
         parts.append(self.orig.format())
         if self.counters:
             parts.append(f"packets={self.counters.orig_packets} bytes={self.counters.orig_bytes}")
-        if not self.status & Status.SEEN_REPLY:
+        if not self.status & _SEEN_REPLY:
             parts.append("[UNREPLIED]")
         parts.append(self.reply.format())
         if self.counters:
             parts.append(
                 f"packets={self.counters.reply_packets} bytes={self.counters.reply_bytes}"
             )
-        if self.status & Status.ASSURED:
+        if self.status & _ASSURED:
             parts.append("[ASSURED]")
         parts.append(f"mark={self.mark}")
         if self.zone:

@@ -788,6 +788,7 @@ class TcpStream:
 _DAEMON_YAML = """
 node: {{id: {node}, name: {name}}}
 general:
+  mode: {general_mode}
   lock_file: {dir}/conntrackd-py.lock
   control_socket: {dir}/ctl.sock
 logging: {{level: {log_level}, target: file, file: {dir}/daemon.log}}
@@ -812,7 +813,7 @@ class DaemonProc:
                  iface: str = "sync0", group: str = SYNC_GROUP, port: int = 3780,
                  mode: str = "ftfw", key: bytes | None = None, external_cache: bool = True,
                  peer_timeout: float = 5.0, log_level: str = "info", rcvbuf: int = 64 << 20,
-                 extra: str = "") -> None:
+                 extra: str = "", general_mode: str = "sync") -> None:
         os.makedirs(workdir, exist_ok=True)
         self.ns, self.workdir, self.node = ns, workdir, node
         key_files = ""
@@ -828,7 +829,8 @@ class DaemonProc:
                 node=node, name=f"{ns.name}", dir=workdir, mode=mode, group=group, port=port,
                 iface=iface, sync_ip=sync_ip, key_files=key_files, log_level=log_level,
                 external_cache="true" if external_cache else "false",
-                peer_timeout=peer_timeout, rcvbuf=rcvbuf, extra=extra))
+                peer_timeout=peer_timeout, rcvbuf=rcvbuf, extra=extra,
+                general_mode=general_mode))
         self.socket = os.path.join(workdir, "ctl.sock")
         self.log = os.path.join(workdir, "daemon.log")
         self.proc: subprocess.Popen[Any] | None = None

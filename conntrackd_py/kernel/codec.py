@@ -253,9 +253,18 @@ def _decode_tuple_slow(buf: bytes | bytearray | memoryview, off: int,
     return Tuple(src, dst, proto, sport, dport, iid, itype, icode, opaque), zone
 
 
-_COUNTERS_HDRS = struct.Struct("=HH8xHH8x")
-_COUNTERS_DATA = struct.Struct("!4xQ4xQ")
+# two u64 attributes of types 1 and 2 back to back: COUNTERS (packets, bytes) and TIMESTAMP
+# (start, stop) both look like this; checked by their headers, then read in one unpack
+_PAIR64_HDRS = struct.Struct("=HH8xHH8x")
+_PAIR64_DATA = struct.Struct("!4xQ4xQ")
 _TS_HDRS = struct.Struct("=HH8x")
+# COUNTERS_ORIG, COUNTERS_REPLY and TIMESTAMP back to back, each a pair of u64 (a DESTROY event
+# with nf_conntrack_acct and nf_conntrack_timestamp on): headers and data in two unpacks
+_ACCT_HDRS = struct.Struct("=" + "HHHH8xHH8x" * 3)
+_ACCT_DATA = struct.Struct("!" + "8xQ4xQ" * 3)
+_ACCT_LAYOUTS = frozenset(
+    (28, 9 | nested, 12, 1, 12, 2, 28, 10 | nested, 12, 1, 12, 2, 28, 20 | nested, 12, 1, 12, 2)
+    for nested in (0, 0x8000))
 _struct_error = struct.error
 
 
@@ -314,8 +323,14 @@ def _decode_flow(buf: bytes | bytearray | memoryview, start: int, end: int) -> F
         elif t == 4:  # PROTOINFO
             state, tfo, tfr, wso, wsr = _decode_protoinfo(buf, s, e)
         elif t == 9 or t == 10:  # COUNTERS
-            if e - s == 24 and _COUNTERS_HDRS.unpack_from(buf, s) == (12, 1, 12, 2):
-                pair = _COUNTERS_DATA.unpack_from(buf, s)
+            if t == 9 and s + 80 <= end and _ACCT_HDRS.unpack_from(buf, s - 4) in _ACCT_LAYOUTS:
+                # a DESTROY with accounting: both counters and the timestamps in one go
+                ob, obytes, rp, rbytes, t_start, t_stop = _ACCT_DATA.unpack_from(buf, s - 4)
+                c_o, c_r = (ob, obytes), (rp, rbytes)
+                off = s + 80
+                continue
+            if e - s == 24 and _PAIR64_HDRS.unpack_from(buf, s) == (12, 1, 12, 2):
+                pair = _PAIR64_DATA.unpack_from(buf, s)
             else:
                 pair = _decode_counters(buf, s, e)
             if t == 9:
@@ -323,6 +338,9 @@ def _decode_flow(buf: bytes | bytearray | memoryview, start: int, end: int) -> F
             else:
                 c_r = pair
         elif t == 20:  # TIMESTAMP
+            if e - s == 24 and _PAIR64_HDRS.unpack_from(buf, s) == (12, 1, 12, 2):
+                t_start, t_stop = _PAIR64_DATA.unpack_from(buf, s)  # START, STOP: a DESTROY
+                continue
             for tt, ts, te in _attrs(buf, s, e):
                 if tt == _TS_START:
                     _need(ts, te, 8, "start")

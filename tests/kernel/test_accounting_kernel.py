@@ -114,3 +114,53 @@ async def test_destroy_record_counts_match_a_known_transfer(
     assert snap["totals"]["tcp"]["orig"]["bytes"] >= UP
     assert snap["top_talkers"][0]["source"] == t.client_ip
     assert snap["records_dropped"] == 0
+
+
+def test_stats_only_mode_accounts_without_replicating(fw_topo: FirewallTopology,
+                                                       tmp_path: Path) -> None:
+    """general.mode: stats, from the same config format: the daemon turns kernel accounting on,
+    writes a record per finished flow and answers `-s accounting`, with no sync socket open and
+    replication commands refused with an error (the daemon keeps running)."""
+    from conntrackd_py.lab import _PAYLOAD, DaemonProc, udp_flows
+    t = fw_topo
+    acct = tmp_path / "acct.jsonl"
+    extra = f"stats:\n  accounting: {{enabled: true, file: {acct}, format: json}}\n"
+    d = DaemonProc(t.fw, str(tmp_path / "d"), 1, "10.255.0.1", general_mode="stats",
+                   extra=extra)
+    try:
+        assert t.fw.sysctl_get("net.netfilter.nf_conntrack_acct") == "1"
+        assert "accounting" in d.read_log()
+        udp_flows(t.client, t.server_ip, 5, dport=7000)
+        deadline = time.monotonic() + 10
+        while len(d.call("dump", cache="internal")) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(d.call("dump", cache="internal")) == 5
+        t.fw.run("conntrack", "-D", "-p", "udp", "--orig-port-dst", "7000")
+        deadline = time.monotonic() + 10
+        while (not acct.exists() or len(acct.read_text().splitlines()) < 5) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        records = [json.loads(line) for line in acct.read_text().splitlines()]
+        assert len(records) == 5
+        assert all(r["proto"] == "udp" and r["orig_packets"] == 1 for r in records)
+        # one packet each: IPv4 header + UDP header + the generator's payload
+        assert all(r["orig_bytes"] == 28 + len(_PAYLOAD) for r in records)
+
+        out = d.cli("-s", "accounting", "-o", "json")
+        assert out.returncode == 0, out.stderr
+        snap = json.loads(out.stdout)["accounting"]
+        assert snap["totals"]["udp"]["orig"]["packets"] == 5
+        assert snap["top_talkers"][0]["source"] == t.client_ip
+        text = d.cli("-s", "accounting")
+        assert text.returncode == 0
+        assert t.client_ip in text.stdout
+
+        ss = t.fw.run("ss", "-uaH").stdout
+        assert ":3780" not in ss, ss
+        refused = d.cli("-n")
+        assert refused.returncode != 0
+        assert "replication is off" in refused.stderr
+        assert d.proc is not None
+        assert d.proc.poll() is None
+    finally:
+        d.stop()
