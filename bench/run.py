@@ -6,6 +6,8 @@ keys. Suites build their own lab namespaces (root needed) and clean them up.
     kernel       event ingest, dump, commit, cache bytes/flow   (issue: kernel bridge)
     replication  two daemons on a sync link vs the real conntrackd
     accounting   what flow accounting costs event ingest (on vs off)
+    compare      conntrackd-py vs conntrackd side by side: throughput, commit, resync,
+                 latency, CPU, RSS, wire, loss, TCP life cycles; ratio_* figures
 """
 
 from __future__ import annotations
@@ -30,11 +32,10 @@ def _suites() -> dict[str, Suite]:
     import suite_accounting
     import suite_kernel
     suites: dict[str, Suite] = {"kernel": suite_kernel.run, "accounting": suite_accounting.run}
-    try:
-        import suite_replication
-        suites["replication"] = suite_replication.run
-    except ImportError:
-        pass
+    import suite_compare
+    import suite_replication
+    suites["replication"] = suite_replication.run
+    suites["compare"] = suite_compare.run
     return suites
 
 

@@ -319,7 +319,22 @@ class Profiler:
             self.proc.wait()
 
 
-def throughput(kind: str, n: int, profile_dir: str | None = None) -> dict[str, float]:
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process (VmRSS)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+After = Callable[[Any, "Node", "Node", int], dict[str, float]]
+
+
+def throughput(kind: str, n: int, profile_dir: str | None = None,
+               after: After | None = None) -> dict[str, float]:
+    """N flows replicated A -> B; `after(topo, a, b, flows_in_b)` then measures more in the same
+    lab while B holds them (its figures are merged into the result)."""
     with Lab("ctrb") as lab, tempfile.TemporaryDirectory(prefix="ctrb") as tmp:
         topo = cluster_topology(lab, n_fw=2)
         for fw in topo.fws:  # nothing may expire during a run
@@ -342,6 +357,7 @@ def throughput(kind: str, n: int, profile_dir: str | None = None) -> dict[str, f
             bytes0, dgrams0 = tap.snapshot(a_ip)
             sent0_a, sent0_b = a.bytes_sent(), b.bytes_sent()
             cpu0_a, cpu0_b = cpu_seconds(a.pid), cpu_seconds(b.pid)
+            rss0_a, rss0_b = rss_bytes(a.pid), rss_bytes(b.pid)
             machine0 = cpu_busy()
             profs = ([Profiler(a.pid, os.path.join(profile_dir, f"{kind}-A-{n}.txt")),
                       Profiler(b.pid, os.path.join(profile_dir, f"{kind}-B-{n}.txt"))]
@@ -376,6 +392,8 @@ def throughput(kind: str, n: int, profile_dir: str | None = None) -> dict[str, f
             reader.join(5)
             a_internal = a.internal()
             created = topo.fws[0].conntrack_count() - kernel0
+            rss_a, rss_b = rss_bytes(a.pid) - rss0_a, rss_bytes(b.pid) - rss0_b
+            more = after(topo, a, b, got - base) if after is not None else {}
         finally:
             tap.close()
         # the generator's own clock says how long before its exit its first packet left
@@ -403,6 +421,9 @@ def throughput(kind: str, n: int, profile_dir: str | None = None) -> dict[str, f
             "wire_datagrams": float(dgrams1 - dgrams0),
             "counter_bytes_per_flow_a": sent_a / n,
             "counter_bytes_per_flow_b": sent_b / n,
+            "rss_bytes_per_flow_a": rss_a / n,
+            "rss_bytes_per_flow_b": rss_b / n,
+            **more,
         }
         say(f"{kind:<13} N={n:>7,}: {created:,} flows made"
             + (f" ({skipped} on port {PORT}: not replicated)" if skipped else "")

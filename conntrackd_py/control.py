@@ -61,11 +61,18 @@ class ControlServer:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        await sock.bind(self.path)
-        os.chmod(self.path, 0o600)
-        sock.listen(16)
-        listener = trio.SocketListener(sock)
+        # bind and listen with no checkpoint between: trio's async bind yields, and while the
+        # path existed but nothing listened, a client (a keepalived notify script at start)
+        # was refused whenever a busy task (a full resync arriving) held the loop
+        std = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            std.bind(self.path)
+            os.chmod(self.path, 0o600)
+            std.listen(128)
+        except BaseException:
+            std.close()
+            raise
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(std))
         try:
             async with trio.open_nursery() as nursery:
                 task_status.started()
