@@ -189,3 +189,29 @@ def test_truncated_or_corrupted_kernel_bytes_raise_only_codec_error(
         buf[i] = data.draw(st.integers(0, 255))
     with contextlib.suppress(codec.CodecError):
         codec.decode_events(bytes(buf), len(buf))
+
+
+# a DESTROY event captured from this kernel with nf_conntrack_acct and nf_conntrack_timestamp on:
+# COUNTERS_ORIG, COUNTERS_REPLY and TIMESTAMP back to back (read in one unpack), then
+# CTA_TIMESTAMP_EVENT (27, newer kernels; ignored)
+_ACCT_DESTROY = bytes.fromhex(
+    "f400000002010000000000009b160000020000003400018014000180080001000a010102080002000a010202"
+    "1c0002800500010011000000060002000404000006000300138800003400028014000180080001000a010202"
+    "080002000a0102011c00028005000100110000000600020013880000060003000404000008000c00c7a42c83"
+    "0800030000000398080007000000001d1c0009800c00010000000000000000010c0002000000000000000020"
+    "1c000a800c00010000000000000000000c00020000000000000000001c0014800c00010018ebdc08858cdd26"
+    "0c00020018ebdc0897f7fb910c001b0018ebdc0897f7fca0")
+
+
+def test_destroy_with_accounting_fast_path_matches_the_general_path(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from conntrackd_py.kernel import codec as c
+    ((kind, fast),) = c.decode_events(_ACCT_DESTROY, len(_ACCT_DESTROY))
+    assert kind == c.EventType.DESTROY
+    assert fast.counters == (1, 32, 0, 0)
+    assert fast.start_ns == 0x18EBDC08858CDD26
+    assert fast.stop_ns == 0x18EBDC0897F7FB91
+    assert (fast.orig.sport, fast.orig.dport) == (1028, 5000)
+    monkeypatch.setattr(c, "_ACCT_LAYOUTS", frozenset())
+    ((_, slow),) = c.decode_events(_ACCT_DESTROY, len(_ACCT_DESTROY))
+    assert slow == fast
