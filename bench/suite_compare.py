@@ -105,6 +105,7 @@ def commit_and_resync(kind: str, workdir: str, topo: Any, a: Node, b: Node,
     r: dict[str, float] = {}
     # commit: B's kernel table carries no traffic, so what appears there is the commit
     k0 = fw_b.conntrack_count()
+    cpu_b0 = rep.cpu_seconds(b.pid)
     t0 = time.monotonic()
     # ours: the control request from a thread here (a C client would cost what this does;
     # a Python CLI process would add its ~0.15 s start); conntrackd: its C client, `-c`
@@ -119,15 +120,21 @@ def commit_and_resync(kind: str, workdir: str, topo: Any, a: Node, b: Node,
     t1 = _poll(lambda: fw_b.conntrack_count() - k0 >= held, 120)
     if isinstance(waiter, threading.Thread):
         waiter.join(120)
+        assert isinstance(b, OursNode)
+        for line in b.d.read_log().splitlines():
+            if "commit of the external cache" in line or "reconciled" in line:
+                say(f"{kind:<13} B's log: {line}")
     else:
         waiter.wait(120)
     committed = fw_b.conntrack_count() - k0
     secs = (t1 or time.monotonic()) - t0
+    r["commit_cpu_s_b_daemon"] = rep.cpu_seconds(b.pid) - cpu_b0  # B's daemon, not a child
     r["commit_s"] = secs
     r["commit_flows_per_s"] = committed / secs if secs > 0 else 0.0
     r["commit_complete"] = 1.0 if t1 is not None else 0.0
     say(f"{kind:<13} commit: {committed:,} of {held:,} flows in B's kernel after {secs:.2f} s "
-        f"-> {r['commit_flows_per_s']:,.0f} flows/s")
+        f"-> {r['commit_flows_per_s']:,.0f} flows/s (B's daemon process meanwhile: "
+        f"{r['commit_cpu_s_b_daemon']:.2f} s CPU)")
 
     # resync into an empty peer: a fresh B with an empty kernel table
     if isinstance(b, OursNode):

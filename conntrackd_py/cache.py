@@ -21,10 +21,11 @@ import gc
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgpack
 
-from .flow import Flow, PackError, Tuple, flow_from_parts, unpack_flow, unpack_key
+from .flow import Flow, PackError, flow_from_parts, masters_first, tuple_from, unpack_flow
 
 #: a peer's node id, as the replication layer names it
 Origin = int
@@ -345,34 +346,52 @@ class ExternalCache:
 
     def commit_plan(self, now: float, *, commit_timeout: int | None = None,
                     stale_timeout: int | None = STALE_COMMIT_TIMEOUT) -> list[Flow]:
-        """The flows to create in the kernel when this node takes over, in a safe order.
+        """The flows to create in the kernel when this node takes over, in a safe order:
+        `commit_entries` as Flows, each after its master (`masters_first`)."""
+        flows: list[Flow] = []
+        for k, v in self.commit_entries(now, commit_timeout=commit_timeout,
+                                        stale_timeout=stale_timeout):
+            try:
+                flows.append(flow_from_parts(k[0], tuple_from(k[1:]), v))
+            except PackError:
+                self.undecodable += 1
+        return masters_first(flows)
+
+    def commit_entries(self, now: float, *, commit_timeout: int | None = None,
+                       stale_timeout: int | None = STALE_COMMIT_TIMEOUT
+                       ) -> list[tuple[list[Any], list[Any]]]:
+        """What a takeover commits: each entry's key and value as unpacked lists (flow.py's
+        packed forms, the value's timeout already adjusted), in commit order.
 
         Timeouts: `commit_timeout`, if given, for every flow (conntrackd's CommitTimeout).
         Otherwise the estimate `timeout - (now - seen)`, rounded up (so at least 1 s while any
         time is left); when nothing is left, `stale_timeout` (see STALE_COMMIT_TIMEOUT), or
         the flow is skipped if `stale_timeout` is None.
 
-        Order: a flow whose `master` is set comes after the flow whose orig tuple equals it,
-        when that flow is in the plan (the kernel needs the master to exist); otherwise the
-        order is most recently refreshed first. A key held by several origins is committed
+        Order: assured TCP connections first, then most recently refreshed first (masters are
+        the caller's business: `commit_plan`). A key held by several origins is committed
         once, from the origin that refreshed it last (a tie goes to the higher origin id).
         Entries that do not unpack are skipped and counted in `undecodable` rather than
         aborting a failover commit.
         """
         epoch = self._epoch
-        flows: list[Flow] = []
+        out: list[tuple[list[Any], list[Any]]] = []
+        append = out.append
+        unpackb = msgpack.unpackb
         # Most recently refreshed first: live connections (the ones a failover must save) get
         # into the kernel before idle ones, so the outage does not grow with the table size.
         winners = sorted(self._winners(), key=lambda kv: kv[1][-4:], reverse=True)
         for key, stored in winners:
             assert epoch is not None
             try:
-                zone, orig = unpack_key(key)
-                v = msgpack.unpackb(stored[:-4], raw=False, use_list=True)
-            except (PackError, ValueError, msgpack.UnpackException):
+                k = unpackb(key, raw=False, use_list=True)
+                v = unpackb(stored[:-4], raw=False, use_list=True)
+            except (ValueError, msgpack.UnpackException):
                 self.undecodable += 1
                 continue
-            if not isinstance(v, list) or len(v) < 13 or not isinstance(v[2], int):
+            if (type(k) is not list or len(k) != 10 or type(k[0]) is not int
+                    or type(v) is not list or len(v) < 13 or type(v[1]) is not int
+                    or type(v[2]) is not int):
                 self.undecodable += 1
                 continue
             if commit_timeout is not None:
@@ -385,45 +404,8 @@ class ExternalCache:
                         continue
                     left = stale_timeout
                 v[2] = left
-            try:
-                flows.append(flow_from_parts(zone, orig, v))
-            except PackError:
-                self.undecodable += 1
+            append((k, v))
         # Assured TCP connections first: they are what a takeover must keep alive, and they
         # emit no events between state changes, so recency alone would put them last.
-        flows.sort(key=lambda f: not (f.orig.proto == 6 and f.status & 0x4))  # IPS_ASSURED
-        return masters_first(flows)
-
-
-def masters_first(flows: list[Flow]) -> list[Flow]:
-    """Reorder so that each flow comes after its master (the flow whose orig is its `master`),
-    when the master is in `flows`; stable otherwise. Masters are matched by tuple, any zone.
-    """
-    if all(f.master is None for f in flows):
-        return flows
-    by_orig: dict[Tuple, Flow] = {}
-    for f in flows:
-        by_orig.setdefault(f.orig, f)
-    depth: dict[int, int] = {}  # id(flow) -> how many masters precede it
-
-    def depth_of(f: Flow) -> int:
-        chain: list[Flow] = []
-        cur: Flow | None = f
-        while cur is not None and id(cur) not in depth:
-            if any(c is cur for c in chain):  # a cycle cannot be honoured: cut it here
-                break
-            chain.append(cur)
-            cur = by_orig.get(cur.master) if cur.master is not None else None
-        d = depth.get(id(cur), -1) if cur is not None else -1
-        for c in reversed(chain):
-            d += 1
-            depth[id(c)] = d
-        return depth[id(f)]
-
-    levels: list[list[Flow]] = []
-    for f in flows:
-        d = depth_of(f)
-        while len(levels) <= d:
-            levels.append([])
-        levels[d].append(f)
-    return [f for level in levels for f in level]
+        out.sort(key=lambda kv: not (kv[0][3] == 6 and kv[1][1] & 0x4))  # IPS_ASSURED
+        return out

@@ -282,7 +282,7 @@ def _unpack_reply(orig: Tuple, r: Any) -> Tuple:
                 and 0 <= dport < 65536):
             raise PackError("NAT'd reply addresses/ports do not fit the original tuple")
         return inv._replace(src=src, sport=sport, dst=dst, dport=dport)
-    return _tuple_from(r)
+    return tuple_from(r)
 
 
 def _pack_value_list(flow: Flow) -> list[Any]:
@@ -307,7 +307,7 @@ class PackError(ValueError):
     """Packed key/value bytes that do not describe a flow."""
 
 
-def _tuple_from(items: Any) -> Tuple:
+def tuple_from(items: Any) -> Tuple:
     # exact type checks (not isinstance): this runs per flow on every commit and dump
     if type(items) is not list or len(items) != 9:
         raise PackError(f"tuple needs 9 fields, got {items!r:.80}")
@@ -330,7 +330,7 @@ def unpack_key(key: bytes) -> tuple[int, Tuple]:
         raise PackError(f"bad key: {e}") from None
     if not isinstance(items, list) or len(items) < 10 or not isinstance(items[0], int):
         raise PackError("key must be [zone, tuple...]")
-    return items[0], _tuple_from(items[1:])
+    return items[0], tuple_from(items[1:])
 
 
 def flow_from_parts(zone: int, orig: Tuple, v: Any) -> Flow:
@@ -350,7 +350,7 @@ def flow_from_parts(zone: int, orig: Tuple, v: Any) -> Flow:
     return Flow(
         orig, _unpack_reply(orig, reply), status, timeout, mark,
         zone, state, tfo, tfr, wso, wsr, labels, helper,
-        None if master is None else _tuple_from(master), secmark,
+        None if master is None else tuple_from(master), secmark,
     )
 
 
@@ -366,3 +366,37 @@ def unpack_flow(key: bytes, value: bytes) -> Flow:
 def replicated(flow: Flow) -> Flow:
     """The part of a flow that crosses the wire (drops local-only counters, ids, times)."""
     return flow._replace(ct_id=0, counters=None, start_ns=0, stop_ns=0)
+
+
+def masters_first(flows: list[Flow]) -> list[Flow]:
+    """Reorder so that each flow comes after its master (the flow whose orig is its `master`),
+    when the master is in `flows`; stable otherwise. Masters are matched by tuple, any zone.
+    """
+    if all(f.master is None for f in flows):
+        return flows
+    by_orig: dict[Tuple, Flow] = {}
+    for f in flows:
+        by_orig.setdefault(f.orig, f)
+    depth: dict[int, int] = {}  # id(flow) -> how many masters precede it
+
+    def depth_of(f: Flow) -> int:
+        chain: list[Flow] = []
+        cur: Flow | None = f
+        while cur is not None and id(cur) not in depth:
+            if any(c is cur for c in chain):  # a cycle cannot be honoured: cut it here
+                break
+            chain.append(cur)
+            cur = by_orig.get(cur.master) if cur.master is not None else None
+        d = depth.get(id(cur), -1) if cur is not None else -1
+        for c in reversed(chain):
+            d += 1
+            depth[id(c)] = d
+        return depth[id(f)]
+
+    levels: list[list[Flow]] = []
+    for f in flows:
+        d = depth_of(f)
+        while len(levels) <= d:
+            levels.append([])
+        levels[d].append(f)
+    return [f for level in levels for f in level]

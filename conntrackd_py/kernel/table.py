@@ -10,10 +10,11 @@ from __future__ import annotations
 import errno
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from ..flow import Flow, Tuple
+from ..flow import Flow, PackError, Tuple, flow_from_parts, masters_first, tuple_from
 from . import codec
 from .nl import KernelError, Requester
 
@@ -131,6 +132,10 @@ class Table:
             changed += sum(1 for e in await self._req.transact(msgs, seq) if e == 0)
         return changed
 
+    # --- commit -------------------------------------------------------------------------
+    # A commit is a list of prepared creates (family, message body, the item it came from),
+    # sent in batches by `_commit_steps`; async and blocking callers drive the same steps.
+
     async def commit(self, flows: Iterable[Flow], *, be_liberal: bool = True) -> CommitResult:
         """Create the flows in the kernel; existing entries are updated instead.
 
@@ -139,37 +144,112 @@ class Table:
         """
         t0 = time.perf_counter()
         res = CommitResult()
-        ordered = sorted(flows, key=lambda f: f.master is not None)
-        for i in range(0, len(ordered), self.batch):
-            await self._commit_batch(ordered[i:i + self.batch], res, be_liberal)
+        steps = self._commit_steps(self._prepare_flows(flows, be_liberal), res, be_liberal)
+        try:
+            request = next(steps)
+            while True:
+                request = steps.send(await self._req.transact(*request, quiet=True))
+        except StopIteration:
+            pass
         res.seconds = time.perf_counter() - t0
         return res
 
-    async def _commit_batch(self, chunk: Sequence[Flow], res: CommitResult,
-                            be_liberal: bool) -> None:
-        seq = self._req.next_seq(len(chunk))
-        msgs = [codec.encode_create(f, seq + j, be_liberal=be_liberal)
-                for j, f in enumerate(chunk)]
-        errs = await self._req.transact(msgs, seq)
-        existing = []
-        for f, err in zip(chunk, errs, strict=True):
-            if err == 0:
-                res.created += 1
-            elif err == errno.EEXIST:
-                existing.append(f)
-            else:
-                res.failed += 1
-                res.errors[_errname(err)] += 1
-        if existing:
-            seq = self._req.next_seq(len(existing))
-            msgs = [codec.encode_create(f, seq + j, be_liberal=be_liberal, update=True)
-                    for j, f in enumerate(existing)]
-            for err in await self._req.transact(msgs, seq):
+    def commit_entries_blocking(self, entries: Sequence[tuple[list[Any], list[Any]]], *,
+                                be_liberal: bool = True) -> tuple[CommitResult, int]:
+        """Commit cache entries (`ExternalCache.commit_entries`: unpacked key and value lists,
+        in order) without an event loop, for the daemon's forked commit process. Entries of
+        the common shape are encoded straight from the lists (`codec.create_body_packed`),
+        the rest through Flows. Returns the result and the number of entries that did not
+        decode (skipped)."""
+        t0 = time.perf_counter()
+        res = CommitResult()
+        prepared, bad = self._prepare_entries(entries, be_liberal)
+        steps = self._commit_steps(prepared, res, be_liberal)
+        try:
+            request = next(steps)
+            while True:
+                request = steps.send(self._req.transact_blocking(*request, quiet=True))
+        except StopIteration:
+            pass
+        res.seconds = time.perf_counter() - t0
+        return res, bad
+
+    @staticmethod
+    def _prepare_flows(flows: Iterable[Flow], be_liberal: bool) -> list[Prepared]:
+        ordered = sorted(flows, key=lambda f: f.master is not None)
+        return [(f.orig.family, codec.create_body(f, be_liberal=be_liberal), f)
+                for f in ordered]
+
+    def _prepare_entries(self, entries: Sequence[tuple[list[Any], list[Any]]],
+                         be_liberal: bool) -> tuple[list[Prepared], int]:
+        if any(v[11] is not None for _, v in entries):  # RELATED flows: masters go first
+            flows, bad = _flows_of(entries)
+            return self._prepare_flows(masters_first(flows), be_liberal), bad
+        prepared: list[Prepared] = []
+        append = prepared.append
+        packed = codec.create_body_packed
+        bad = 0
+        for k, v in entries:
+            try:
+                fb = packed(k, v, be_liberal=be_liberal)
+                if fb is None:
+                    f = flow_from_parts(k[0], tuple_from(k[1:]), v)
+                    append((f.orig.family, codec.create_body(f, be_liberal=be_liberal), f))
+                else:
+                    append((fb[0], fb[1], (k, v)))
+            except ValueError:  # PackError too
+                bad += 1
+        return prepared, bad
+
+    def _commit_steps(self, prepared: list[Prepared], res: CommitResult, be_liberal: bool
+                      ) -> Generator[tuple[list[bytes], int], list[int], None]:
+        """The commit as batches of requests: yields (messages, first seq), is sent back their
+        errnos. Only each batch's last request asks for an ACK (`transact(quiet=True)`); an
+        entry that exists already (EEXIST) is updated instead."""
+        request = codec.create_request
+        for i in range(0, len(prepared), self.batch):
+            chunk = prepared[i:i + self.batch]
+            seq = self._req.next_seq(len(chunk))
+            last = len(chunk) - 1
+            errs = yield [request(fam, body, seq + j, ack=j == last)
+                          for j, (fam, body, _) in enumerate(chunk)], seq
+            existing: list[Flow] = []
+            for (_, _, item), err in zip(chunk, errs, strict=True):
                 if err == 0:
-                    res.updated += 1
+                    res.created += 1
+                elif err == errno.EEXIST:
+                    existing.append(item if isinstance(item, Flow) else
+                                    flow_from_parts(item[0][0], tuple_from(item[0][1:]),
+                                                    item[1]))
                 else:
                     res.failed += 1
                     res.errors[_errname(err)] += 1
+            if existing:
+                seq = self._req.next_seq(len(existing))
+                last = len(existing) - 1
+                updates = [codec.encode_create(f, seq + j, be_liberal=be_liberal, update=True,
+                                               ack=j == last) for j, f in enumerate(existing)]
+                for err in (yield updates, seq):
+                    if err == 0:
+                        res.updated += 1
+                    else:
+                        res.failed += 1
+                        res.errors[_errname(err)] += 1
+
+
+#: a create ready to send: family, message body, and what it was made from (for an update)
+Prepared = tuple[int, bytes, Any]
+
+
+def _flows_of(entries: Sequence[tuple[list[Any], list[Any]]]) -> tuple[list[Flow], int]:
+    flows: list[Flow] = []
+    bad = 0
+    for k, v in entries:
+        try:
+            flows.append(flow_from_parts(k[0], tuple_from(k[1:]), v))
+        except PackError:
+            bad += 1
+    return flows, bad
 
 
 __all__ = ["CommitResult", "KernelError", "Table"]

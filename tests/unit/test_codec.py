@@ -215,3 +215,68 @@ def test_destroy_with_accounting_fast_path_matches_the_general_path(
     monkeypatch.setattr(c, "_ACCT_LAYOUTS", frozenset())
     ((_, slow),) = c.decode_events(_ACCT_DESTROY, len(_ACCT_DESTROY))
     assert slow == fast
+
+
+# --- creates straight from cache entries -----------------------------------------------------
+
+def _ip(s: str) -> bytes:
+    return ipaddress.ip_address(s).packed
+
+
+def _entry(flow: Flow) -> tuple[list[object], list[object]]:
+    import msgpack
+
+    from conntrackd_py.flow import pack_flow
+    k, v = pack_flow(flow)
+    return msgpack.unpackb(k, use_list=True), msgpack.unpackb(v, use_list=True)
+
+
+_ASSURED = int(Status.ASSURED | Status.SEEN_REPLY)
+_O4 = Tuple(_ip("10.0.0.2"), _ip("192.0.2.1"), 6, 40000, 443)
+_O6 = Tuple(_ip("fd00::2"), _ip("fd00:1::9"), 17, 5353, 53)
+_COMMON = [
+    Flow(_O4, _O4.invert(), status=_ASSURED, timeout=431999, state=3, tcp_flags_orig=0x27,
+         tcp_flags_reply=0x23, tcp_wscale_orig=7, tcp_wscale_reply=9, mark=42),
+    Flow(_O4, _O4.invert(), status=0, timeout=120, state=1),
+    Flow(_O6, _O6.invert(), status=_ASSURED, timeout=30),
+    Flow(_O4, Tuple(_O4.dst, _ip("203.0.113.1"), 6, 443, 61000),
+         status=_ASSURED | int(Status.SRC_NAT | Status.SRC_NAT_DONE), timeout=99, state=3),
+    Flow(_O4, Tuple(_ip("10.9.9.9"), _O4.src, 6, 8443, 40000),
+         status=_ASSURED | int(Status.DST_NAT), timeout=99, state=3),
+    Flow(_O4, Tuple(_ip("10.9.9.9"), _ip("203.0.113.1"), 6, 8443, 61000),
+         status=_ASSURED | int(Status.SRC_NAT | Status.DST_NAT), timeout=99, state=3),
+]
+
+
+@pytest.mark.parametrize("flow", _COMMON)
+@pytest.mark.parametrize("be_liberal", [True, False])
+def test_create_from_cache_entry_is_the_flows_create(flow: Flow, be_liberal: bool) -> None:
+    k, v = _entry(flow)
+    got = codec.create_body_packed(k, v, be_liberal=be_liberal)  # type: ignore[arg-type]
+    assert got == (flow.orig.family, codec.create_body(flow, be_liberal=be_liberal))
+
+
+@pytest.mark.parametrize("flow", [
+    Flow(_O4, _O4.invert(), zone=3),
+    Flow(Tuple(_ip("10.0.0.2"), _ip("10.0.0.3"), 1, icmp_id=7, icmp_type=8), Tuple(
+        _ip("10.0.0.3"), _ip("10.0.0.2"), 1, icmp_id=7, icmp_type=0)),
+    Flow(_O4, _O4.invert(), helper="ftp"),
+    Flow(_O4, _O4.invert(), labels=b"\x01" * 16),
+    Flow(_O4, _O4.invert(), master=_O6),
+    Flow(Tuple(_ip("10.0.0.2"), _ip("10.0.0.3"), 132, 1, 2), Tuple(
+        _ip("10.0.0.3"), _ip("10.0.0.2"), 132, 2, 1)),
+])
+def test_create_from_cache_entry_leaves_other_shapes_to_the_flow_path(flow: Flow) -> None:
+    k, v = _entry(flow)
+    assert codec.create_body_packed(k, v) is None  # type: ignore[arg-type]
+
+
+def test_create_from_cache_entry_rejects_bad_values() -> None:
+    k, v = _entry(_COMMON[0])
+    v[2] = 1 << 40  # timeout beyond 32 bits
+    with pytest.raises(ValueError, match="bad flow values"):
+        codec.create_body_packed(k, v)  # type: ignore[arg-type]
+    k, v = _entry(_COMMON[0])
+    k[4] = 70000  # a port beyond 16 bits
+    with pytest.raises(ValueError, match="bad flow values"):
+        codec.create_body_packed(k, v)  # type: ignore[arg-type]
