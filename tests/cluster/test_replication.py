@@ -170,12 +170,17 @@ def test_conntrackd_flags_work_as_keepalived_scripts_use_them(lab: Lab, tmp_path
     assert b.cli("-e", "-p", "tcp").stdout.strip() == ""
     stats = json.loads(b.cli("-s", "cache", "-o", "json").stdout)
     assert stats["cache"]["external_by_node"]["1"] >= 300
+    own_b = len(internal(b))
     commit = b.cli("-c")
     assert commit.returncode == 0
     created = int(commit.stdout.split("created ")[1].split(",")[0])
     assert created == len(internal(a)) >= 300  # fw1's 300 UDP flows plus its own few
     fw2 = topo.fws[1]  # type: ignore[attr-defined]
     assert sum("dport=5000" in ln for ln in fw2.conntrack_list()) == 300
+    # the commit ran with NEW events off; the dump after it makes them fw2's own flows
+    wait_until(lambda: len(internal(b)) >= own_b + 300, 10,
+               "the committed flows in fw2's internal cache")
+    assert b.stats("runtime")["runtime"]["last_commit"]["created"] == created
     assert b.cli("-f", "external").returncode == 0
     assert b.stats("cache")["cache"]["external"] == 0
     assert a.cli("-i").stdout.count("dport=5000") == 300
