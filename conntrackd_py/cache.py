@@ -230,6 +230,30 @@ class ExternalCache:
                 sweep[1].discard(key)
         return old is None or len(old) != len(value) + 4 or not old.startswith(value)
 
+    def apply(self, origin: Origin, flows: Iterable[tuple[bytes, bytes | None]],
+              now: float) -> None:
+        """A peer's batch of changes, in order: (key, value) stores the flow as seen at `now`,
+        (key, None) removes it. What `upsert`/`remove` do one by one, at a third of the cost
+        (a full resync arrives as thousands of these per second)."""
+        d = self._by_origin.get(origin)
+        if d is None:
+            d = self._by_origin[origin] = {}
+        stamp = self._stamp(now)
+        touched: list[bytes] = []
+        note = touched.append
+        pop = d.pop
+        for k, v in flows:
+            if v is None:
+                pop(k, None)
+            else:
+                d[k] = v + stamp
+            note(k)
+        if not d:
+            del self._by_origin[origin]
+        sweep = self._sweeps.get(origin) if self._sweeps else None
+        if sweep is not None:
+            sweep[1].difference_update(touched)
+
     def remove(self, origin: Origin, key: bytes) -> bool:
         d = self._by_origin.get(origin)
         if d is None or d.pop(key, None) is None:

@@ -210,11 +210,7 @@ class Daemon:
                 self._direct.extend(ev.flows)
                 self._direct_wake.set()
             else:
-                for k, v in ev.flows:
-                    if v is None:
-                        ext.remove(origin, k)
-                    else:
-                        ext.upsert(origin, k, v, now)
+                ext.apply(origin, ev.flows, now)
             if self._watchers:
                 for k, v in ev.flows:
                     self._notify_watchers(f"external node {origin}", k, v)

@@ -304,22 +304,19 @@ def _parse_body(body: bytes, count: int, sequenced: bool) -> tuple[list[Message]
     blen = len(body)
     u = msgpack.Unpacker(raw=False, max_buffer_size=max(blen, 1))
     u.feed(body)
-    rah, unp, tell, skip = u.read_array_header, u.unpack, u.tell, u.skip
+    rah, unp, tell, skip, read = u.read_array_header, u.unpack, u.tell, u.skip, u.read_bytes
     is_array = _IS_ARRAY
     peek = body + b"\xc1"  # 0xC1 is never used by msgpack: indexing at the end is safe
     msgs: list[Message] = []
     append = msgs.append
     n_flows = markers = unknown = 0
+    pos = 0  # where the next message starts
     try:
         for _ in range(count):
-            ln = rah()
-            if ln == 0:
-                raise BadDatagram(Reason.MALFORMED, "empty message")
-            kind = unp()
-            if type(kind) is not int:
-                raise BadDatagram(Reason.MALFORMED, "message kind must be an integer")
-            if kind == 0 and ln == 3 and sequenced:  # the hot path: a plain FLOW_UPDATE
-                a = tell()
+            if peek[pos] == 0x93 and peek[pos + 1] == 0 and sequenced:
+                # the hot path, read by position: [0, key, value], a plain FLOW_UPDATE
+                read(2)
+                a = pos + 2
                 if not is_array[peek[a]]:
                     raise BadDatagram(Reason.MALFORMED, "flow key must be an array")
                 skip()
@@ -327,9 +324,16 @@ def _parse_body(body: bytes, count: int, sequenced: bool) -> tuple[list[Message]
                 if not is_array[peek[b]]:
                     raise BadDatagram(Reason.MALFORMED, "flow value must be an array")
                 skip()
-                append((body[a:b], body[b:tell()]))
+                pos = tell()
+                append((body[a:b], body[b:pos]))
                 n_flows += 1
                 continue
+            ln = rah()
+            if ln == 0:
+                raise BadDatagram(Reason.MALFORMED, "empty message")
+            kind = unp()
+            if type(kind) is not int:
+                raise BadDatagram(Reason.MALFORMED, "message kind must be an integer")
             if 0 <= kind <= 1:  # FLOW_UPDATE with extra fields, FLOW_DESTROY
                 if not sequenced:
                     raise BadDatagram(Reason.MISPLACED, "flow message in a control datagram")
@@ -373,11 +377,13 @@ def _parse_body(body: bytes, count: int, sequenced: bool) -> tuple[list[Message]
                 unknown += 1
                 for _ in range(ln - 1):
                     skip()
+                pos = tell()
                 continue
             if extra:  # fields added by a newer version: skip them
                 unknown += 1
                 for _ in range(extra):
                     skip()
+            pos = tell()
         if tell() != blen:
             raise BadDatagram(Reason.TRAILING, f"{blen - tell()} bytes after the last message")
     except (ValueError, msgpack.UnpackException) as e:

@@ -544,3 +544,30 @@ def test_commit_plan_puts_assured_tcp_connections_before_everything_else() -> No
     for port in range(1, 4):
         c.upsert(A, *pack_flow(udp(port, timeout=300)), now=5.0 + port)
     assert [f.orig.sport for f in c.commit_plan(now=10.0)] == [4000, 3, 2, 1]
+
+
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 3), st.booleans()), max_size=40),
+       st.booleans())
+def test_apply_of_a_batch_is_upsert_and_remove_one_by_one(ops: list[tuple[int, int, bool]],
+                                                          sweeping: bool) -> None:
+    """(port, version, remove) operations on origin A, with a sweep running or not: the batch
+    path and the one-by-one path leave the same entries, stamps and sweep result."""
+    one, batch = ExternalCache(epoch=0.0), ExternalCache(epoch=0.0)
+    for c in (one, batch):
+        c.upsert(A, *pack_flow(udp(99)), now=1.0)
+        if sweeping:
+            c.begin_sweep(A, now=2.0)
+    flows = []
+    for port, version, remove in ops:
+        k, v = pack_flow(udp(port)._replace(mark=version))
+        flows.append((k, None if remove else v))
+    for k, v in flows:
+        if v is None:
+            one.remove(A, k)
+        else:
+            one.upsert(A, k, v, now=3.0)
+    batch.apply(A, flows, now=3.0)
+    assert sorted(one.items()) == sorted(batch.items())
+    if sweeping:
+        assert one.end_sweep(A) == batch.end_sweep(A)
+        assert sorted(one.items()) == sorted(batch.items())
