@@ -13,14 +13,17 @@ not in sync with its peers (keepalived's track_script relies on this).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
-import logging.handlers
 import os
 import sys
 from typing import Any
 
 from . import __version__
+
+#: `general.control_socket` when the config does not set it (config.py's default, tested)
+DEFAULT_CONTROL_SOCKET = "/run/conntrackd-py.sock"
 
 PROTO_NAMES = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58, "sctp": 132, "dccp": 33,
                "gre": 47, "udplite": 136}
@@ -72,11 +75,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def setup_logging(level: str = "info", fmt: str = "text", target: str = "stderr",
                   file: str | None = None) -> None:
+    # here, not at the top: control commands never log, and start faster without it
+    from logging.handlers import SysLogHandler, WatchedFileHandler
     handler: logging.Handler
     if target == "file" and file:
-        handler = logging.handlers.WatchedFileHandler(file)
+        handler = WatchedFileHandler(file)
     elif target == "syslog":
-        handler = logging.handlers.SysLogHandler(address="/dev/log")
+        handler = SysLogHandler(address="/dev/log")
     else:
         handler = logging.StreamHandler()
     if fmt == "json":
@@ -131,14 +136,36 @@ def _print_tree(d: dict[str, Any], depth: int) -> None:
             print("  " * depth + f"{k}: {v}")
 
 
-def _control(cfg: Any, args: argparse.Namespace) -> int:
+def _control_socket(path: str | None) -> str:
+    """The socket a control command talks to: `general.control_socket` of the config.
+
+    Read from the YAML alone, without validating the whole file (the daemon did that when it
+    started): this is keepalived's notify path, and the full validation doubled the start
+    of every `-c`/`-f`/`-B` call (0.22 -> 0.11 s). Anything unexpected takes the full path,
+    which reports the config error properly."""
+    if path is None:
+        return DEFAULT_CONTROL_SOCKET  # the embedded default config does not set it
+    import yaml
+    doc: Any = None
+    # errors: the full load below explains them
+    with contextlib.suppress(OSError, yaml.YAMLError), open(path, "rb") as f:
+        doc = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    general = doc.get("general") if isinstance(doc, dict) else None
+    if isinstance(doc, dict) and (general is None or isinstance(general, dict)):
+        sock = (general or {}).get("control_socket", DEFAULT_CONTROL_SOCKET)
+        if isinstance(sock, str) and sock:
+            return sock
+    return str(_load_config(path).general.control_socket)
+
+
+def _control(sock: str, args: argparse.Namespace) -> int:
     from .ctlclient import ControlClient, ControlError
     as_json = args.output == "json"
     try:
-        client = ControlClient(cfg.general.control_socket)
+        client = ControlClient(sock)
     except OSError as e:
-        print(f"conntrackd-py: cannot reach the daemon at {cfg.general.control_socket}: "
-              f"{e.strerror or e}", file=sys.stderr)
+        print(f"conntrackd-py: cannot reach the daemon at {sock}: {e.strerror or e}",
+              file=sys.stderr)
         return 1
     try:
         with client:
@@ -210,12 +237,12 @@ def main(argv: list[str] | None = None) -> int:
         from .importconf import main as import_main
         return import_main(argv[1:])
     args = _parser().parse_args(argv)
+    if not args.check and (args.action or args.flush or args.resync or args.stats):
+        return _control(_control_socket(args.config), args)
     cfg = _load_config(args.config)
     if args.check:
         print(f"conntrackd-py: configuration {args.config or '(embedded default)'} is valid")
         return 0
-    if args.action or args.flush or args.resync or args.stats:
-        return _control(cfg, args)
     return run_daemon(cfg, detach=args.daemon)
 
 

@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from conntrackd_py.control import ControlError, ControlServer, decode_request_untrusted
@@ -59,3 +60,20 @@ async def test_bad_requests_get_errors_and_the_server_keeps_answering(tmp_path: 
     assert replies[2]["error"] == "refused on purpose"
     assert replies[3] == {"echo": {"x": 1}}
     assert server.bad_requests == 3
+
+
+def test_control_commands_find_the_socket_without_the_full_config_load(tmp_path: Path) -> None:
+    from conntrackd_py import cli
+    from conntrackd_py.config import default_config
+    assert default_config().general.control_socket == cli.DEFAULT_CONTROL_SOCKET
+    assert cli._control_socket(None) == cli.DEFAULT_CONTROL_SOCKET
+    conf = tmp_path / "c.yaml"
+    conf.write_text("node: {id: 3}\ngeneral: {control_socket: /tmp/x.sock}\n")
+    assert cli._control_socket(str(conf)) == "/tmp/x.sock"
+    conf.write_text("node: {id: 3}\n")
+    assert cli._control_socket(str(conf)) == cli.DEFAULT_CONTROL_SOCKET
+    conf.write_text("node: {id: 3}\ngeneral: {control_socket: 7}\n")  # not a path: full load
+    with pytest.raises(SystemExit):
+        cli._control_socket(str(conf))
+    with pytest.raises(SystemExit):
+        cli._control_socket(str(tmp_path / "missing.yaml"))
