@@ -504,13 +504,32 @@ def encode_tuple(atype: int, t: Tuple, zone: int | None = None) -> bytes:
     return _nest(atype, *out)
 
 
+_NAT4_PACK = struct.Struct("=HHHH4sHH4sHHHHHxxHHHxx")
+_NAT6_PACK = struct.Struct("=HHHH16sHH16sHHHHHxxHHHxx")
+
+
+def _nat_ports(atype: int, addr: bytes, port: int) -> bytes:
+    """CTA_NAT_SRC/DST to one address and port, in one pack (as `_nat` builds it)."""
+    if not 0 <= port < 65536:
+        raise ValueError("NAT port out of range")
+    if _LITTLE:
+        port = ((port & 0xFF) << 8) | (port >> 8)
+    if len(addr) == 4:
+        return _NAT4_PACK.pack(40, atype | NLA_F_NESTED, 8, _NAT_V4_MIN, addr, 8, _NAT_V4_MAX,
+                               addr, 20, _NAT_PROTO | NLA_F_NESTED, 6, _PNAT_PORT_MIN, port,
+                               6, _PNAT_PORT_MAX, port)
+    return _NAT6_PACK.pack(64, atype | NLA_F_NESTED, 20, _NAT_V6_MIN, addr, 20, _NAT_V6_MAX,
+                           addr, 20, _NAT_PROTO | NLA_F_NESTED, 6, _PNAT_PORT_MIN, port,
+                           6, _PNAT_PORT_MAX, port)
+
+
 def _nat(atype: int, addr: bytes, port: int, proto: int) -> bytes:
+    if proto in PORT_PROTOS and proto != 47:
+        return _nat_ports(atype, addr, port)
     if len(addr) == 4:
         parts = [_ATTR.pack(8, _NAT_V4_MIN) + addr, _ATTR.pack(8, _NAT_V4_MAX) + addr]
     else:
         parts = [_ATTR.pack(20, _NAT_V6_MIN) + addr, _ATTR.pack(20, _NAT_V6_MAX) + addr]
-    if proto in PORT_PROTOS and proto != 47:
-        parts.append(_nest(_NAT_PROTO, _be16a(_PNAT_PORT_MIN, port), _be16a(_PNAT_PORT_MAX, port)))
     return _nest(atype, *parts)
 
 
@@ -649,9 +668,9 @@ def create_body_packed(k: list, v: list, *, be_liberal: bool = True  # type: ign
                     or len(rsrc) != len(src) or len(rdst) != len(src)):
                 return None
             if fstatus & _SRC_NAT:
-                parts.append(_nat(6, rdst, rdport, proto))
+                parts.append(_nat_ports(6, rdst, rdport))
             if fstatus & _DST_NAT:
-                parts.append(_nat(13, rsrc, rsport, proto))
+                parts.append(_nat_ports(13, rsrc, rsport))
         elif reply is not None and not (type(reply) is list and len(reply) in (2, 4)):
             return None
         parts.append(_H_STATUS + _BE32.pack((fstatus & SETTABLE_STATUS) | _CONFIRMED)

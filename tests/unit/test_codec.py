@@ -280,3 +280,19 @@ def test_create_from_cache_entry_rejects_bad_values() -> None:
     k[4] = 70000  # a port beyond 16 bits
     with pytest.raises(ValueError, match="bad flow values"):
         codec.create_body_packed(k, v)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("addr", "port"), [
+    ("203.0.113.1", 61000), ("10.0.0.1", 1), ("fd00::1", 443), ("fd00:1::9", 65535)])
+@pytest.mark.parametrize("atype", [6, 13])
+def test_nat_attribute_in_one_pack_is_the_nested_attributes(addr: str, port: int,
+                                                            atype: int) -> None:
+    """CTA_NAT_SRC/DST: the one-pack form is byte for byte the nest of the kernel's parts."""
+    c = codec
+    a = _ip(addr)
+    mn, mx = (c._NAT_V4_MIN, c._NAT_V4_MAX) if len(a) == 4 else (c._NAT_V6_MIN, c._NAT_V6_MAX)
+    want = c._nest(atype, c._ATTR.pack(4 + len(a), mn) + a, c._ATTR.pack(4 + len(a), mx) + a,
+                   c._nest(c._NAT_PROTO, c._be16a(c._PNAT_PORT_MIN, port),
+                           c._be16a(c._PNAT_PORT_MAX, port)))
+    assert c._nat_ports(atype, a, port) == want
+    assert c._nat(atype, a, port, 6) == want
