@@ -13,6 +13,7 @@ so a dict is never popped from its front (which degrades on large dicts).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 _MISSING = object()
 
@@ -58,6 +59,55 @@ class Outbox:
         self._order = []
         self._pos = 0
         return None
+
+    def fill(self, parts: list[bytes], size: int, limit: int, allowance: int,
+             update: bytes, destroy: bytes) -> tuple[int, int, bool]:
+        """Drain messages into `parts` (`update` + key + value, or `destroy` + key) while the
+        total stays within `limit` bytes, at most `allowance` of them (-1: no limit): `pop`
+        and `unpop` inlined, since a full resync of a large table spends most of its time
+        here. Returns (new size, messages added, True if it stopped because one did not
+        fit)."""
+        items = self._items
+        order, pos = self._order, self._pos
+        append = parts.append
+        pop = items.pop
+        n = 0
+        full = False
+        lu, ld = len(update), len(destroy)
+        while n != allowance and items:
+            if pos >= len(order):
+                order, pos = list(items), 0
+            k = order[pos]
+            pos += 1
+            v: Any = pop(k, _MISSING)
+            if v is _MISSING:
+                continue
+            if v is None:
+                need = len(k) + ld
+                if size + need > limit:
+                    items[k] = v
+                    pos -= 1
+                    full = True
+                    break
+                append(destroy)
+                append(k)
+            else:
+                need = len(k) + len(v) + lu
+                if size + need > limit:
+                    items[k] = v
+                    pos -= 1
+                    full = True
+                    break
+                append(update)
+                append(k)
+                append(v)
+            size += need
+            n += 1
+        if items:
+            self._order, self._pos = order, pos
+        else:
+            self._order, self._pos = [], 0
+        return size, n, full
 
     def unpop(self, key: bytes, value: bytes | None) -> None:
         """Put back the message `pop` just returned (it did not fit): it leaves first next."""

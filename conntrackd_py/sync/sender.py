@@ -196,31 +196,7 @@ class Sender:
               allowance: int = -1) -> tuple[int, int, bool]:
         """Append `box`'s messages to `parts` while they fit (at most `allowance` of them,
         -1: no limit). Returns (new size, messages added, datagram full)."""
-        append, pop = parts.append, box.pop
-        n = 0
-        while n != allowance:
-            item = pop()
-            if item is None:
-                return size, n, False
-            k, v = item
-            if v is None:
-                need = len(k) + 2
-                if size + need > limit:
-                    box.unpop(k, v)
-                    return size, n, True
-                append(_DESTROY)
-                append(k)
-            else:
-                need = len(k) + len(v) + 2
-                if size + need > limit:
-                    box.unpop(k, v)
-                    return size, n, True
-                append(_UPDATE)
-                append(k)
-                append(v)
-            size += need
-            n += 1
-        return size, n, False
+        return box.fill(parts, size, limit, allowance, _UPDATE, _DESTROY)
 
     def stream_datagram(self, now: float, window_open: bool) -> bytes | None:
         """The next sequenced datagram: RESYNC_BEGIN if a resync starts, live changes, then

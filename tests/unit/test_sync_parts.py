@@ -77,6 +77,43 @@ def test_outbox_unpop_and_discard() -> None:
     assert not box
 
 
+@given(st.lists(st.tuples(st.sampled_from([b"a", b"bb", b"ccc", b"dddd"]),
+                          st.sampled_from([None, b"1", b"22", b"333"]), st.booleans()),
+                max_size=30),
+       st.integers(4, 20), st.integers(-1, 4))
+def test_outbox_fill_takes_what_pop_would_in_the_same_order(
+        ops: list[tuple[bytes, bytes | None, bool]], limit: int, allowance: int) -> None:
+    """fill (pop/unpop inlined) against a reference built from pop and unpop: puts and drains
+    interleaved, with limits that stop it mid-box."""
+    fast, ref = Outbox(), Outbox()
+    for key, value, drain in ops:
+        for box in (fast, ref):
+            box.put(key, value)
+        if not drain:
+            continue
+        parts: list[bytes] = []
+        got = fast.fill(parts, 0, limit, allowance, b"U", b"D")
+        want: list[bytes] = []
+        size = n = 0
+        full = False
+        while n != allowance:
+            item = ref.pop()
+            if item is None:
+                break
+            k, v = item
+            need = len(k) + 1 + (0 if v is None else len(v))
+            if size + need > limit:
+                ref.unpop(k, v)
+                full = True
+                break
+            want += [b"D", k] if v is None else [b"U", k, v]
+            size += need
+            n += 1
+        assert got == (size, n, full)
+        assert parts == want
+    assert list(fast.items()) == list(ref.items())
+
+
 # --- the resend queue --------------------------------------------------------------------------
 
 
