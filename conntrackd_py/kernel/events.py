@@ -16,7 +16,13 @@ import trio
 
 from ..flow import Flow
 from . import codec
-from .nl import NETLINK_ADD_MEMBERSHIP, NETLINK_DROP_MEMBERSHIP, SOL_NETLINK, open_socket
+from .nl import (
+    NETLINK_ADD_MEMBERSHIP,
+    NETLINK_DROP_MEMBERSHIP,
+    SOL_NETLINK,
+    MultiReceiver,
+    open_socket,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +48,10 @@ class EventSource:
     """Reads conntrack events and hands them over in batches (one drained burst per batch)."""
 
     def __init__(self, *, rcvbuf: int = DEFAULT_RCVBUF, reliable: bool = False,
-                 groups: int = ALL_GROUPS, netns_name: str | None = None,
-                 bufsize: int = 1 << 18) -> None:
+                 groups: int = ALL_GROUPS, netns_name: str | None = None) -> None:
         self.sock = open_socket(groups, rcvbuf=rcvbuf, reliable=reliable, netns_name=netns_name)
         self.stats = EventStats()
-        self._buf = bytearray(bufsize)
-        self._view = memoryview(self._buf)
+        self._rx = MultiReceiver(self.sock)
         self._overrun_logged = False
 
     def close(self) -> None:
@@ -65,18 +69,16 @@ class EventSource:
         dropped = 0
         while True:
             try:
-                if self.sock.recv_into(self._buf) == 0:
-                    return dropped
-                dropped += 1
+                dropped += len(self._rx.recv())
             except BlockingIOError:
                 return dropped
             except OSError as e:
                 if e.errno != errno.ENOBUFS:
                     raise
 
-    def _decode(self, n: int) -> EventBatch:
+    def _decode(self, view: memoryview, n: int) -> EventBatch:
         try:
-            return codec.decode_events(self._view, n)
+            return codec.decode_events(view, n)
         except codec.CodecError as e:
             self.stats.malformed += 1
             log.warning("dropped a malformed netlink datagram (%d bytes): %s", n, e)
@@ -96,9 +98,11 @@ class EventSource:
             await trio.lowlevel.wait_readable(self.sock)
             batch: EventBatch = []
             overrun = False
+            rx = self._rx
+            view, size = rx.view, rx.slot_size
             while True:
                 try:
-                    n = self.sock.recv_into(self._buf)
+                    lengths = rx.recv()
                 except BlockingIOError:
                     break
                 except OSError as e:
@@ -107,7 +111,8 @@ class EventSource:
                     overrun = True
                     break
                 stats.reads += 1
-                batch.extend(self._decode(n))
+                for i, n in enumerate(lengths):
+                    batch.extend(self._decode(view[i * size:], n))
                 if len(batch) >= 4096:
                     break  # hand over regularly so a flood cannot starve the rest
             if batch:
