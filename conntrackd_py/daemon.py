@@ -196,8 +196,7 @@ class Daemon:
         if eng is None or tr is None:
             return
         now = self._now()
-        for d in eng.datagrams_to_send(now):
-            tr.send(d)
+        tr.send(eng.datagrams_to_send(now))
         for ev in eng.events():
             self._apply_event(ev, now)
 

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import trio
 
 from ..flow import Flow
+from ..mmsg import MultiReceiver
 from . import codec
 from .nl import (
     NETLINK_ADD_MEMBERSHIP,
     NETLINK_DROP_MEMBERSHIP,
     SOL_NETLINK,
-    MultiReceiver,
     open_socket,
 )
 

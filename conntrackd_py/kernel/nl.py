@@ -6,13 +6,11 @@ mode, non-blocking drain loops, sysctls of the namespace). Message layout lives 
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import select
 import socket
 from collections.abc import Callable
-from typing import Any
 
 import trio
 
@@ -59,73 +57,6 @@ def open_socket(groups: int = 0, *, rcvbuf: int = 0, reliable: bool = False,
         sock.close()
         raise
     return sock
-
-
-class _IOVec(ctypes.Structure):
-    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
-
-
-class _MsgHdr(ctypes.Structure):
-    _fields_ = [("msg_name", ctypes.c_void_p), ("msg_namelen", ctypes.c_uint32),
-                ("msg_iov", ctypes.POINTER(_IOVec)), ("msg_iovlen", ctypes.c_size_t),
-                ("msg_control", ctypes.c_void_p), ("msg_controllen", ctypes.c_size_t),
-                ("msg_flags", ctypes.c_int)]
-
-
-class _MMsgHdr(ctypes.Structure):
-    _fields_ = [("msg_hdr", _MsgHdr), ("msg_len", ctypes.c_uint)]
-
-
-def _libc_recvmmsg() -> Any:
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).recvmmsg
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_recvmmsg = _libc_recvmmsg()
-MSG_DONTWAIT = 0x40
-
-
-class MultiReceiver:
-    """recvmmsg(2) (through ctypes: the socket module has no binding) on a non-blocking
-    socket: up to `slots` datagrams per system call. Netlink delivers every conntrack event
-    as a datagram of its own, and one recv per event was a third of event ingestion's cost.
-    Datagram i lands at `view[i * slot_size:]`; without recvmmsg in libc it falls back to one
-    recv_into per call."""
-
-    def __init__(self, sock: socket.socket, slots: int = 64, slot_size: int = 16384) -> None:
-        self.sock, self.slots, self.slot_size = sock, slots, slot_size
-        self.buf = bytearray(slots * slot_size)
-        self.view = memoryview(self.buf)
-        self._fd = sock.fileno()
-        self._hdrs: Any = None
-        if _recvmmsg is not None:
-            base = ctypes.addressof((ctypes.c_char * len(self.buf)).from_buffer(self.buf))
-            self._iov = (_IOVec * slots)()
-            self._hdrs = (_MMsgHdr * slots)()
-            for i in range(slots):
-                self._iov[i].iov_base = base + i * slot_size
-                self._iov[i].iov_len = slot_size
-                self._hdrs[i].msg_hdr.msg_iov = ctypes.pointer(self._iov[i])
-                self._hdrs[i].msg_hdr.msg_iovlen = 1
-
-    def recv(self) -> list[int]:
-        """The lengths of the datagrams received now (at least one); BlockingIOError when
-        there is none, OSError (ENOBUFS: an overrun) as recv would raise it."""
-        if self._hdrs is None:
-            return [self.sock.recv_into(self.buf, self.slot_size)]
-        n = _recvmmsg(self._fd, self._hdrs, self.slots, MSG_DONTWAIT, None)
-        if n < 0:
-            err = ctypes.get_errno()
-            if err in (errno.EAGAIN, errno.EWOULDBLOCK):
-                raise BlockingIOError(err, os.strerror(err))
-            raise OSError(err, os.strerror(err))
-        hdrs = self._hdrs
-        return [hdrs[i].msg_len for i in range(n)]
 
 
 def set_sysctl(key: str, value: int | str, netns_name: str | None = None) -> str | None:
