@@ -10,7 +10,7 @@ events that carry the counters and produce the accounting records.
   kernel   both sysctls on, accounting off: what the kernel's counters and timestamps cost any
            listener (bigger events to build, copy and decode), before our accounting runs
   with     accounting on as the daemon turns it on (both sysctls set before the flows exist,
-           so every flow has counters), default settings (JSON lines, buffer 10000) writing to
+           so every flow has counters), default settings (JSON lines, buffer 50000) writing to
            a file on this machine's disk, by the writer process
 
 Ingest rate = DESTROY events received / the time from the first to the last DESTROY batch.

@@ -289,7 +289,7 @@ class Accounting:
     file: str | None = f(optional(string), None)
     format: str = f(choice("json", "text"), "json")
     syslog: bool = f(boolean, False)
-    buffer: int = f(integer(1, 10_000_000), 10000)
+    buffer: int = f(integer(1, 10_000_000), 50000)
     top_talkers: int = f(integer(0, 10000), 20)
 
 
