@@ -93,7 +93,7 @@ def test_defaults_match_the_schema() -> None:
     assert (m.source, m.ttl, m.rcvbuf, m.sndbuf) == (None, 1, 8 << 20, 8 << 20)
     a = c.stats.accounting
     assert (a.enabled, a.file, a.format, a.syslog, a.buffer, a.top_talkers) == (
-        False, None, "json", False, 10000, 20)
+        False, None, "json", False, 50000, 20)
     assert c.metrics.listen is None
 
 
