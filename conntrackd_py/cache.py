@@ -25,7 +25,7 @@ from typing import Any
 
 import msgpack
 
-from .flow import Flow, PackError, flow_from_parts, masters_first, tuple_from, unpack_flow
+from .flow import Flow, PackError, flow_from_lists, masters_first, unpack_flow
 
 #: a peer's node id, as the replication layer names it
 Origin = int
@@ -376,7 +376,7 @@ class ExternalCache:
         for k, v in self.commit_entries(now, commit_timeout=commit_timeout,
                                         stale_timeout=stale_timeout):
             try:
-                flows.append(flow_from_parts(k[0], tuple_from(k[1:]), v))
+                flows.append(flow_from_lists(k, v))
             except PackError:
                 self.undecodable += 1
         return masters_first(flows)

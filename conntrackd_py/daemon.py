@@ -279,10 +279,10 @@ class Daemon:
 
     # --- control handlers ---------------------------------------------------------------
     async def commit(self) -> dict[str, Any]:
-        """Commit the external cache into the kernel table, in a forked process (as conntrackd
-        does), at a higher priority: this process keeps serving the sync link and the control
-        socket, the child shares the cache copy-on-write (no copy to make) and reports its
-        result on a pipe. A failover waits for this path alone."""
+        """Commit the external cache into the kernel table, in a forked process at a higher
+        priority: this process keeps serving the sync link and the control socket, the child
+        shares the cache copy-on-write (no copy to make) and reports its result on a pipe.
+        A failover waits for this path alone."""
         now = self._now()
         # The creates would make the kernel build a NEW event per flow for this daemon, half
         # of the commit's cost, and this process would be busy with them meanwhile: leave the

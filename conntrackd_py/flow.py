@@ -354,6 +354,12 @@ def flow_from_parts(zone: int, orig: Tuple, v: Any) -> Flow:
     )
 
 
+def flow_from_lists(k: list[Any], v: list[Any]) -> Flow:
+    """A Flow from a key and value already unpacked into lists (PackError if they do not
+    describe one)."""
+    return flow_from_parts(k[0], tuple_from(k[1:]), v)
+
+
 def unpack_flow(key: bytes, value: bytes) -> Flow:
     zone, orig = unpack_key(key)
     try:

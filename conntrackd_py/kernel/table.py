@@ -14,7 +14,7 @@ from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..flow import Flow, PackError, Tuple, flow_from_parts, masters_first, tuple_from
+from ..flow import Flow, PackError, Tuple, flow_from_lists, masters_first
 from . import codec
 from .nl import KernelError, Requester
 
@@ -193,7 +193,7 @@ class Table:
             try:
                 fb = packed(k, v, be_liberal=be_liberal)
                 if fb is None:
-                    f = flow_from_parts(k[0], tuple_from(k[1:]), v)
+                    f = flow_from_lists(k, v)
                     append((f.orig.family, codec.create_body(f, be_liberal=be_liberal), f))
                 else:
                     append((fb[0], fb[1], (k, v)))
@@ -219,8 +219,7 @@ class Table:
                     res.created += 1
                 elif err == errno.EEXIST:
                     existing.append(item if isinstance(item, Flow) else
-                                    flow_from_parts(item[0][0], tuple_from(item[0][1:]),
-                                                    item[1]))
+                                    flow_from_lists(*item))
                 else:
                     res.failed += 1
                     res.errors[_errname(err)] += 1
@@ -246,7 +245,7 @@ def _flows_of(entries: Sequence[tuple[list[Any], list[Any]]]) -> tuple[list[Flow
     bad = 0
     for k, v in entries:
         try:
-            flows.append(flow_from_parts(k[0], tuple_from(k[1:]), v))
+            flows.append(flow_from_lists(k, v))
         except PackError:
             bad += 1
     return flows, bad
