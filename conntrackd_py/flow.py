@@ -260,6 +260,14 @@ def pack_key(zone: int, orig: Tuple) -> bytes:
 def _pack_reply(orig: Tuple, reply: Tuple) -> Any:
     """The reply tuple as the difference NAT made to orig's inverse: nil (no NAT), [dst, dport]
     (source NAT), [src, sport, dst, dport] (both), or the full 9 fields (anything else)."""
+    if orig[2] not in ICMP_PROTOS:  # the inverse swaps addresses and ports, keeps the rest
+        if reply[2] == orig[2] and reply[5:] == orig[5:]:
+            if reply[0] == orig[1] and reply[3] == orig[4]:  # source as the inverse's
+                if reply[1] == orig[0] and reply[4] == orig[3]:
+                    return None
+                return [reply[1], reply[4]]
+            return [reply[0], reply[3], reply[1], reply[4]]
+        return list(reply)
     inv = orig.invert()
     if reply == inv:
         return None

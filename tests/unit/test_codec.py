@@ -296,3 +296,15 @@ def test_nat_attribute_in_one_pack_is_the_nested_attributes(addr: str, port: int
                            c._be16a(c._PNAT_PORT_MAX, port)))
     assert c._nat_ports(atype, a, port) == want
     assert c._nat(atype, a, port, 6) == want
+
+
+def test_decoder_builds_complete_namedtuples() -> None:
+    """The decoder builds Flow and Tuple with tuple.__new__ and every field in order: a field
+    added to either must be added there too (this fails first)."""
+    assert len(Flow._fields) == 19
+    assert len(Tuple._fields) == 9
+    ((_, f),) = codec.decode_events(_ACCT_DESTROY, len(_ACCT_DESTROY))
+    assert len(f) == len(Flow._fields)
+    assert len(f.orig) == len(f.reply) == len(Tuple._fields)
+    assert f == Flow(*f)
+    assert f.orig == Tuple(*f.orig)
