@@ -64,6 +64,9 @@ class MultiReceiver:
         self.view = memoryview(self.buf)
         self._fd = sock.fileno()
         self._hdrs: Any = None
+        #: True when a call returning fewer than `slots` datagrams means the queue was empty
+        #: (recvmmsg); the fallback returns one per call
+        self.batched = _recvmmsg is not None
         if _recvmmsg is not None:
             base = ctypes.addressof((ctypes.c_char * len(self.buf)).from_buffer(self.buf))
             self._iov = (_IOVec * slots)()

@@ -199,6 +199,8 @@ class Transport:
                         continue
                     raise
                 burst += [bytes(view[i * size:i * size + n]) for i, n in enumerate(lengths)]
+                if rx.batched and len(lengths) < rx.slots:
+                    break  # drained: no second call just to hear EAGAIN
             if burst:
                 st.received += len(burst)
                 st.bytes_received += sum(map(len, burst))
