@@ -114,18 +114,25 @@ FORMATTERS = {"json": json_line, "text": text_line}
 # Flow field positions of the nested NamedTuples (msgpack sends them as plain arrays)
 _MASTER = Flow._fields.index("master")
 _COUNTERS = Flow._fields.index("counters")
+_FLOW_FIELDS = len(Flow._fields)
+
+
+_new = tuple.__new__  # NamedTuples without their Python-level __new__ (all fields given)
 
 
 def flow_from_wire(a: Any) -> Flow:
-    """A Flow back from the arrays msgpack made of it."""
+    """A Flow back from the arrays msgpack made of it (the daemon packed a whole Flow, so
+    every field is there, in order)."""
+    if len(a) != _FLOW_FIELDS:
+        raise ValueError(f"a record of {len(a)} fields, not {_FLOW_FIELDS}")
     f = list(a)
-    f[0] = Tuple(*f[0])
-    f[1] = Tuple(*f[1])
+    f[0] = _new(Tuple, f[0])
+    f[1] = _new(Tuple, f[1])
     if f[_MASTER] is not None:
-        f[_MASTER] = Tuple(*f[_MASTER])
+        f[_MASTER] = _new(Tuple, f[_MASTER])
     if f[_COUNTERS] is not None:
-        f[_COUNTERS] = Counters(*f[_COUNTERS])
-    return Flow(*f)
+        f[_COUNTERS] = _new(Counters, f[_COUNTERS])
+    return _new(Flow, f)
 
 
 # --- the sink -----------------------------------------------------------------------------------
@@ -164,10 +171,20 @@ class Sink:
             return True
         return (st.st_dev, st.st_ino) != self.ino
 
-    def write(self, batch: list[Any]) -> None:
-        """Format and write records ([flow arrays, seen] pairs); raises OSError."""
+    def write(self, batch: list[Any]) -> int:
+        """Format and write records ([flow arrays, seen] pairs); returns how many were not
+        records (skipped); raises OSError."""
         fmt = self.format
-        lines = [fmt(flow_from_wire(a), seen) for a, seen in batch]
+        lines: list[str] = []
+        bad = 0
+        for rec in batch:
+            try:
+                a, seen = rec
+                lines.append(fmt(flow_from_wire(a), seen))
+            except (ValueError, TypeError):  # not what the daemon packs: never expected
+                bad += 1
+        if not lines:
+            return bad
         if self.path is not None:
             now = time.monotonic()
             check = now - self.last_stat >= STAT_INTERVAL
@@ -185,6 +202,7 @@ class Sink:
                 self.syslog_open = True
             for line in lines:
                 syslog.syslog(syslog.LOG_INFO, line)
+        return bad
 
     def close(self) -> None:
         if self.file is not None:
@@ -204,13 +222,16 @@ def serve(inp: int, out: IO[bytes], sink: Sink) -> None:
     unpacker = msgpack.Unpacker(use_list=False, raw=False)
     def flush(batch: list[Any]) -> None:
         try:
-            sink.write(batch)
+            bad = sink.write(batch)
         except OSError as e:
             sink.file = None  # a fresh open next time
             report(1, len(batch), f"cannot write {len(batch)} accounting records to "
                                   f"{sink.path}: {e}")
-        else:
-            report(0, len(batch))
+            return
+        if bad:
+            report(1, bad, f"dropped {bad} malformed accounting records")
+        if len(batch) > bad:
+            report(0, len(batch) - bad)
 
     while data := os.read(inp, 1 << 20):
         unpacker.feed(data)

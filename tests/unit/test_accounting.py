@@ -418,3 +418,28 @@ async def test_metrics_server_answers_get_metrics() -> None:
                                                             ())] == 2
     assert bad.startswith(b"HTTP/1.0 404")
     assert post.startswith(b"HTTP/1.0 405")
+
+
+def test_writer_process_drops_a_malformed_record_and_says_so(tmp_path: Path) -> None:
+    """The child's loop, in-process: a record that is not a packed Flow is reported as lost
+    (the daemon counts it) and the next one is still written."""
+    import io
+
+    import msgpack
+
+    from conntrackd_py.acctwriter import Sink, serve
+    r, w = os.pipe()
+    os.write(w, msgpack.packb([(1, 2, 3), 0.0]))  # a 3-field "flow"
+    os.write(w, msgpack.packb([mkflow(sport=7), 0.0]))
+    os.close(w)
+    out = io.BytesIO()
+    sink = Sink(str(tmp_path / "acct.log"), "json", False)
+    try:
+        serve(r, out, sink)
+    finally:
+        os.close(r)
+    reports = list(msgpack.Unpacker(io.BytesIO(out.getvalue()), raw=False))
+    assert [1, 1, "dropped 1 malformed accounting records"] in reports
+    assert sum(m[1] for m in reports if m[0] == 0) == 1
+    (line,) = read_lines(tmp_path / "acct.log")
+    assert "sport=7" in line["orig"]
