@@ -119,7 +119,8 @@ class MultiSender:
     def send(self, datagrams: list[bytes], start: int = 0) -> int:
         """Send `datagrams[start:]` (at most `slots` of them); returns how many went (at least
         one), or raises the error of the first as sendto would."""
-        if _sendmmsg is None:
+        if _sendmmsg is None or start == len(datagrams) - 1:
+            # one datagram (the latency case: a single live update): plain sendto, no ctypes
             self.sock.sendto(datagrams[start], self.dest)
             return 1
         chunk = datagrams[start:start + self.slots]
