@@ -4,7 +4,9 @@ DESTROY record whose byte and packet counts match what was sent.
 Tolerance: conntrack counts layer-3 bytes per skb, so bytes = payload + headers, and each
 counted packet carries between 40 (IPv4 + TCP, no options) and 80 (IPv4 + TCP with the most
 options the stack sends) bytes of headers. GSO/GRO may merge segments into one counted packet,
-which changes the packet count but not this per-packet bound.
+which changes the packet count but not this per-packet bound. A segment TCP sends again (the
+machine was busy) is counted again: up to 5% of the payload may come twice (seen once in CI:
+13,100 header-and-resent bytes over 29 counted packets for 1 MiB, right after the docker test).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ PORT = 9099
 UP = 1 << 20  # client -> server
 DOWN = 10 * 1024  # server -> client
 HDR_MIN, HDR_MAX = 40, 80
+RESENT_MAX = 0.05  # share of the payload that retransmissions may add
 
 
 def _server(sock: socket.socket) -> int:
@@ -107,7 +110,8 @@ async def test_destroy_record_counts_match_a_known_transfer(
         packets, nbytes = r[f"{direction}_packets"], r[f"{direction}_bytes"]
         headers = nbytes - payload
         assert packets >= 3, r  # SYN (or SYN-ACK), data, FIN at least
-        assert HDR_MIN * packets <= headers <= HDR_MAX * packets, (direction, r)
+        assert HDR_MIN * packets <= headers <= HDR_MAX * packets + RESENT_MAX * payload, (
+            direction, r)
     assert t0 - 1 <= r["start"] <= r["end"] <= t1 + 1
     assert 0 <= r["duration"] < 30
     snap = acc.snapshot()
