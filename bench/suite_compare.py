@@ -14,7 +14,8 @@ A and the generator are pinned to CPU 0, B to CPU 1. Figures (ours, conntrackd's
   resync        then, B is stopped, its kernel table flushed, and a fresh B started: from when
                 its control socket is up until its external cache holds A's N flows (ours
                 resyncs at start by itself; conntrackd is sent `-n` then); `startup_s` is
-                process start -> control socket up
+                process start -> control socket up; then B's external cache is flushed and
+                refilled by `-n` on B (`resync_n_s`) and by `-B` on A (`resync_bulk_s`)
   latency       100 flows/s: first packet -> first sync datagram carrying the flow in B's
                 namespace; p50, p99
   loss          5% and 20% random loss (nftables) on the sync link from the daemons' first
@@ -169,12 +170,35 @@ def commit_and_resync(kind: str, workdir: str, topo: Any, a: Node, b: Node,
     r["resync_complete"] = 1.0 if t1 is not None else 0.0
     say(f"{kind:<13} resync into a fresh B: {got:,} of A's {want:,} flows {secs:.2f} s after "
         f"its control socket came up ({r['startup_s']:.2f} s after its process start)")
+    # the same into B's emptied external cache, asked for the two other ways: `-n` on B (it
+    # requests), `-B` on A (it pushes)
+    for name, node, flag in (("resync_n_s", b2, "-n"), ("resync_bulk_s", a, "-B")):
+        _ctl(b2, "-f", "external")
+        _poll(lambda: b2.external() == 0, 10)
+        t0 = time.monotonic()
+        _ctl(node, flag)
+        t1 = _poll(lambda: b2.external() >= want, 60, 0.02)
+        r[name] = (t1 or time.monotonic()) - t0
+        say(f"{kind:<13} {flag} into B's emptied external cache: {b2.external():,} flows after "
+            f"{r[name]:.2f} s")
     if isinstance(b2, OursNode):
         b2.d.stop()
     else:
         assert isinstance(b2, RefNode)
         b2.c.stop()
     return r
+
+
+def _ctl(node: Node, *flags: str) -> None:
+    """A conntrackd flag on a node: ours through its control socket (what the CLI sends, without
+    a Python process start), conntrackd through its own C client."""
+    if isinstance(node, OursNode):
+        cmd = {("-f", "external"): ("flush", {"cache": "external"}),
+               ("-n",): ("request_resync", {}), ("-B",): ("bulk_send", {})}[flags]
+        node.d.call(cmd[0], **cmd[1])
+    else:
+        assert isinstance(node, RefNode)
+        node.c.ctl(*flags)
 
 
 # --- TCP flows with their whole life ----------------------------------------------------------
@@ -288,6 +312,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
 
     for key, name in (("flows_per_s", "throughput_flows_per_s"), ("commit_flows_per_s",
                       "commit_flows_per_s"), ("resync_s", "resync_s"),
+                      ("resync_n_s", "resync_n_s"), ("resync_bulk_s", "resync_bulk_s"),
                       ("startup_s", "startup_s"),
                       ("cpu_us_per_flow_a", "cpu_us_per_flow_a"),
                       ("cpu_us_per_flow_b", "cpu_us_per_flow_b"),
