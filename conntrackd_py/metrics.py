@@ -220,6 +220,12 @@ class StatsCollector(Collector):
         yield GaugeMetricFamily(P + "accounting_records_pending",
                                 "Accounting records buffered, not yet written.",
                                 value=_n(a.get("records_pending", 0)))
+        yield CounterMetricFamily(P + "accounting_write_errors",
+                                  "Batches of accounting records the writer could not write.",
+                                  value=_n(a.get("write_errors", 0)))
+        yield CounterMetricFamily(P + "accounting_writer_restarts",
+                                  "Times the accounting writer process was started again.",
+                                  value=_n(a.get("writer_restarts", 0)))
         top = GaugeMetricFamily(P + "accounting_top_talker_bytes",
                                 "Bytes of the heaviest sources (a lower bound).",
                                 labels=["source"])

@@ -369,6 +369,8 @@ def test_metrics_exposition_parses_with_the_library_parser() -> None:
     assert s[(p + "link_up", (("channel", "udp -> 10.0.0.2:3780"),))] == 1
     assert s[(p + "accounting_bytes_total", (("direction", "orig"), ("proto", "tcp")))] == 1000
     assert s[(p + "accounting_flows_total", (("proto", "tcp"),))] == 1
+    assert s[(p + "accounting_write_errors_total", ())] == 0
+    assert s[(p + "accounting_writer_restarts_total", ())] == 0
 
 
 def test_collector_copes_with_stats_only_mode() -> None:

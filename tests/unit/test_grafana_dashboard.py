@@ -118,3 +118,14 @@ def test_counters_are_rated_and_gauges_are_not(expr: str) -> None:
             assert not rated, f"gauge {m.group()} must not be rated in {expr!r}"
         assert expr[m.end():].startswith('{instance=~"$instance"}'), \
             f"{m.group()} is not filtered by $instance in {expr!r}"
+
+
+def test_every_metric_in_the_alert_rules_is_exposed() -> None:
+    import yaml
+    rules_file = HERE.parents[1] / "config" / "prometheus" / "conntrackd-py-alerts.yaml"
+    doc = yaml.safe_load(rules_file.read_text())
+    rules = [r for g in doc["groups"] for r in g["rules"]]
+    assert len(rules) >= 9
+    used = {m for r in rules for m in METRIC.findall(r["expr"])}
+    assert used
+    assert used <= set(exposed()), sorted(used - set(exposed()))
