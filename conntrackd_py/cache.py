@@ -25,7 +25,7 @@ from typing import Any
 
 import msgpack
 
-from .flow import Flow, PackError, flow_from_lists, masters_first, unpack_flow
+from .flow import Flow, flows_of_entries, unpack_flow
 
 #: a peer's node id, as the replication layer names it
 Origin = int
@@ -218,23 +218,18 @@ class ExternalCache:
         return sorted(o for o, d in self._by_origin.items() if d)
 
     def upsert(self, origin: Origin, key: bytes, value: bytes, now: float) -> bool:
-        """Store a peer's flow seen at `now`; True if new or changed (a refresh alone: False)."""
+        """Store a peer's flow seen at `now` (one `apply` update); True if new or changed (a
+        refresh alone: False)."""
         d = self._by_origin.get(origin)
-        if d is None:
-            d = self._by_origin[origin] = {}
-        old = d.get(key)
-        d[key] = value + self._stamp(now)
-        if self._sweeps:
-            sweep = self._sweeps.get(origin)
-            if sweep is not None:
-                sweep[1].discard(key)
+        old = None if d is None else d.get(key)
+        self.apply(origin, ((key, value),), now)
         return old is None or len(old) != len(value) + 4 or not old.startswith(value)
 
     def apply(self, origin: Origin, flows: Iterable[tuple[bytes, bytes | None]],
               now: float) -> None:
         """A peer's batch of changes, in order: (key, value) stores the flow as seen at `now`,
-        (key, None) removes it. What `upsert`/`remove` do one by one, at a third of the cost
-        (a full resync arrives as thousands of these per second)."""
+        (key, None) removes it. One call per received datagram: a full resync arrives as
+        thousands of these per second."""
         d = self._by_origin.get(origin)
         if d is None:
             d = self._by_origin[origin] = {}
@@ -255,14 +250,12 @@ class ExternalCache:
             sweep[1].difference_update(touched)
 
     def remove(self, origin: Origin, key: bytes) -> bool:
+        """Forget a peer's flow (one `apply` removal); False if it was not there."""
         d = self._by_origin.get(origin)
-        if d is None or d.pop(key, None) is None:
+        if d is None or key not in d:
             return False
-        if not d:
-            del self._by_origin[origin]
-        sweep = self._sweeps.get(origin)
-        if sweep is not None:
-            sweep[1].discard(key)
+        # an entry exists, so a stamp was made and `_last_now` is a real time (unused here)
+        self.apply(origin, ((key, None),), self._last_now)
         return True
 
     def get(self, origin: Origin, key: bytes) -> tuple[bytes, float] | None:
@@ -372,14 +365,10 @@ class ExternalCache:
                     stale_timeout: int | None = STALE_COMMIT_TIMEOUT) -> list[Flow]:
         """The flows to create in the kernel when this node takes over, in a safe order:
         `commit_entries` as Flows, each after its master (`masters_first`)."""
-        flows: list[Flow] = []
-        for k, v in self.commit_entries(now, commit_timeout=commit_timeout,
-                                        stale_timeout=stale_timeout):
-            try:
-                flows.append(flow_from_lists(k, v))
-            except PackError:
-                self.undecodable += 1
-        return masters_first(flows)
+        flows, bad = flows_of_entries(self.commit_entries(
+            now, commit_timeout=commit_timeout, stale_timeout=stale_timeout))
+        self.undecodable += bad
+        return flows
 
     def commit_entries(self, now: float, *, commit_timeout: int | None = None,
                        stale_timeout: int | None = STALE_COMMIT_TIMEOUT

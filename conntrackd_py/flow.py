@@ -11,6 +11,7 @@ objects are made only for display. Unknown layer-4 protocols keep their raw tupl
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import IntEnum, IntFlag
 from socket import inet_ntop
 from typing import Any, NamedTuple
@@ -366,6 +367,19 @@ def flow_from_lists(k: list[Any], v: list[Any]) -> Flow:
     """A Flow from a key and value already unpacked into lists (PackError if they do not
     describe one)."""
     return flow_from_parts(k[0], tuple_from(k[1:]), v)
+
+
+def flows_of_entries(entries: Iterable[tuple[list[Any], list[Any]]]) -> tuple[list[Flow], int]:
+    """Flows from unpacked cache entries, in their order except that each comes after its
+    master (`masters_first`); and how many entries did not describe a flow (skipped)."""
+    flows: list[Flow] = []
+    bad = 0
+    for k, v in entries:
+        try:
+            flows.append(flow_from_lists(k, v))
+        except PackError:
+            bad += 1
+    return masters_first(flows), bad
 
 
 def unpack_flow(key: bytes, value: bytes) -> Flow:

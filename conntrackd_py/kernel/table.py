@@ -14,7 +14,7 @@ from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..flow import Flow, PackError, Tuple, flow_from_lists, masters_first
+from ..flow import Flow, Tuple, flow_from_lists, flows_of_entries
 from . import codec
 from .nl import KernelError, Requester
 
@@ -183,8 +183,8 @@ class Table:
     def _prepare_entries(self, entries: Sequence[tuple[list[Any], list[Any]]],
                          be_liberal: bool) -> tuple[list[Prepared], int]:
         if any(v[11] is not None for _, v in entries):  # RELATED flows: masters go first
-            flows, bad = _flows_of(entries)
-            return self._prepare_flows(masters_first(flows), be_liberal), bad
+            flows, bad = flows_of_entries(entries)
+            return self._prepare_flows(flows, be_liberal), bad
         prepared: list[Prepared] = []
         append = prepared.append
         packed = codec.create_body_packed
@@ -238,17 +238,6 @@ class Table:
 
 #: a create ready to send: family, message body, and what it was made from (for an update)
 Prepared = tuple[int, bytes, Any]
-
-
-def _flows_of(entries: Sequence[tuple[list[Any], list[Any]]]) -> tuple[list[Flow], int]:
-    flows: list[Flow] = []
-    bad = 0
-    for k, v in entries:
-        try:
-            flows.append(flow_from_lists(k, v))
-        except PackError:
-            bad += 1
-    return flows, bad
 
 
 __all__ = ["CommitResult", "KernelError", "Table"]

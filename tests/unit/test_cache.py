@@ -16,10 +16,9 @@ from conntrackd_py.cache import (
     ExternalCache,
     InternalCache,
     ReconcileResult,
-    masters_first,
     same_but_timeout,
 )
-from conntrackd_py.flow import Flow, Status, Tuple, pack_flow, pack_key, pack_value
+from conntrackd_py.flow import Flow, Status, Tuple, masters_first, pack_flow, pack_key, pack_value
 
 CLIENT = bytes([10, 0, 0, 2])
 SERVER = bytes([192, 0, 2, 10])
@@ -548,29 +547,32 @@ def test_commit_plan_puts_assured_tcp_connections_before_everything_else() -> No
 
 @given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 3), st.booleans()), max_size=40),
        st.booleans())
-def test_apply_of_a_batch_is_upsert_and_remove_one_by_one(ops: list[tuple[int, int, bool]],
-                                                          sweeping: bool) -> None:
-    """(port, version, remove) operations on origin A, with a sweep running or not: the batch
-    path and the one-by-one path leave the same entries, stamps and sweep result."""
-    one, batch = ExternalCache(epoch=0.0), ExternalCache(epoch=0.0)
-    for c in (one, batch):
-        c.upsert(A, *pack_flow(udp(99)), now=1.0)
-        if sweeping:
-            c.begin_sweep(A, now=2.0)
-    flows = []
+def test_apply_leaves_the_last_state_of_each_flow_and_feeds_the_sweep(
+        ops: list[tuple[int, int, bool]], sweeping: bool) -> None:
+    """(port, version, remove) changes applied as one batch against a plain dict model: the
+    last change of each key wins, a removal removes; a running sweep keeps exactly the keys
+    the batch touched (the entry there before it is swept away)."""
+    c = ExternalCache(epoch=0.0)
+    k0, v0 = pack_flow(udp(99))
+    c.upsert(A, k0, v0, now=1.0)
+    if sweeping:
+        c.begin_sweep(A, now=2.0)
+    flows: list[tuple[bytes, bytes | None]] = []
+    model = {k0: v0}
     for port, version, remove in ops:
         k, v = pack_flow(udp(port)._replace(mark=version))
         flows.append((k, None if remove else v))
-    for k, v in flows:
-        if v is None:
-            one.remove(A, k)
+        if remove:
+            model.pop(k, None)
         else:
-            one.upsert(A, k, v, now=3.0)
-    batch.apply(A, flows, now=3.0)
-    assert sorted(one.items()) == sorted(batch.items())
+            model[k] = v
+    c.apply(A, flows, now=3.0)
+    assert {k: v for _o, k, v, _seen in c.items(A)} == model
+    assert all(seen == 3.0 for _o, k, _v, seen in c.items(A) if k != k0)
     if sweeping:
-        assert one.end_sweep(A) == batch.end_sweep(A)
-        assert sorted(one.items()) == sorted(batch.items())
+        assert c.end_sweep(A) == 1
+        del model[k0]
+        assert {k: v for _o, k, v, _seen in c.items(A)} == model
 
 
 def _pack_reply_reference(orig: Tuple, reply: Tuple) -> Any:
