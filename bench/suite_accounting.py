@@ -30,12 +30,12 @@ import tempfile
 import time
 
 import trio
-from suite_kernel import time_events
+from suite_kernel import create_flows, flush_flows, time_events
 
 from conntrackd_py.accounting import Accounting, enable_kernel_accounting
 from conntrackd_py.config import Accounting as AccountingConfig
 from conntrackd_py.kernel.codec import EventType
-from conntrackd_py.lab import Lab, firewall_topology, udp_flows_popen
+from conntrackd_py.lab import Lab, firewall_topology
 from conntrackd_py.tracker import Tracker
 
 MODES = ("without", "kernel", "with")
@@ -61,19 +61,8 @@ async def _once(n: int, mode: str, workdir: str) -> dict[str, float]:
                 if acc is not None:
                     await nursery.start(acc.writer)
                 st = tracker.events.stats
-                gen = udp_flows_popen(topo.client, topo.server_ip, n, max_seconds=120)
-                await trio.to_thread.run_sync(gen.wait)
-                with trio.move_on_after(30):
-                    while st.new < n and st.overruns == 0:  # noqa: ASYNC110
-                        await trio.sleep(0.05)
-                await trio.sleep(0.3)
-                kernel_n = fw.conntrack_count()
-                before = st.destroy
-                await trio.to_thread.run_sync(lambda: fw.run("conntrack", "-F"))
-                with trio.move_on_after(30):
-                    while st.destroy - before < kernel_n and st.overruns == 0:  # noqa: ASYNC110
-                        await trio.sleep(0.05)
-                got = st.destroy - before
+                kernel_n = await create_flows(topo, tracker, n, settle=0.3)
+                got = await flush_flows(fw, tracker, kernel_n)
                 window = last[EventType.DESTROY] - first[EventType.DESTROY]
                 figs = {"flows": float(kernel_n), "destroy_events": float(got),
                         "events_per_s": got / window if window else 0.0,

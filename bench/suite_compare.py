@@ -138,11 +138,7 @@ def commit_and_resync(kind: str, workdir: str, topo: Any, a: Node, b: Node,
         f"{r['commit_cpu_s_b_daemon']:.2f} s CPU)")
 
     # resync into an empty peer: a fresh B with an empty kernel table
-    if isinstance(b, OursNode):
-        b.d.stop()
-    else:
-        assert isinstance(b, RefNode)
-        b.c.stop()
+    b.stop()
     fw_b.conntrack_flush()
     want = a.internal()
     t_start = time.monotonic()
@@ -181,11 +177,7 @@ def commit_and_resync(kind: str, workdir: str, topo: Any, a: Node, b: Node,
         r[name] = (t1 or time.monotonic()) - t0
         say(f"{kind:<13} {flag} into B's emptied external cache: {b2.external():,} flows after "
             f"{r[name]:.2f} s")
-    if isinstance(b2, OursNode):
-        b2.d.stop()
-    else:
-        assert isinstance(b2, RefNode)
-        b2.c.stop()
+    b2.stop()
     return r
 
 

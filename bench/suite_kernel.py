@@ -19,7 +19,7 @@ import trio
 
 from conntrackd_py.kernel.codec import EventType
 from conntrackd_py.kernel.table import Table
-from conntrackd_py.lab import Lab, firewall_topology, udp_flows_popen
+from conntrackd_py.lab import FirewallTopology, Lab, Netns, firewall_topology, udp_flows_popen
 from conntrackd_py.tracker import Tracker
 
 
@@ -41,6 +41,33 @@ def time_events(tracker: Tracker) -> tuple[dict[EventType, float], dict[EventTyp
     return first, last
 
 
+async def create_flows(topo: FirewallTopology, tracker: Tracker, n: int,
+                       settle: float = 0.5) -> int:
+    """N UDP flows through the firewall (generator in a child process); waits until the
+    tracker saw their NEW events (or an overrun), then `settle`. Returns the flows the kernel
+    holds."""
+    st = tracker.events.stats
+    gen = udp_flows_popen(topo.client, topo.server_ip, n, max_seconds=120)
+    await trio.to_thread.run_sync(gen.wait)
+    with trio.move_on_after(30):
+        while st.new < n and st.overruns == 0:  # noqa: ASYNC110
+            await trio.sleep(0.05)
+    await trio.sleep(settle)
+    return topo.fw.conntrack_count()
+
+
+async def flush_flows(fw: Netns, tracker: Tracker, expected: int) -> int:
+    """`conntrack -F`: the kernel emits a DESTROY per flow as fast as it can. Waits until the
+    tracker saw `expected` of them (or an overrun); returns how many it saw."""
+    st = tracker.events.stats
+    before = st.destroy
+    await trio.to_thread.run_sync(lambda: fw.run("conntrack", "-F"))
+    with trio.move_on_after(30):
+        while st.destroy - before < expected and st.overruns == 0:  # noqa: ASYNC110
+            await trio.sleep(0.05)
+    return st.destroy - before
+
+
 async def _kernel(n: int) -> dict[str, float]:
     figs: dict[str, float] = {}
     with Lab("ctbench") as lab:
@@ -56,13 +83,7 @@ async def _kernel(n: int) -> dict[str, float]:
             async with trio.open_nursery() as nursery:
                 await nursery.start(tracker.run)
                 st = tracker.events.stats
-                gen = udp_flows_popen(topo.client, topo.server_ip, n, max_seconds=120)
-                await trio.to_thread.run_sync(gen.wait)
-                with trio.move_on_after(30):
-                    while st.new < n and st.overruns == 0:  # noqa: ASYNC110
-                        await trio.sleep(0.05)
-                await trio.sleep(0.5)
-                kernel_n = fw.conntrack_count()
+                kernel_n = await create_flows(topo, tracker, n)
                 new_s = last[EventType.NEW] - first[EventType.NEW]
                 figs["flows_created"] = float(kernel_n)
                 figs["ingest_new_events_per_s"] = st.new / new_s if new_s else 0.0
@@ -81,13 +102,7 @@ async def _kernel(n: int) -> dict[str, float]:
                 figs["commit_failed"] = float(res.failed)
                 fresh_table.close()
 
-                before = st.destroy
-                await trio.to_thread.run_sync(lambda: fw.run("conntrack", "-F"))
-                with trio.move_on_after(30):
-                    while st.destroy - before < kernel_n and st.overruns == 0:  # noqa: ASYNC110
-                        await trio.sleep(0.05)
-                await trio.sleep(0.3)
-                got = st.destroy - before
+                got = await flush_flows(fw, tracker, kernel_n)
                 d_s = last[EventType.DESTROY] - first[EventType.DESTROY]
                 figs["ingest_destroy_events_per_s"] = got / d_s if d_s else 0.0
                 figs["ingest_lost_events"] = float(kernel_n - got) + figs["ingest_new_lost_events"]

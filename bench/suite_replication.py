@@ -140,6 +140,9 @@ class Node(abc.ABC):
     @abc.abstractmethod
     def ready(self) -> bool: ...
 
+    @abc.abstractmethod
+    def stop(self) -> None: ...
+
 
 class OursNode(Node):
     kind = OURS
@@ -165,6 +168,9 @@ class OursNode(Node):
 
     def sync_counters(self) -> dict[str, int]:
         return dict(self.d.stats("sync")["sync"]["counters"])
+
+    def stop(self) -> None:
+        self.d.stop()
 
 
 class RefNode(Node):
@@ -205,6 +211,9 @@ class RefNode(Node):
 
     def ready(self) -> bool:
         return True  # no peer state to ask for; callers wait past an alive interval
+
+    def stop(self) -> None:
+        self.c.stop()
 
 
 def start_pair(kind: str, topo: Any, workdir: str) -> tuple[Node, Node]:

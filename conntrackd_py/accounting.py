@@ -28,7 +28,7 @@ from typing import Any
 import msgpack
 import trio
 
-from .acctwriter import json_line, proto_name, record, text_line
+from .acctwriter import INFO, LOST, REOPENED, WRITTEN, json_line, proto_name, record, text_line
 from .config import Accounting as AccountingConfig
 from .flow import Flow, addr_text
 from .kernel import codec
@@ -187,17 +187,18 @@ class Accounting:
     def _on_reports(self, data: bytes | bytearray) -> None:
         self._unpacker.feed(data)
         for msg in self._unpacker:
-            if msg[0] == 0:
+            if msg[0] == WRITTEN:
                 self.in_flight -= msg[1]
                 self.records_written += msg[1]
-            elif msg[0] == 1:
+            elif msg[0] == LOST:
                 self.in_flight -= msg[1]
                 self.records_dropped += msg[1]
                 self.write_errors += 1
                 log.warning("%s", msg[2])
-            elif msg[0] == 2:
-                if msg[1].startswith("reopened"):
-                    self.reopens += 1
+            elif msg[0] == REOPENED:
+                self.reopens += 1
+                log.info("%s", msg[1])
+            elif msg[0] == INFO:
                 log.info("%s", msg[1])
         self._settle()
 

@@ -13,6 +13,7 @@ Child -> parent (stdout), a msgpack stream:
     [0, n]                     n records written
     [1, n, "why"]              n records lost to a write error (the file is reopened next time)
     [2, "text"]                something to log at info level
+    [3, "text"]                the file was reopened (counted, and logged at info level)
 
 The file survives log rotation: besides the explicit reopen, the path's inode is checked at
 most once a second before a write, and the file reopened when it was moved or deleted.
@@ -31,6 +32,8 @@ import msgpack
 
 from .flow import Counters, Flow, Proto, TcpState, Tuple, addr_text
 
+#: report kinds (child -> parent)
+WRITTEN, LOST, INFO, REOPENED = 0, 1, 2, 3
 #: seconds between checks that the output file is still where the path says
 STAT_INTERVAL = 1.0
 
@@ -141,7 +144,7 @@ class Sink:
     """The output file (reopened after rotation) and/or syslog."""
 
     def __init__(self, path: str | None, fmt: str, use_syslog: bool,
-                 say: Any = lambda text: None) -> None:
+                 say: Any = lambda kind, text: None) -> None:
         self.path, self.format, self.use_syslog, self.say = path, FORMATTERS[fmt], use_syslog, say
         self.file: IO[str] | None = None
         self.ino: tuple[int, int] | None = None
@@ -155,13 +158,13 @@ class Sink:
             try:
                 self.file.close()
             except OSError as e:
-                self.say(f"closing accounting file {self.path}: {e}")
+                self.say(INFO, f"closing accounting file {self.path}: {e}")
         self.file = None
         f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (kept open across calls)
         st = os.fstat(f.fileno())
         self.file, self.ino = f, (st.st_dev, st.st_ino)
         if reopen:
-            self.say(f"reopened accounting file {self.path}")
+            self.say(REOPENED, f"reopened accounting file {self.path}")
 
     def _moved(self) -> bool:
         assert self.path is not None
@@ -218,20 +221,20 @@ def serve(inp: int, out: IO[bytes], sink: Sink) -> None:
         out.write(pack(list(msg)))
         out.flush()
 
-    sink.say = lambda text: report(2, text)
+    sink.say = report
     unpacker = msgpack.Unpacker(use_list=False, raw=False)
     def flush(batch: list[Any]) -> None:
         try:
             bad = sink.write(batch)
         except OSError as e:
             sink.file = None  # a fresh open next time
-            report(1, len(batch), f"cannot write {len(batch)} accounting records to "
+            report(LOST, len(batch), f"cannot write {len(batch)} accounting records to "
                                   f"{sink.path}: {e}")
             return
         if bad:
-            report(1, bad, f"dropped {bad} malformed accounting records")
+            report(LOST, bad, f"dropped {bad} malformed accounting records")
         if len(batch) > bad:
-            report(0, len(batch) - bad)
+            report(WRITTEN, len(batch) - bad)
 
     while data := os.read(inp, 1 << 20):
         unpacker.feed(data)
@@ -248,7 +251,7 @@ def serve(inp: int, out: IO[bytes], sink: Sink) -> None:
                     sink.open()
                 except OSError as e:
                     sink.file = None
-                    report(2, f"cannot reopen accounting file {sink.path}: {e}")
+                    report(INFO, f"cannot reopen accounting file {sink.path}: {e}")
         if batch:
             flush(batch)
     sink.close()

@@ -82,22 +82,16 @@ class Outbox:
             v: Any = pop(k, _MISSING)
             if v is _MISSING:
                 continue
+            need = len(k) + (ld if v is None else len(v) + lu)
+            if size + need > limit:
+                items[k] = v  # unpop: it leaves first next time
+                pos -= 1
+                full = True
+                break
             if v is None:
-                need = len(k) + ld
-                if size + need > limit:
-                    items[k] = v
-                    pos -= 1
-                    full = True
-                    break
                 append(destroy)
                 append(k)
             else:
-                need = len(k) + len(v) + lu
-                if size + need > limit:
-                    items[k] = v
-                    pos -= 1
-                    full = True
-                    break
                 append(update)
                 append(k)
                 append(v)
