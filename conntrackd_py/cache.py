@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import gc
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import msgpack
@@ -98,6 +99,10 @@ class InternalCache:
 
     def items(self) -> Iterator[Pair]:
         return iter(self._d.items())
+
+    def mapping(self) -> Mapping[bytes, bytes]:
+        """A read-only live view (what a full resync snapshots, key and value lists at once)."""
+        return MappingProxyType(self._d)
 
     def flows(self) -> Iterator[Flow]:
         """The cached flows as `Flow` objects, unpacked one at a time."""

@@ -36,7 +36,7 @@ from .accounting import Accounting, enable_kernel_accounting
 from .cache import ExternalCache
 from .config import Config, load_keys
 from .control import ControlError, ControlServer
-from .flow import unpack_flow, unpack_key
+from .flow import PackError, unpack_flow, unpack_key
 from .kernel.codec import EventType
 from .kernel.table import CommitResult, Table
 from .metrics import exposition, serve_metrics
@@ -142,7 +142,8 @@ class Daemon:
         self._watchers: list[trio.MemorySendChannel[str]] = []
         self._direct: list[tuple[bytes, bytes | None]] = []
         self._direct_wake = trio.Event()
-        self.direct_stats = {"created": 0, "updated": 0, "deleted": 0, "failed": 0}
+        self.direct_stats = {"created": 0, "updated": 0, "deleted": 0, "failed": 0,
+                             "undecodable": 0}
         self.nursery: trio.Nursery | None = None
         self.accounting = (Accounting(cfg.stats.accounting) if cfg.stats.accounting.enabled
                            else None)
@@ -239,7 +240,13 @@ class Daemon:
             self._direct_wake = trio.Event()
             batch, self._direct = self._direct, []
             latest: dict[bytes, bytes | None] = dict(batch)  # the latest state per flow wins
-            ups = [unpack_flow(k, v) for k, v in latest.items() if v is not None]
+            ups = []
+            for k, v in latest.items():
+                if v is not None:
+                    try:
+                        ups.append(unpack_flow(k, v))
+                    except PackError:
+                        self.direct_stats["undecodable"] += 1
             if ups:
                 res = await table.commit(ups, be_liberal=be_liberal)
                 self.direct_stats["created"] += res.created
@@ -247,7 +254,11 @@ class Daemon:
                 self.direct_stats["failed"] += res.failed
             for k, v in latest.items():
                 if v is None:
-                    zone, orig = unpack_key(k)
+                    try:
+                        zone, orig = unpack_key(k)
+                    except PackError:
+                        self.direct_stats["undecodable"] += 1
+                        continue
                     if await table.delete(zone, orig):
                         self.direct_stats["deleted"] += 1
 
@@ -391,8 +402,13 @@ class Daemon:
                 None if origin is None else int(origin)))
         if args.get("raw"):  # exact bytes, for convergence checks
             return [[o, k.hex(), v.hex()] for o, k, v in pairs]
+        bad = 0
         for o, k, v in pairs:
-            f = unpack_flow(k, v)
+            try:
+                f = unpack_flow(k, v)
+            except PackError:  # a peer's bytes that do not describe a flow: not listed
+                bad += 1
+                continue
             if proto is not None and f.orig.proto != int(proto):
                 continue
             if (nat == "src" and not f.is_snat) or (nat == "dst" and not f.is_dnat):
@@ -401,14 +417,21 @@ class Daemon:
                 continue
             line = f.format()
             out.append(line if o is None else f"{line} [node={o}]")
+        if bad:
+            log.warning("dump of the %s cache: %d entries do not describe a flow (a peer's "
+                        "bytes); not listed", which, bad)
         return out
 
     def _notify_watchers(self, where: str, key: bytes, value: bytes | None) -> None:
-        if value is None:
-            zone, orig = unpack_key(key)
-            line = f"[DESTROY] {where}: zone={zone} {orig.format()}"
-        else:
-            line = f"[UPDATE] {where}: {unpack_flow(key, value).format()}"
+        try:
+            if value is None:
+                zone, orig = unpack_key(key)
+                line = f"[DESTROY] {where}: zone={zone} {orig.format()}"
+            else:
+                line = f"[UPDATE] {where}: {unpack_flow(key, value).format()}"
+        except PackError:  # a peer's bytes that do not describe a flow
+            line = f"[{'DESTROY' if value is None else 'UPDATE'}] {where}: undecodable " \
+                   f"key {key.hex()}"
         for ch in list(self._watchers):
             try:
                 ch.send_nowait(line)
@@ -442,6 +465,7 @@ class Daemon:
                 "external": len(self.external),
                 "external_by_node": {str(o): self.external.count(o)
                                      for o in self.external.origins()},
+                "external_undecodable": self.external.undecodable,
             }
             if tr is not None:
                 out["cache"]["kernel_events"] = asdict(tr.events.stats)
@@ -593,7 +617,7 @@ class Daemon:
             assert self.transport is not None
             self.engine = sync_engine.Engine(
                 config_from(cfg, keys), epoch=self.epoch,
-                source=self.tracker.cache.items, now=self._now())
+                source=self.tracker.cache.mapping, now=self._now())
         # the internal cache is loaded before the engine can be asked for a resync
         await self.tracker.resync_from_kernel()
         nursery.start_soon(self.tracker.events.run, self._on_events,

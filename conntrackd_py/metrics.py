@@ -74,6 +74,9 @@ class StatsCollector(Collector):
         for node, n in (c.get("external_by_node") or {}).items():
             g.add_metric([str(node)], _n(n))
         yield g
+        yield CounterMetricFamily(P + "external_undecodable", "Peers' entries that did not "
+                                  "describe a flow, skipped by a commit.",
+                                  value=_n(c.get("external_undecodable", 0)))
         ev = c.get("kernel_events")
         if ev:
             m = CounterMetricFamily(P + "kernel_events", "ctnetlink events read, by type.",
@@ -127,7 +130,8 @@ class StatsCollector(Collector):
                          ("evicted", "Resend-queue entries dropped unacknowledged."),
                          ("expired", "Remote flows expired by the alarm timeout."),
                          ("resyncs_aborted", "Received resyncs cut short."),
-                         ("peer_restarts", "Peer restarts seen (new epoch).")):
+                         ("peer_restarts", "Peer restarts seen (new epoch)."),
+                         ("oversize", "Flows too big for any datagram, never sent.")):
             yield CounterMetricFamily(P + "sync_" + key, doc, value=_n(c.get(key, 0)))
         rej = CounterMetricFamily(P + "sync_rejected", "Datagrams refused, by reason.",
                                   labels=["reason"])

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
-from .outbox import Outbox
+from .outbox import Snapshot
 from .wire import FlowMessage
 
 TICKS = 32  # allowance steps per refresh period
@@ -27,14 +27,15 @@ class RefreshPacer:
 
     def __init__(self, period: float, now: float) -> None:
         self.period = period
-        self.box = Outbox()
+        self.box = Snapshot()
         self.start = now
         self.total = 0
         self.emitted = 0
         self.next_period = now + period  # the stream starts with a full resync anyway
 
-    def begin(self, items: Iterable[tuple[bytes, bytes]], now: float) -> None:
-        self.box = Outbox(items)
+    def begin(self, items: Mapping[bytes, bytes] | Iterable[tuple[bytes, bytes]],
+              now: float) -> None:
+        self.box = Snapshot(items)
         self.total = len(self.box)
         self.emitted = 0
         self.start = now

@@ -154,6 +154,7 @@ class Counters:
     evicted: int = 0  # resend-queue entries dropped unacked by the bound
     expired: int = 0  # ALARM: remote flows dropped after cache_timeout
     peer_restarts: int = 0
+    oversize: int = 0  # flows too big for any datagram, never sent (a bug upstream)
     resend_queue_depth: int = 0
 
     def as_dict(self) -> dict[str, int]:

@@ -7,7 +7,7 @@ full resyncs, resend queue); `wire.py` the bytes; `ftfw.py`/`notrack.py`/`alarm.
 per-mode structures. It reads no clock (every method takes `now`, float seconds of a
 monotonic clock), opens no socket and imports no trio.
 
-    engine = Engine(config, epoch, source=cache.items, now=now)
+    engine = Engine(config, epoch, source=cache.mapping, now=now)
     engine.local_update(key, value, now)          # my flow changed (packed key/value bytes)
     engine.local_destroy(key, now)
     engine.receive_datagram(data, now)            # bytes from the sync link
@@ -23,7 +23,8 @@ Pump after every input: call `datagrams_to_send` and drain `events` after each o
 last `now` seen, so the shell calls again after yielding to its other tasks. Every datagram
 goes to every peer (ACK/NACK/RESYNC_REQUEST name their target inside, and others ignore them).
 
-`source()` must return the current internal cache as (key, value) pairs, already including
+`source()` must return the current internal cache as a mapping (fastest) or (key, value)
+pairs, already including
 every change reported through `local_update`/`local_destroy` (update the cache first, then
 tell the engine). It is read into a snapshot once at the start of each full resync (and ALARM
 period), so the cache may change freely afterwards.

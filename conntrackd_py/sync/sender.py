@@ -10,17 +10,18 @@ passes in (`acks`: our seq each live peer has acked). No clock, no socket.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from . import wire
 from .alarm import RefreshPacer
 from .config import Counters, Mode, SyncConfig
 from .ftfw import ResendQueue
-from .outbox import Outbox
+from .outbox import Outbox, Snapshot
 from .seqnum import add, after, diff
 from .wire import Message, ResyncRequest
 
-Source = Callable[[], Iterable[tuple[bytes, bytes]]]
+#: the internal flows: a mapping (fastest to snapshot) or (key, value) pairs
+Source = Callable[[], Mapping[bytes, bytes] | Iterable[tuple[bytes, bytes]]]
 
 _UPDATE, _DESTROY = wire.UPDATE_PREFIX, wire.DESTROY_PREFIX
 _BEGIN, _END, _ALIVE = (wire.MARKER_BYTES[k] for k in wire.MARKERS)
@@ -42,7 +43,7 @@ class Sender:
         self.live = Outbox()
         self.seq = 0  # newest sequenced datagram sent; the stream starts at 1
         self.first_lap = True
-        self.resync_box: Outbox | None = None
+        self.resync_box: Snapshot | None = None
         self.resync_pending = True  # every epoch's stream begins with a full resync
         self.resync_begin: int | None = None  # seq of the newest RESYNC_BEGIN sent
         self.last_stream = now
@@ -186,7 +187,7 @@ class Sender:
         snapshot already (`source()` includes every change reported), so they are dropped;
         waiting destroys stay and leave right after RESYNC_BEGIN."""
         self.resync_pending = False
-        self.resync_box = Outbox(self.source())
+        self.resync_box = Snapshot(self.source())
         if self.live:
             self.live = Outbox((k, v) for k, v in self.live.items() if v is None)
         self.c.resyncs_sent += 1
@@ -197,6 +198,27 @@ class Sender:
         """Append `box`'s messages to `parts` while they fit (at most `allowance` of them,
         -1: no limit). Returns (new size, messages added, datagram full)."""
         return box.fill(parts, size, limit, allowance, _UPDATE, _DESTROY)
+
+    def _fill_batch(self, box: Snapshot, parts: list[bytes], size: int, limit: int,
+                    allowance: int = -1) -> tuple[int, int, int, bool]:
+        """Append `box`'s next flows to `parts` as one FLOW_BATCH while they fit. Returns
+        (new size, messages added, flows added, True if the next did not fit)."""
+        msg, n, full = box.fill(limit - size, allowance)
+        if msg is not None:
+            parts.append(msg)
+            return size + len(msg), 1, n, full
+        if full and size == 0:
+            # not even one flow fits an empty datagram's batch: it goes as a FLOW_UPDATE,
+            # which `put` made sure fits (or, never put, is counted and dropped)
+            kv = box.take_one()
+            if kv is not None:
+                k, v = kv
+                if size + len(k) + len(v) + len(_UPDATE) <= limit:
+                    parts += (_UPDATE, k, v)
+                    return size + len(k) + len(v) + len(_UPDATE), 1, 1, bool(box)
+                self.c.oversize += 1
+            return size, 0, 0, bool(box)
+        return size, 0, 0, full
 
     def stream_datagram(self, now: float, window_open: bool) -> bytes | None:
         """The next sequenced datagram: RESYNC_BEGIN if a resync starts, live changes, then
@@ -213,29 +235,35 @@ class Sender:
         size, n, full = self._fill(self.live, parts, size, limit)
         count += n
         flows = n
+        pad = False  # full datagrams of a resync go out padded to one length: UDP GSO
         if not full and window_open:
             box = self.resync_box
             if box is not None:
-                size, n, full = self._fill(box, parts, size, limit)
+                size, n, f, full = self._fill_batch(box, parts, size, limit)
                 count += n
-                flows += n
-                if not full and size + len(_END) <= limit:
+                flows += f
+                pad = full
+                if not box and size + len(_END) <= limit:
                     parts.append(_END)
                     count += 1
                     self.resync_box = None
             elif self.pacer is not None:
                 allowance = self.pacer.allowance(now)
                 if allowance > 0:
-                    size, n, full = self._fill(self.pacer.box, parts, size, limit, allowance)
-                    self.pacer.emitted += n
+                    size, n, f, full = self._fill_batch(self.pacer.box, parts, size, limit,
+                                                        allowance)
+                    self.pacer.emitted += f
                     count += n
-                    flows += n
+                    flows += f
+                    pad = full
         if count == 0:
             if now < self.last_stream + self.cfg.alive_interval:
                 return None
             parts.append(_ALIVE)
             count = 1
         self.c.flows_sent += flows
+        if pad and size < limit:
+            parts.append(wire.PAD * (limit - size))
         return self._seal(parts, count, begin, now)
 
     def _seal(self, parts: list[bytes], count: int, begin: bool, now: float) -> bytes:

@@ -6,18 +6,22 @@ error type (`BadDatagram`, with a machine-readable `reason` for counters). It ke
 reads no clock and decides nothing about reliability (that is `engine.py`/`ftfw.py`).
 
 Flow keys and values are the packed forms of `flow.py` and cross the wire as raw msgpack,
-embedded in the message arrays without being unpacked or re-packed: a decoded flow message is
-the tuple `(key bytes, value bytes)` (or `(key bytes, None)` for a destroy) that the caches
-store as is. The decoder checks only that each is one well-formed msgpack array; what the
-arrays mean is checked where flows are committed to the kernel (`flow.unpack_flow`).
+embedded in the message arrays without being unpacked or re-packed (FLOW_UPDATE), or as
+msgpack bin strings holding those bytes (FLOW_BATCH, which msgpack's C unpacker splits in one
+call: a full resync's bulk). A decoded flow message is the tuple `(key bytes, value bytes)`
+(or `(key bytes, None)` for a destroy) that the caches store as is. The decoder checks only
+that each is a msgpack array (FLOW_UPDATE: one well-formed array; FLOW_BATCH: bytes that start
+with an array header); what the arrays mean is checked where they are used (`flow.unpack_flow`
+and the commit, which skip and count what does not unpack).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import operator
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag, StrEnum
 
@@ -50,6 +54,7 @@ class Kind(IntEnum):
     RESYNC_BEGIN = 2  # [2]
     RESYNC_END = 3  # [3]
     ALIVE = 4  # [4]
+    FLOW_BATCH = 5  # [5, [key, value, key, value, ...]] (keys and values as bin)
     ACK = 16  # [16, target node, target epoch, seq]
     NACK = 17  # [17, target node, target epoch, [first, last, first, last, ...]]
     RESYNC_REQUEST = 18  # [18, target node or 0, target epoch or 0, from seq or 0]
@@ -196,8 +201,19 @@ UPDATE_PREFIX = b"\x93\x00"  # fixarray(3), FLOW_UPDATE; then raw key, raw value
 DESTROY_PREFIX = b"\x92\x01"  # fixarray(2), FLOW_DESTROY; then raw key
 FLOW_OVERHEAD = 2
 MARKER_BYTES = {k: bytes((0x91, k)) for k in MARKERS}
+# a body may end with padding: bytes 0xC1, which msgpack never uses (datagrams of one length
+# go out many per system call: UDP GSO)
+PAD = b"\xc1"
 
 _IS_ARRAY = bytes(1 if (0x90 <= b <= 0x9F or b in (0xDC, 0xDD)) else 0 for b in range(256))
+_ARRAY_STARTS = bytes(b for b in range(256) if _IS_ARRAY[b])
+_FIRST_BYTE = operator.itemgetter(0)
+_ONLY_BYTES = frozenset({bytes})
+# FLOW_BATCH framing: fixarray(2), kind 5, then the list's header (1 byte up to 15 items, 3 up
+# to 65535); each key or value is a bin8 (2 bytes of header up to 255 bytes, bin16 3 beyond)
+BATCH_FRAMING_MAX = 5
+BATCH_PAIR_OVERHEAD = 4
+_batch_packer = msgpack.Packer(use_bin_type=True)
 
 
 def is_packed_array(data: bytes) -> bool:
@@ -205,8 +221,23 @@ def is_packed_array(data: bytes) -> bool:
     return bool(data) and bool(_IS_ARRAY[data[0]])
 
 
-def encode_message(m: Message) -> bytes:
-    """One message as body bytes. Flow keys/values are embedded as they are (raw msgpack)."""
+def encode_batch(flat: list[bytes]) -> bytes:
+    """A FLOW_BATCH message: `flat` is [key, value, key, value, ...] (packed flows)."""
+    return _batch_packer.pack([Kind.FLOW_BATCH.value, flat])  # type: ignore[no-any-return]
+
+
+def batch_size(flat: Sequence[bytes]) -> int:
+    """The exact length of `encode_batch(flat)`, without building it."""
+    n = len(flat)
+    return (2 + (1 if n <= 15 else 3) + sum(map(len, flat)) + 2 * n
+            + sum(map((255).__lt__, map(len, flat))))
+
+
+def encode_message(m: Message | list[FlowMessage]) -> bytes:
+    """One message as body bytes. Flow keys/values are embedded as they are (raw msgpack);
+    a list of (key, value) updates becomes one FLOW_BATCH."""
+    if type(m) is list:
+        return encode_batch([x for kv in m for x in kv])  # type: ignore[misc]
     if type(m) is tuple:
         k, v = m
         return DESTROY_PREFIX + k if v is None else UPDATE_PREFIX + k + v
@@ -236,7 +267,8 @@ def seal(flags: int, node: int, epoch: int, seq: int, count: int, body: bytes,
     return signed + _tag(key, signed)
 
 
-def encode_datagram(node: int, epoch: int, seq: int, messages: Iterable[Message], *,
+def encode_datagram(node: int, epoch: int, seq: int,
+                    messages: Iterable[Message | list[FlowMessage]], *,
                     sequenced: bool, first_lap: bool,
                     keys: KeyRing | Sequence[bytes] = ()) -> bytes:
     """A whole datagram (the general, slower path: control datagrams, vectors, tests)."""
@@ -289,7 +321,10 @@ def decode_untrusted(data: bytes, keys: KeyRing | Sequence[bytes] = ()) -> Datag
         if not cands:
             raise BadDatagram(Reason.UNKNOWN_KEY, f"key id {kid}")
         signed, tag = data[:end], data[end:]
-        if not any(hmac.compare_digest(_tag(k, signed), tag) for k in cands):
+        for k in cands:
+            if hmac.compare_digest(_tag(k, signed), tag):
+                break
+        else:
             raise BadDatagram(Reason.BAD_TAG)
     elif ring.keys:
         raise BadDatagram(Reason.UNTAGGED)
@@ -300,13 +335,29 @@ def decode_untrusted(data: bytes, keys: KeyRing | Sequence[bytes] = ()) -> Datag
     return Datagram(node, epoch, seq, flags, kid, msgs, n_flows, markers, unknown)
 
 
+def _batch(items: object) -> Iterator[FlowMessage]:
+    """The (key, value) updates of a FLOW_BATCH's list, checked with C-speed passes only."""
+    if type(items) is not list or not items or len(items) & 1:
+        raise BadDatagram(Reason.MALFORMED, "a flow batch must be a list of key, value pairs")
+    try:
+        b"".join(items)  # TypeError unless every item is bytes (msgpack bin)
+        firsts = bytes(map(_FIRST_BYTE, items))  # IndexError for an empty one
+    except (TypeError, IndexError):
+        raise BadDatagram(Reason.MALFORMED, "flow batch keys and values must be non-empty "
+                          "bytes") from None
+    if firsts.translate(None, _ARRAY_STARTS):
+        raise BadDatagram(Reason.MALFORMED, "flow keys and values must be arrays")
+    it = iter(items)
+    return zip(it, it, strict=True)
+
+
 def _parse_body(body: bytes, count: int, sequenced: bool) -> tuple[list[Message], int, int, int]:
     blen = len(body)
     u = msgpack.Unpacker(raw=False, max_buffer_size=max(blen, 1))
     u.feed(body)
     rah, unp, tell, skip, read = u.read_array_header, u.unpack, u.tell, u.skip, u.read_bytes
     is_array = _IS_ARRAY
-    peek = body + b"\xc1"  # 0xC1 is never used by msgpack: indexing at the end is safe
+    peek = body + PAD  # 0xC1 is never used by msgpack: indexing at the end is safe
     msgs: list[Message] = []
     append = msgs.append
     n_flows = markers = unknown = 0
@@ -354,6 +405,15 @@ def _parse_body(body: bytes, count: int, sequenced: bool) -> tuple[list[Message]
                     append((body[a:b], None))
                     extra = ln - 2
                 n_flows += 1
+            elif kind == Kind.FLOW_BATCH:
+                if not sequenced:
+                    raise BadDatagram(Reason.MISPLACED, "flow message in a control datagram")
+                if ln < 2:
+                    raise BadDatagram(Reason.MALFORMED, "flow batch without its list")
+                items = unp()
+                msgs += _batch(items)
+                n_flows += len(items) >> 1
+                extra = ln - 2
             elif 2 <= kind <= 4:
                 if not sequenced:
                     raise BadDatagram(Reason.MISPLACED, "stream marker in a control datagram")
@@ -384,8 +444,9 @@ def _parse_body(body: bytes, count: int, sequenced: bool) -> tuple[list[Message]
                 for _ in range(extra):
                     skip()
             pos = tell()
-        if tell() != blen:
-            raise BadDatagram(Reason.TRAILING, f"{blen - tell()} bytes after the last message")
+        end = tell()
+        if end != blen and body.count(PAD, end) != blen - end:
+            raise BadDatagram(Reason.TRAILING, f"{blen - end} bytes after the last message")
     except (ValueError, msgpack.UnpackException) as e:
         raise BadDatagram(Reason.MALFORMED, str(e)[:80]) from None
     return msgs, n_flows, markers, unknown

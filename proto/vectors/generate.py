@@ -50,7 +50,14 @@ def flow_msg(f: Flow, destroy: bool = False) -> tuple[bytes, bytes | None]:
     return (k, None) if destroy else (k, v)
 
 
-def describe(m: Message) -> dict[str, Any]:
+def flat(msgs: list[Any]) -> list[Message]:
+    """Messages as decoded: a FLOW_BATCH (a list of updates here) arrives as its updates."""
+    return [x for m in msgs for x in (m if type(m) is list else [m])]
+
+
+def describe(m: Any) -> dict[str, Any]:
+    if type(m) is list:
+        return {"kind": "FLOW_BATCH", "flows": [describe(x) for x in m]}
     if type(m) is tuple:
         k, v = m
         d: dict[str, Any] = {"kind": "FLOW_DESTROY" if v is None else "FLOW_UPDATE",
@@ -78,20 +85,29 @@ def describe(m: Message) -> dict[str, Any]:
             "from_seq": m.from_seq}
 
 
-def vector(name: str, text: str, node: int, seq: int, msgs: list[Message], *,
-           sequenced: bool, first_lap: bool = True, key: str | None = None) -> dict[str, Any]:
+def vector(name: str, text: str, node: int, seq: int, msgs: list[Any], *,
+           sequenced: bool, first_lap: bool = True, key: str | None = None,
+           pad_to: int = 0) -> dict[str, Any]:
     keys = [KEYS[key]] if key else []
     data = wire.encode_datagram(node, EPOCH, seq, msgs, sequenced=sequenced,
                                 first_lap=first_lap, keys=keys)
+    if pad_to:  # padding goes before the tag: seal the padded body again
+        ring = wire.KeyRing(keys)
+        end = len(data) - (wire.TAG_SIZE if keys else 0)
+        body = data[wire.HEADER_SIZE:end]
+        body += wire.PAD * (pad_to - len(data))
+        flags = data[3]
+        data = wire.seal(flags, node, EPOCH, seq, len(msgs), body, ring)
+        assert len(data) == pad_to
     dg = wire.decode_untrusted(data, keys)
-    assert dg.messages == msgs
+    assert dg.messages == flat(msgs)
     return {
         "name": name, "description": text, "hex": data.hex(), "keys": [key] if key else [],
         "header": {"magic": wire.MAGIC.hex(), "version": wire.VERSION, "flags": dg.flags,
                    "key_id": dg.key_id, "node": node, "epoch": EPOCH, "seq": seq,
                    "count": len(msgs)},
         "tag": data[-wire.TAG_SIZE:].hex() if key else None,
-        "messages": [describe(m) for m in msgs], "unknown": 0, "reencode": True,
+        "messages": [describe(m) for m in msgs], "unknown": 0, "reencode": not pad_to,
     }
 
 
@@ -113,6 +129,12 @@ def main() -> None:
         vector("resync-bracket", "a whole full resync in one datagram: RESYNC_BEGIN, the only "
                "flow, RESYNC_END", 2, 1, [Kind.RESYNC_BEGIN, u, Kind.RESYNC_END],
                sequenced=True),
+        vector("flow-batch", "a full resync's datagram: RESYNC_BEGIN, then one FLOW_BATCH of "
+               "three flows (keys and values as bin), tagged with k1", 1, 9,
+               [Kind.RESYNC_BEGIN, [u, t, v6]], sequenced=True, key="k1"),
+        vector("flow-batch-padded", "a FLOW_BATCH and RESYNC_END in a datagram padded with "
+               "0xC1 bytes to 200 bytes (full resync datagrams are padded to one length)", 1,
+               10, [[u, t], Kind.RESYNC_END], sequenced=True, pad_to=200),
         vector("alive-wrapped", "an ALIVE after the sequence wrapped (no FIRST_LAP flag)", 2,
                5, [Kind.ALIVE], sequenced=True, first_lap=False),
         vector("ack-and-nack", "control datagram of node 2 (its newest seq is 9): ACK of node "
@@ -155,6 +177,13 @@ def main() -> None:
         ("flow-in-control-datagram", raw(0, 1, b"\x92\x01" + k), [], "misplaced"),
         ("ack-in-stream-datagram", raw(sf, 1, b"\x94\x10\x01\x01\x01"), [], "misplaced"),
         ("key-not-an-array", raw(sf, 1, b"\x93\x00\x01" + val), [], "malformed"),
+        ("batch-in-control-datagram", raw(0, 1, wire.encode_batch([k, val])), [],
+         "misplaced"),
+        ("batch-odd-length", raw(sf, 1, wire.encode_batch([k, val, k])), [], "malformed"),
+        ("batch-of-integers", raw(sf, 1, b"\x92\x05\x92\x01\x02"), [], "malformed"),
+        ("batch-value-not-an-array", raw(sf, 1, wire.encode_batch([k, b"\x01"])), [],
+         "malformed"),
+        ("padding-not-0xc1", raw(sf, 1, b"\x91\x04\xc1\xc1\x00"), [], "trailing"),
         ("node-zero", wire.HEADER.pack(wire.MAGIC, 1, sf, 0, 0, EPOCH, 1, 1) + b"\x91\x04",
          [], "malformed"),
     ]

@@ -62,3 +62,48 @@ def test_sockaddr_layouts() -> None:
     assert v6[2:4] == b"\x0e\xc4"
     assert v6[-4:] == (7).to_bytes(4, "little" if __import__("sys").byteorder == "little"
                                    else "big")
+
+
+@pytest.mark.parametrize(("family", "host"), [(socket.AF_INET, "127.0.0.1"),
+                                              (socket.AF_INET6, "::1")])
+def test_runs_of_one_length_go_as_one_gso_send_and_arrive_as_datagrams(
+        family: int, host: str) -> None:
+    """Datagrams of one length (a shorter last one allowed) leave in one UDP_SEGMENT send;
+    the receiver gets them one by one, byte for byte; other lengths break the run."""
+    rx = socket.socket(family, socket.SOCK_DGRAM)
+    tx = socket.socket(family, socket.SOCK_DGRAM)
+    with rx, tx:
+        rx.bind((host, 0))
+        rx.settimeout(2)
+        sender = nl.MultiSender(tx, (host, rx.getsockname()[1]), slots=8)
+        run = [bytes([i]) * 1000 for i in range(10)] + [b"short"]
+        datagrams = [*run, b"x" * 700, b"y" * 900, b"z" * 700]
+        assert sender.send(datagrams, 0) == 11  # the whole run, its short tail included
+        assert sender.gso
+        i = 11
+        while i < len(datagrams):
+            i += sender.send(datagrams, i)
+        assert [rx.recv(4096) for _ in datagrams] == datagrams
+        # a run longer than one GSO send allows is cut at the limit
+        many = [b"m" * 1400] * 100
+        n = sender.send(many, 0)
+        assert n == min(nl.GSO_MAX_SEGMENTS, nl.GSO_MAX_BYTES // 1400)
+        assert [rx.recv(4096) for _ in range(n)] == many[:n]
+
+
+def test_gso_refused_falls_back_to_sendmmsg_for_good() -> None:
+    """A socket sending without UDP checksums (SO_NO_CHECK) cannot use GSO: the kernel refuses
+    (EINVAL), the sender falls back to sendmmsg and stops trying."""
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with rx, tx:
+        rx.bind(("127.0.0.1", 0))
+        rx.settimeout(2)
+        tx.setsockopt(socket.SOL_SOCKET, 11, 1)  # SO_NO_CHECK
+        sender = nl.MultiSender(tx, ("127.0.0.1", rx.getsockname()[1]), slots=8)
+        datagrams = [b"d" * 1000] * 5
+        sent = 0
+        while sent < len(datagrams):
+            sent += sender.send(datagrams, sent)
+        assert not sender.gso
+        assert [rx.recv(4096) for _ in datagrams] == datagrams

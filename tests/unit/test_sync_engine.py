@@ -642,3 +642,46 @@ def test_config_from_the_daemon_config() -> None:
     assert (sc.node_id, sc.mode, sc.keys, sc.periodic_resync) == (3, "notrack", (K1,), 30.0)
     assert sc.allowed_peers == frozenset({1, 2})
     Engine(sc, 1, dict().items, 0.0)  # valid as a whole
+
+
+# --- full resync datagrams: one FLOW_BATCH each, padded to one length -----------------------------
+
+
+def test_full_resync_goes_in_batches_padded_to_the_mtu_and_arrives_whole() -> None:
+    p = Pair(mtu=600, keys=(K1,))
+    p.a_int.update(_flow(i) for i in range(300))
+    p.exchange()
+    p.a.bulk_send(p.now)
+    sent = p.a_sends()
+    dgs = [decode_untrusted(d, (K1,)) for d in sent]
+    # every datagram but the last is full, so it is padded to exactly the MTU (UDP GSO runs)
+    assert [len(d) for d in sent[:-1]] == [600] * (len(sent) - 1)
+    assert len(sent[-1]) <= 600
+    assert dgs[0].messages[0] is Kind.RESYNC_BEGIN
+    assert dgs[-1].messages[-1] is Kind.RESYNC_END
+    # one message for the flows of a datagram: the batch, not one FLOW_UPDATE each
+    assert all(wire.Kind.FLOW_BATCH.to_bytes(1, "big") in d for d in sent)
+    assert sum(dg.n_flows for dg in dgs) == 300
+    assert max(int.from_bytes(d[17:19], "big") for d in sent) <= 3  # BEGIN, batch, END
+    p.to_b(sent)
+    assert p.b_view == p.a_int
+
+
+def test_a_snapshot_flow_too_big_for_a_batch_goes_as_a_flow_update() -> None:
+    """`put` admits flows up to the MTU with FLOW_UPDATE's 2 bytes of framing; one that a
+    batch's framing no longer fits still goes, alone; one that fits nothing is counted."""
+    p = Pair(mtu=512)
+    body = 512 - wire.HEADER_SIZE
+    k = b"\x91" + b"\x00"
+    big = b"\x91\xc5" + (body - 2 - len(k) - 4).to_bytes(2, "big") + bytes(body - 2 - len(k) - 4)
+    assert len(k) + len(big) + wire.FLOW_OVERHEAD == body  # fits a datagram exactly
+    p.a_int[k] = big
+    p.a_int.update(_flow(i) for i in range(5))
+    p.exchange()
+    assert p.b_view == p.a_int
+    p.a_int[b"\x91\x01"] = big + bytes(10)  # bigger than any datagram (never `put`)
+    p.b_view.clear()
+    p.a.bulk_send(p.now)
+    p.exchange()
+    assert p.a.counters.oversize == 1
+    assert p.b_view == {kk: v for kk, v in p.a_int.items() if kk != b"\x91\x01"}

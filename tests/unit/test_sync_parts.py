@@ -9,11 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_sync_sim import Cluster, Faults, Workload
 
-from conntrackd_py.sync import SyncConfig, new_epoch, seqnum
+from conntrackd_py.sync import SyncConfig, new_epoch, seqnum, wire
 from conntrackd_py.sync.alarm import ExpiryTracker, RefreshPacer
 from conntrackd_py.sync.ftfw import ReliableStream, ResendQueue
 from conntrackd_py.sync.notrack import BestEffortStream
-from conntrackd_py.sync.outbox import Outbox
+from conntrackd_py.sync.outbox import Outbox, Snapshot
 
 CFG = SyncConfig(node_id=1, reorder_max=64, ack_every=4)
 _u32 = st.integers(0, seqnum.MASK)
@@ -112,6 +112,67 @@ def test_outbox_fill_takes_what_pop_would_in_the_same_order(
         assert got == (size, n, full)
         assert parts == want
     assert list(fast.items()) == list(ref.items())
+
+
+# --- the full resync's snapshot --------------------------------------------------------------
+
+# packed-array-like keys and values of varied sizes, some over 255 bytes (bin16 headers)
+_packed = st.builds(lambda n, big: b"\x95" + bytes(n + (250 if big else 0)),
+                    st.integers(0, 60), st.booleans())
+
+
+@settings(max_examples=300)
+@given(st.dictionaries(_packed, _packed, max_size=60), st.integers(0, 700),
+       st.sampled_from([-1, 1, 2, 3, 7, 8, 30]), st.sets(st.integers(0, 59)))
+def test_snapshot_fill_drains_every_flow_in_order_in_batches_that_fit(
+        flows: dict[bytes, bytes], room: int, allowance: int, gone_at: set[int]) -> None:
+    """Batches decode to the snapshot's flows in order, discarded ones left out; each is at
+    most `room` bytes, and when `fill` says full, the next flow would not have fitted."""
+    box = Snapshot(flows if room % 2 else list(flows.items()))  # a mapping or pairs
+    keys = list(flows)
+    gone = {keys[i] for i in gone_at if i < len(keys)}
+    for k in gone:
+        box.discard(k)
+    want = [(k, v) for k, v in flows.items() if k not in gone]
+    got: list[tuple[bytes, bytes]] = []
+    for _ in range(len(flows) + 2):
+        if not box:
+            break
+        msg, n, full = box.fill(room, allowance)
+        assert allowance < 0 or n <= allowance
+        if msg is None:
+            assert n == 0
+            if full:  # not even one fits this room: the caller sends it another way
+                kv = box.take_one()
+                assert kv is not None
+                got.append(kv)
+            continue
+        assert len(msg) <= room
+        items = wire.msgpack.unpackb(msg)
+        assert items[0] == wire.Kind.FLOW_BATCH
+        assert len(items[1]) == 2 * n
+        batch = list(zip(items[1][0::2], items[1][1::2], strict=True))
+        assert wire.batch_size(items[1]) == len(msg)
+        got += batch
+        rest = [kv for kv in want[len(got):]]
+        if full:
+            assert rest, "full with nothing left"
+            assert wire.batch_size([*items[1], *rest[0]]) > room
+        elif rest and n != allowance:
+            raise AssertionError("stopped with room and flows left")
+    assert not box
+    assert got == want
+
+
+def test_snapshot_discard_after_drained_keeps_nothing() -> None:
+    box = Snapshot({b"\x91\x01": b"\x91\x02"})
+    msg, n, full = box.fill(1000, -1)
+    assert (n, full) == (1, False)
+    assert msg is not None
+    assert not box
+    box.discard(b"\x91\x01")  # a live change after the snapshot was sent: nothing to skip
+    assert box._gone == set()
+    assert len(box) == 0
 
 
 # --- the resend queue --------------------------------------------------------------------------
