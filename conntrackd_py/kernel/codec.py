@@ -292,6 +292,7 @@ def _decode_flow(buf: bytes | bytearray | memoryview, start: int, end: int) -> F
     helper = ""
     c_o: tuple[int, int] | None = None
     c_r: tuple[int, int] | None = None
+    counters: Counters | None = None
     t_start = t_stop = 0
     attr_unpack = _attr_unpack
     be32 = _be32
@@ -328,8 +329,8 @@ def _decode_flow(buf: bytes | bytearray | memoryview, start: int, end: int) -> F
         elif t == 9 or t == 10:  # COUNTERS
             if t == 9 and s + 80 <= end and _ACCT_HDRS.unpack_from(buf, s - 4) in _ACCT_LAYOUTS:
                 # a DESTROY with accounting: both counters and the timestamps in one go
-                ob, obytes, rp, rbytes, t_start, t_stop = _ACCT_DATA.unpack_from(buf, s - 4)
-                c_o, c_r = (ob, obytes), (rp, rbytes)
+                *acct, t_start, t_stop = _ACCT_DATA.unpack_from(buf, s - 4)
+                counters = _new(Counters, acct)
                 off = s + 80
                 continue
             if e - s == 24 and _PAIR64_HDRS.unpack_from(buf, s) == (12, 1, 12, 2):
@@ -374,9 +375,8 @@ def _decode_flow(buf: bytes | bytearray | memoryview, start: int, end: int) -> F
         raise CodecError("conntrack message without an original tuple")
     if reply is None:
         reply = orig.invert()
-    counters = None
     if c_o is not None or c_r is not None:
-        counters = Counters(*(c_o or (0, 0)), *(c_r or (0, 0)))
+        counters = _new(Counters, (*(c_o or (0, 0)), *(c_r or (0, 0))))
     return _new(Flow, (  # tuple.__new__: the NamedTuple's own __new__ is a Python frame
         orig, reply, status, timeout, mark, zone, state, tfo, tfr, wso, wsr, labels, helper,
         master, secmark, ct_id, counters, t_start, t_stop,
