@@ -317,8 +317,10 @@ class Daemon:
         self.last_commit = out
         res = CommitResult(out["created"], out["updated"], out["failed"],
                            Counter(out["errors"]), out["seconds"])
-        log.info("commit of the external cache: %s (%.3f s of it ordering the entries)",
-                 res.summary(), out["plan_seconds"])
+        log.info("commit of the external cache: %s (of it: %.3f s ordering the entries, "
+                 "%.3f s encoding, %.3f s sending)", res.summary(), out["plan_seconds"],
+                 out["encode_seconds"], out["seconds"] - out["plan_seconds"]
+                 - out["encode_seconds"])
         return self.last_commit
 
     async def _reconcile_after_commit(self) -> None:
@@ -377,6 +379,7 @@ class Daemon:
                 table.close()
             out = {"created": res.created, "updated": res.updated, "failed": res.failed,
                    "errors": dict(res.errors), "seconds": time.perf_counter() - t0,
+                   "encode_seconds": res.encode_seconds,
                    "plan_seconds": time.perf_counter() - t0 - res.seconds,
                    "undecodable": self.external.undecodable - before + bad}
         except Exception as e:

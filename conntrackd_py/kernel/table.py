@@ -30,6 +30,8 @@ class CommitResult:
     failed: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
+    #: of `seconds`, encoding the requests ahead of sending (the packed path)
+    encode_seconds: float = 0.0
 
     @property
     def total(self) -> int:
@@ -164,6 +166,7 @@ class Table:
         t0 = time.perf_counter()
         res = CommitResult()
         prepared, bad = self._prepare_entries(entries, be_liberal)
+        res.encode_seconds = time.perf_counter() - t0
         steps = self._commit_steps(prepared, res, be_liberal)
         try:
             request = next(steps)
