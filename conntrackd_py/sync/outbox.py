@@ -69,8 +69,8 @@ class Outbox:
              update: bytes, destroy: bytes) -> tuple[int, int, bool]:
         """Drain messages into `parts` (`update` + key + value, or `destroy` + key) while the
         total stays within `limit` bytes, at most `allowance` of them (-1: no limit): `pop`
-        and `unpop` inlined (a burst of live changes drains through here). Returns (new size, messages added, True if it stopped because one did not
-        fit)."""
+        and `unpop` inlined (a burst of live changes drains through here). Returns (new size,
+        messages added, True if it stopped because one did not fit)."""
         items = self._items
         order, pos = self._order, self._pos
         append = parts.append
