@@ -152,7 +152,7 @@ def commit_and_resync(kind: str, workdir: str, topo: Any, a: Node, b: Node,
         b2.c.ctl("-n")
     pin(b2.pid, 1)
     try:
-        t1 = _poll(lambda: b2.external() >= want, 120, 0.02)
+        t1 = _poll(lambda: b2.external() >= want, 120, 0.01)
     except OSError as e:
         if isinstance(b2, OursNode) and b2.d.proc is not None and b2.d.proc.poll() is not None:
             err = b2.d.proc.stderr.read() if b2.d.proc.stderr else ""
@@ -173,7 +173,7 @@ def commit_and_resync(kind: str, workdir: str, topo: Any, a: Node, b: Node,
         _poll(lambda: b2.external() == 0, 10)
         t0 = time.monotonic()
         _ctl(node, flag)
-        t1 = _poll(lambda: b2.external() >= want, 60, 0.02)
+        t1 = _poll(lambda: b2.external() >= want, 60, 0.01)
         r[name] = (t1 or time.monotonic()) - t0
         say(f"{kind:<13} {flag} into B's emptied external cache: {b2.external():,} flows after "
             f"{r[name]:.2f} s")

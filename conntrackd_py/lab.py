@@ -632,7 +632,7 @@ class Conntrackd:
         while not os.path.exists(os.path.join(workdir, "conntrackd.ctl")):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"conntrackd did not start in {ns.name}")
-            time.sleep(0.02)
+            time.sleep(0.005)
 
     def ctl(self, *flags: str, timeout: float = 120) -> str:
         return self.ns.run("conntrackd", "-C", self.conf, *flags, timeout=timeout).stdout
@@ -854,7 +854,7 @@ class DaemonProc:
                                    f"{self.read_log()[-2000:]}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"conntrackd-py in {self.ns.name} did not start")
-            time.sleep(0.02)
+            time.sleep(0.005)
 
     def read_log(self) -> str:
         try:
