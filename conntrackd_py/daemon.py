@@ -480,7 +480,10 @@ class Daemon:
             out["link"] = {"active": tr2.channels[tr2.active].spec.describe(),
                            "switches": tr2.switches,
                            "channels": [{"channel": c.spec.describe(), "up": c.link_up,
-                                         **asdict(c.stats)} for c in tr2.channels]}
+                                         **asdict(c.stats),
+                                         "gso": all(x.gso for x in c.senders),
+                                         "gso_datagrams": sum(x.gso_sent for x in c.senders)}
+                                        for c in tr2.channels]}
         if not self.cfg.sync.external_cache:
             out["direct"] = dict(self.direct_stats)
         if kind in (None, "accounting") and self.accounting is not None:

@@ -117,6 +117,8 @@ class MultiSender:
         self.sock, self.dest, self.slots = sock, dest, slots
         self.gso = gso and sock.type == socket.SOCK_DGRAM and sock.family in (
             socket.AF_INET, socket.AF_INET6)
+        #: datagrams that left in GSO sends (for `-s link`)
+        self.gso_sent = 0
         self._fd = sock.fileno()
         self._name = ctypes.create_string_buffer(sockaddr(dest))
         self._iov = (_IOVec * slots)()
@@ -148,6 +150,7 @@ class MultiSender:
                     self.sock.sendmsg([b"".join(datagrams[start:run])],
                                       [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))],
                                       0, self.dest)
+                    self.gso_sent += run - start
                     return run - start
                 except OSError as e:
                     if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT,
