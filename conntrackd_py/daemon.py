@@ -433,8 +433,8 @@ class Daemon:
             else:
                 line = f"[UPDATE] {where}: {unpack_flow(key, value).format()}"
         except PackError:  # a peer's bytes that do not describe a flow
-            line = f"[{'DESTROY' if value is None else 'UPDATE'}] {where}: undecodable " \
-                   f"key {key.hex()}"
+            line = (f"[{'DESTROY' if value is None else 'UPDATE'}] {where}: undecodable, "
+                    f"key {key.hex()}")
         for ch in list(self._watchers):
             try:
                 ch.send_nowait(line)

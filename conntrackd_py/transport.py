@@ -163,6 +163,7 @@ class Transport:
         st = ch.stats
         for sender in ch.senders:
             i, total = 0, len(datagrams)
+            gso = sender.gso
             while i < total:
                 try:
                     n = sender.send(datagrams, i)
@@ -177,6 +178,9 @@ class Transport:
                     st.sent += n
                     st.bytes_sent += sum(len(d) for d in datagrams[i:i + n])
                 i += n
+            if gso and not sender.gso:
+                log.info("%s: the kernel refused UDP GSO; full resyncs go datagram by "
+                         "datagram (sendmmsg) from now on", ch.spec.describe())
 
     # --- receiving ----------------------------------------------------------------------
     async def receive_loop(self, index: int, on_datagrams: Callable[[list[bytes]], None],

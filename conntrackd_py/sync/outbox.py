@@ -113,7 +113,6 @@ class Outbox:
         self._items[key] = value
 
 
-
 class Snapshot:
     __slots__ = ("_gone", "_keys", "_pos", "_values")
 
@@ -176,7 +175,7 @@ class Snapshot:
         used = take  # offsets from `pos` passed
         full = False
         msg = _batch(keys, vals)
-        while len(msg) > room:  # the guess was too long
+        while keys and len(msg) > room:  # the guess was too long
             keys.pop()
             vals.pop()
             used = idx.pop() if idx is not None else used - 1

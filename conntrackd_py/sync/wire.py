@@ -208,7 +208,6 @@ PAD = b"\xc1"
 _IS_ARRAY = bytes(1 if (0x90 <= b <= 0x9F or b in (0xDC, 0xDD)) else 0 for b in range(256))
 _ARRAY_STARTS = bytes(b for b in range(256) if _IS_ARRAY[b])
 _FIRST_BYTE = operator.itemgetter(0)
-_ONLY_BYTES = frozenset({bytes})
 # FLOW_BATCH framing: fixarray(2), kind 5, then the list's header (1 byte up to 15 items, 3 up
 # to 65535); each key or value is a bin8 (2 bytes of header up to 255 bytes, bin16 3 beyond)
 BATCH_FRAMING_MAX = 5
