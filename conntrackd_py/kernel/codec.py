@@ -269,6 +269,15 @@ _ACCT_LAYOUTS = frozenset(
     (28, 9 | nested, 12, 1, 12, 2, 28, 10 | nested, 12, 1, 12, 2, 28, 20 | nested, 12, 1, 12, 2)
     for nested in (0, 0x8000))
 _struct_error = struct.error
+# The head of nearly every IPv4 event of a port protocol: TUPLE_ORIG, TUPLE_REPLY (each laid out
+# as `_V4_HDRS` says), ID, STATUS, TIMEOUT, 128 bytes in this order. Headers checked in one
+# unpack, data read in one more (the rest of the message goes through the loop as usual).
+_T4_HDRS = "HHHH4xHH4xHHHH4xHH4xHH4x"  # a tuple nest's payload, headers only (48 bytes)
+_HEAD4_HDRS = struct.Struct("=HH" + _T4_HDRS + "HH" + _T4_HDRS + "HH4xHH4xHH4x")
+_HEAD4_WANT = (52, 0x8001, *_V4_HDRS_WANT, 52, 0x8002, *_V4_HDRS_WANT, 8, 12, 8, 3, 8, 7)
+_T4_DATA = "8x4s4x4s8xB7xH6xH2x"  # a tuple nest's payload, data only (48 bytes)
+_HEAD4_DATA = struct.Struct("!4x" + _T4_DATA + "4x" + _T4_DATA + "4xI4xI4xI")
+assert _HEAD4_HDRS.size == _HEAD4_DATA.size == 128
 
 
 def decode_flow(buf: bytes | bytearray | memoryview, start: int, end: int) -> Flow:
@@ -296,6 +305,15 @@ def _decode_flow(buf: bytes | bytearray | memoryview, start: int, end: int) -> F
     t_start = t_stop = 0
     attr_unpack = _attr_unpack
     be32 = _be32
+    if end - off >= 128 and _HEAD4_HDRS.unpack_from(buf, off) == _HEAD4_WANT:
+        (src, dst, proto, sport, dport, rsrc, rdst, rproto, rsport, rdport, ct_id, status,
+         timeout) = _HEAD4_DATA.unpack_from(buf, off)
+        if proto in PORT_PROTOS and rproto in PORT_PROTOS:
+            orig = _new(Tuple, (src, dst, proto, sport, dport, 0, 0, 0, b""))
+            reply = _new(Tuple, (rsrc, rdst, rproto, rsport, rdport, 0, 0, 0, b""))
+            off += 128
+        else:
+            ct_id = status = timeout = 0
     # attributes in the order the kernel emits them; scalars are read without a length check
     # of their own: a short one runs into struct.error/IndexError, mapped to CodecError above
     while off + 4 <= end:

@@ -217,6 +217,23 @@ def test_destroy_with_accounting_fast_path_matches_the_general_path(
     assert slow == fast
 
 
+def test_event_head_fast_path_matches_the_general_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The head of an IPv4 event (both tuples, id, status, timeout) read in two unpacks gives
+    what the attribute loop gives, for every kernel-captured event and dump message."""
+    from conntrackd_py.kernel import codec as c
+    msgs = [*EVENTS, *DUMP, _ACCT_DESTROY]
+    fast = [c.decode_events(m, len(m)) for m in msgs]
+    hits = 0
+    real = c._HEAD4_HDRS.unpack_from
+    for m in msgs:
+        for msg in c.iter_messages(m, len(m)):
+            if msg.end - msg.start - 4 >= 128 and real(m, msg.start + 4) == c._HEAD4_WANT:
+                hits += 1
+    assert hits >= 5  # the fast path is what these captures take
+    monkeypatch.setattr(c, "_HEAD4_WANT", ())
+    assert [c.decode_events(m, len(m)) for m in msgs] == fast
+
+
 # --- creates straight from cache entries -----------------------------------------------------
 
 def _ip(s: str) -> bytes:
