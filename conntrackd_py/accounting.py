@@ -253,7 +253,7 @@ class Accounting:
     async def _run_child(self, task_status: trio.TaskStatus[None]) -> None:
         """One writer process, fed until cancelled; raises if the process fails."""
         cmd = [sys.executable, "-m", "conntrackd_py.acctwriter", self.path or "",
-               self.cfg.format, "1" if self.cfg.syslog else "0"]
+               self.cfg.format, "1" if self.cfg.syslog else "0", self.cfg.writer_priority]
         proc = await trio.lowlevel.open_process(cmd, stdin=subprocess.PIPE,
                                                 stdout=subprocess.PIPE)
         self._unpacker = msgpack.Unpacker(use_list=False, raw=False)

@@ -37,10 +37,19 @@ from .flow import Counters, Flow, Proto, TcpState, Tuple, addr_text
 WRITTEN, LOST, INFO, REOPENED = 0, 1, 2, 3
 #: seconds between checks that the output file is still where the path says
 STAT_INTERVAL = 1.0
-#: the writer yields the CPU to the daemon under load (nice +10, ~10% of the daemon's share
-#: when both want the same CPU): replication and event ingestion first, records after, from
-#: the bounded buffer that absorbs the burst
-NICE = 10
+#: nice values of the writer's `stats.accounting.writer_priority` (idle: SCHED_IDLE): the
+#: writer yields the CPU to the daemon, replication and event ingestion first, records after,
+#: from the bounded buffer that absorbs a burst
+NICE = {"low": 10, "normal": 0}
+
+
+def set_priority(priority: str) -> None:
+    """Lower this process's claim on the CPU (`idle`, `low` or `normal`)."""
+    with contextlib.suppress(OSError):
+        if priority == "idle":
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        elif NICE.get(priority):
+            os.nice(NICE[priority])
 
 _PROTO_NAMES = {p.value: p.name.lower() for p in Proto}
 _TCP_STATE_NAMES = {s.value: s.name for s in TcpState}
@@ -267,8 +276,7 @@ def main(argv: list[str]) -> int:
     for sig in (signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     path, fmt, use_syslog = argv[0] or None, argv[1], argv[2] == "1"
-    with contextlib.suppress(OSError):
-        os.nice(NICE)
+    set_priority(argv[3] if len(argv) > 3 else "normal")
     serve(sys.stdin.fileno(), sys.stdout.buffer, Sink(path, fmt, use_syslog))
     return 0
 

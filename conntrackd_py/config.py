@@ -291,6 +291,7 @@ class Accounting:
     syslog: bool = f(boolean, False)
     buffer: int = f(integer(1, 10_000_000), 50000)
     top_talkers: int = f(integer(0, 10000), 20)
+    writer_priority: str = f(choice("idle", "low", "normal"), "idle")
 
 
 @dataclass(frozen=True, slots=True)

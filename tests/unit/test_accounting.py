@@ -179,6 +179,22 @@ async def test_writer_writes_json_lines(tmp_path: Path) -> None:
     assert acc.snapshot()["records_pending"] == 0
 
 
+@pytest.mark.parametrize(("priority", "policy", "nice"), [
+    ("idle", os.SCHED_IDLE, 0), ("low", os.SCHED_OTHER, 10), ("normal", os.SCHED_OTHER, 0)])
+async def test_writer_process_runs_at_the_configured_priority(
+        tmp_path: Path, priority: str, policy: int, nice: int) -> None:
+    acc = Accounting(cfg(tmp_path, writer_priority=priority))
+    async with writing(acc):
+        acc.on_flow_event(D, mkflow())
+        assert acc.writer_pid is not None
+        pid = acc.writer_pid
+        want = (policy, os.getpriority(os.PRIO_PROCESS, 0) + nice)
+        with trio.fail_after(5):  # the child sets its priority as it starts
+            while (os.sched_getscheduler(pid), os.getpriority(os.PRIO_PROCESS, pid)) != want:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+    assert read_lines(tmp_path / "acct.log")[0] == record(mkflow(), 0.0)
+
+
 @pytest.mark.parametrize("flow", [
     mkflow(), mkflow(nat=True), mkflow(counters=None, start_ns=0, stop_ns=0),
     mkflow(src="fd00::2", dst="fd00:1::9", proto=17),
