@@ -399,6 +399,8 @@ class ExternalCache:
         # Most recently refreshed first: live connections (the ones a failover must save) get
         # into the kernel before idle ones, so the outage does not grow with the table size.
         winners = sorted(self._winners(), key=lambda kv: kv[1][-4:], reverse=True)
+        last_stamp = b""  # sorted by stamp: the time since it was seen changes rarely
+        age = 0.0
         for key, stored in winners:
             assert epoch is not None
             try:
@@ -415,8 +417,11 @@ class ExternalCache:
             if commit_timeout is not None:
                 v[2] = commit_timeout
             else:
-                seen = epoch + int.from_bytes(stored[-4:], "big") / _TICKS
-                left = math.ceil(v[2] - max(now - seen, 0.0))
+                stamp = stored[-4:]
+                if stamp != last_stamp:
+                    last_stamp = stamp
+                    age = max(now - (epoch + int.from_bytes(stamp, "big") / _TICKS), 0.0)
+                left = math.ceil(v[2] - age)
                 if left <= 0:
                     if stale_timeout is None:
                         continue

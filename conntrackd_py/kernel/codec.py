@@ -11,6 +11,7 @@ one reads attributes with `struct.unpack_from` straight into the `Flow` fields.
 
 from __future__ import annotations
 
+import socket
 import struct
 from collections.abc import Iterator
 from enum import IntEnum
@@ -487,6 +488,17 @@ def _u8a(atype: int, v: int) -> bytes:
 _LITTLE = struct.pack("=H", 1) == b"\x01\x00"
 _V4_PACK = struct.Struct("=HHHHHH4sHH4sHHHHBxxxHHHxxHHHxx")
 _V6_PACK = struct.Struct("=HHHHHH16sHH16sHHHHBxxxHHHxxHHHxx")
+# TUPLE_ORIG, TUPLE_REPLY (as `_port_tuple` packs them), STATUS and TIMEOUT: a create's head
+_HEAD4_PACK = struct.Struct("=" + "HHHHHH4sHH4sHHHHBxxxHHHxxHHHxx" * 2 + "HHIHHI")
+_HEAD6_PACK = struct.Struct("=" + "HHHHHH16sHH16sHHHHBxxxHHHxxHHHxx" * 2 + "HHIHHI")
+_htons, _htonl = socket.htons, socket.htonl  # network order for "=" fields (C calls)
+# PROTOINFO { TCP { STATE, FLAGS_ORIGINAL, FLAGS_REPLY [, WSCALE_ORIGINAL, WSCALE_REPLY] } }
+_PI_TCP_PACK = struct.Struct("=HHHHHHBxxxHHBBxxHHBBxx")
+_PI_TCP_WS_PACK = struct.Struct("=HHHHHHBxxxHHBBxxHHBBxxHHBxxxHHBxxx")
+
+
+def _status_timeout(status: int, timeout: int) -> bytes:
+    return _H_STATUS + _BE32.pack(status) + _H_TIMEOUT + _BE32.pack(timeout)
 
 
 def _port_tuple(atype: int, src: bytes, dst: bytes, proto: int, sp: int, dp: int) -> bytes:
@@ -577,18 +589,19 @@ def _protoinfo(flow: Flow, be_liberal: bool) -> bytes:
 
 
 def _protoinfo_tcp(state: int, fo: int, fr: int, wso: int, wsr: int, be_liberal: bool) -> bytes:
-    mo = mr = 0xFF
+    """PROTOINFO for TCP in one pack: state, both directions' flags (each with mask 0xff, the
+    BE_LIBERAL flag added with `be_liberal`) and, when either is set, the window scales."""
     if be_liberal:
         fo |= TCP_FLAG_BE_LIBERAL
         fr |= TCP_FLAG_BE_LIBERAL
-    tcp = [
-        _u8a(_TCP_STATE, state),
-        _ATTR.pack(6, _TCP_FLAGS_O) + bytes((fo, mo, 0, 0)),
-        _ATTR.pack(6, _TCP_FLAGS_R) + bytes((fr, mr, 0, 0)),
-    ]
     if wso or wsr:
-        tcp += (_u8a(_TCP_WSCALE_O, wso), _u8a(_TCP_WSCALE_R, wsr))
-    return _nest(CTA.PROTOINFO, _nest(_PI_TCP, *tcp))
+        return _PI_TCP_WS_PACK.pack(48, 0x8000 | CTA.PROTOINFO, 44, 0x8000 | _PI_TCP,
+                                    5, _TCP_STATE, state, 6, _TCP_FLAGS_O, fo, 0xFF,
+                                    6, _TCP_FLAGS_R, fr, 0xFF, 5, _TCP_WSCALE_O, wso,
+                                    5, _TCP_WSCALE_R, wsr)
+    return _PI_TCP_PACK.pack(32, 0x8000 | CTA.PROTOINFO, 28, 0x8000 | _PI_TCP,
+                             5, _TCP_STATE, state, 6, _TCP_FLAGS_O, fo, 0xFF,
+                             6, _TCP_FLAGS_R, fr, 0xFF)
 
 
 def encode_create(flow: Flow, seq: int, *, timeout: int | None = None, be_liberal: bool = True,
@@ -624,6 +637,9 @@ def create_body(flow: Flow, *, timeout: int | None = None, be_liberal: bool = Tr
     status = (fstatus & SETTABLE_STATUS) | _CONFIRMED
     if not update:
         parts.append(encode_tuple(2, orig.invert()))  # CTA_TUPLE_REPLY
+        # STATUS and TIMEOUT next (the order of attributes means nothing to the kernel):
+        # `create_body_packed` writes the two tuples and these two in one pack
+        parts.append(_status_timeout(status, flow.timeout if timeout is None else timeout))
         if fstatus & _SRC_NAT:
             parts.append(_nat(6, flow.reply.dst, flow.reply.dport, orig.proto))
         if fstatus & _DST_NAT:
@@ -635,8 +651,7 @@ def create_body(flow: Flow, *, timeout: int | None = None, be_liberal: bool = Tr
     else:
         # NAT bits cannot change on an existing entry; leave them as the kernel has them
         status &= ~_NAT_BITS
-    parts.append(_H_STATUS + _BE32.pack(status) + _H_TIMEOUT
-                 + _BE32.pack(flow.timeout if timeout is None else timeout))
+        parts.append(_status_timeout(status, flow.timeout if timeout is None else timeout))
     if flow.mark:
         parts.append(_be32a(8, flow.mark))
     if flow.zone:
@@ -674,8 +689,19 @@ def create_body_packed(k: list, v: list, *, be_liberal: bool = True  # type: ign
     try:
         if not (0 <= sport < 65536 and 0 <= dport < 65536):  # the byte swap would hide it
             raise ValueError("port out of range")
-        parts = [_port_tuple(1, src, dst, proto, sport, dport),
-                 _port_tuple(2, dst, src, proto, dport, sport)]
+        # both tuples, STATUS and TIMEOUT in one pack (as create_body lays them out)
+        sp, dp = _htons(sport), _htons(dport)
+        st, to = _htonl((fstatus & SETTABLE_STATUS) | _CONFIRMED), _htonl(timeout)
+        if family == AF_INET:
+            parts = [_HEAD4_PACK.pack(52, 0x8001, 20, 0x8001, 8, 1, src, 8, 2, dst, 28, 0x8002,
+                                      5, 1, proto, 6, 2, sp, 6, 3, dp,
+                                      52, 0x8002, 20, 0x8001, 8, 1, dst, 8, 2, src, 28, 0x8002,
+                                      5, 1, proto, 6, 2, dp, 6, 3, sp, 8, 3, st, 8, 7, to)]
+        else:
+            parts = [_HEAD6_PACK.pack(76, 0x8001, 44, 0x8001, 20, 3, src, 20, 4, dst, 28, 0x8002,
+                                      5, 1, proto, 6, 2, sp, 6, 3, dp,
+                                      76, 0x8002, 44, 0x8001, 20, 3, dst, 20, 4, src, 28, 0x8002,
+                                      5, 1, proto, 6, 2, dp, 6, 3, sp, 8, 3, st, 8, 7, to)]
         if fstatus & _NAT_FLAGS:
             if reply is None:
                 rsrc, rsport, rdst, rdport = dst, dport, src, sport
@@ -694,13 +720,11 @@ def create_body_packed(k: list, v: list, *, be_liberal: bool = True  # type: ign
                 parts.append(_nat_ports(13, rsrc, rsport))
         elif reply is not None and not (type(reply) is list and len(reply) in (2, 4)):
             return None
-        parts.append(_H_STATUS + _BE32.pack((fstatus & SETTABLE_STATUS) | _CONFIRMED)
-                     + _H_TIMEOUT + _BE32.pack(timeout))
         if mark:
             parts.append(_be32a(8, mark))
         if proto == 6 and state is not None:
             parts.append(_protoinfo_tcp(state, v[5], v[6], v[7], v[8], be_liberal))
-    except (struct.error, TypeError, ValueError) as e:
+    except (struct.error, TypeError, ValueError, OverflowError) as e:
         raise ValueError(f"bad flow values: {e}") from None
     return family, b"".join(parts)
 
