@@ -325,7 +325,25 @@ def _decode_flow(buf: bytes | bytearray | memoryview, start: int, end: int) -> F
             raise CodecError(f"attribute {t & NLA_TYPE_MASK} length {alen} out of bounds")
         off = (e + 3) & ~3
         t &= NLA_TYPE_MASK
-        if t == 1:  # TUPLE_ORIG
+        # after the head (most events: read above), what usually remains comes first
+        if t == 9 or t == 10:  # COUNTERS
+            if t == 9 and s + 80 <= end and _ACCT_HDRS.unpack_from(buf, s - 4) in _ACCT_LAYOUTS:
+                # a DESTROY with accounting: both counters and the timestamps in one go
+                *acct, t_start, t_stop = _ACCT_DATA.unpack_from(buf, s - 4)
+                counters = _new(Counters, acct)
+                off = s + 80
+                continue
+            if e - s == 24 and _PAIR64_HDRS.unpack_from(buf, s) == (12, 1, 12, 2):
+                pair = _PAIR64_DATA.unpack_from(buf, s)
+            else:
+                pair = _decode_counters(buf, s, e)
+            if t == 9:
+                c_o = pair
+            else:
+                c_r = pair
+        elif t == 27:  # TIMESTAMP_EVENT (newer kernels): not kept
+            continue
+        elif t == 1:  # TUPLE_ORIG
             orig = _decode_tuple(buf, s, e)[0]
         elif t == 2:  # TUPLE_REPLY
             reply = _decode_tuple(buf, s, e)[0]
@@ -345,21 +363,6 @@ def _decode_flow(buf: bytes | bytearray | memoryview, start: int, end: int) -> F
             continue
         elif t == 4:  # PROTOINFO
             state, tfo, tfr, wso, wsr = _decode_protoinfo(buf, s, e)
-        elif t == 9 or t == 10:  # COUNTERS
-            if t == 9 and s + 80 <= end and _ACCT_HDRS.unpack_from(buf, s - 4) in _ACCT_LAYOUTS:
-                # a DESTROY with accounting: both counters and the timestamps in one go
-                *acct, t_start, t_stop = _ACCT_DATA.unpack_from(buf, s - 4)
-                counters = _new(Counters, acct)
-                off = s + 80
-                continue
-            if e - s == 24 and _PAIR64_HDRS.unpack_from(buf, s) == (12, 1, 12, 2):
-                pair = _PAIR64_DATA.unpack_from(buf, s)
-            else:
-                pair = _decode_counters(buf, s, e)
-            if t == 9:
-                c_o = pair
-            else:
-                c_r = pair
         elif t == 20:  # TIMESTAMP
             if e - s == 24 and _PAIR64_HDRS.unpack_from(buf, s) == (12, 1, 12, 2):
                 t_start, t_stop = _PAIR64_DATA.unpack_from(buf, s)  # START, STOP: a DESTROY
