@@ -597,14 +597,17 @@ def _protoinfo_tcp(state: int, fo: int, fr: int, wso: int, wsr: int, be_liberal:
     if be_liberal:
         fo |= TCP_FLAG_BE_LIBERAL
         fr |= TCP_FLAG_BE_LIBERAL
-    if wso or wsr:
-        return _PI_TCP_WS_PACK.pack(48, 0x8000 | CTA.PROTOINFO, 44, 0x8000 | _PI_TCP,
-                                    5, _TCP_STATE, state, 6, _TCP_FLAGS_O, fo, 0xFF,
-                                    6, _TCP_FLAGS_R, fr, 0xFF, 5, _TCP_WSCALE_O, wso,
-                                    5, _TCP_WSCALE_R, wsr)
-    return _PI_TCP_PACK.pack(32, 0x8000 | CTA.PROTOINFO, 28, 0x8000 | _PI_TCP,
-                             5, _TCP_STATE, state, 6, _TCP_FLAGS_O, fo, 0xFF,
-                             6, _TCP_FLAGS_R, fr, 0xFF)
+    try:
+        if wso or wsr:
+            return _PI_TCP_WS_PACK.pack(48, 0x8000 | CTA.PROTOINFO, 44, 0x8000 | _PI_TCP,
+                                        5, _TCP_STATE, state, 6, _TCP_FLAGS_O, fo, 0xFF,
+                                        6, _TCP_FLAGS_R, fr, 0xFF, 5, _TCP_WSCALE_O, wso,
+                                        5, _TCP_WSCALE_R, wsr)
+        return _PI_TCP_PACK.pack(32, 0x8000 | CTA.PROTOINFO, 28, 0x8000 | _PI_TCP,
+                                 5, _TCP_STATE, state, 6, _TCP_FLAGS_O, fo, 0xFF,
+                                 6, _TCP_FLAGS_R, fr, 0xFF)
+    except struct.error as e:  # a peer's value beyond a byte: skipped like any bad entry
+        raise ValueError(f"TCP protoinfo out of range: {e}") from None
 
 
 def encode_create(flow: Flow, seq: int, *, timeout: int | None = None, be_liberal: bool = True,

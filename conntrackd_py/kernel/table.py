@@ -146,7 +146,11 @@ class Table:
         """
         t0 = time.perf_counter()
         res = CommitResult()
-        steps = self._commit_steps(self._prepare_flows(flows, be_liberal), res, be_liberal)
+        prepared, bad = self._prepare_flows(flows, be_liberal)
+        if bad:  # values no create can carry: failed before reaching the kernel
+            res.failed += bad
+            res.errors["unencodable"] += bad
+        steps = self._commit_steps(prepared, res, be_liberal)
         try:
             request = next(steps)
             while True:
@@ -178,16 +182,23 @@ class Table:
         return res, bad
 
     @staticmethod
-    def _prepare_flows(flows: Iterable[Flow], be_liberal: bool) -> list[Prepared]:
-        ordered = sorted(flows, key=lambda f: f.master is not None)
-        return [(f.orig.family, codec.create_body(f, be_liberal=be_liberal), f)
-                for f in ordered]
+    def _prepare_flows(flows: Iterable[Flow], be_liberal: bool) -> tuple[list[Prepared], int]:
+        """Masters first; a flow whose values do not encode is left out (and counted)."""
+        prepared: list[Prepared] = []
+        bad = 0
+        for f in sorted(flows, key=lambda f: f.master is not None):
+            try:
+                prepared.append((f.orig.family, codec.create_body(f, be_liberal=be_liberal), f))
+            except ValueError:
+                bad += 1
+        return prepared, bad
 
     def _prepare_entries(self, entries: Sequence[tuple[list[Any], list[Any]]],
                          be_liberal: bool) -> tuple[list[Prepared], int]:
         if any(v[11] is not None for _, v in entries):  # RELATED flows: masters go first
             flows, bad = flows_of_entries(entries)
-            return self._prepare_flows(flows, be_liberal), bad
+            ordered, unencodable = self._prepare_flows(flows, be_liberal)
+            return ordered, bad + unencodable
         prepared: list[Prepared] = []
         append = prepared.append
         packed = codec.create_body_packed

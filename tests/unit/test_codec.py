@@ -294,6 +294,13 @@ def test_create_from_cache_entry_rejects_bad_values() -> None:
     with pytest.raises(ValueError, match="bad flow values"):
         codec.create_body_packed(k, v)  # type: ignore[arg-type]
     k, v = _entry(_COMMON[0])
+    v[5] = 300  # TCP flags beyond a byte (a peer's value that passed the 32-bit check)
+    with pytest.raises(ValueError, match="bad flow values"):
+        codec.create_body_packed(k, v)  # type: ignore[arg-type]
+    # the Flow path raises ValueError too: a commit skips and counts the entry
+    with pytest.raises(ValueError, match="TCP protoinfo out of range"):
+        codec.create_body(_COMMON[0]._replace(tcp_flags_orig=300))
+    k, v = _entry(_COMMON[0])
     k[4] = 70000  # a port beyond 16 bits
     with pytest.raises(ValueError, match="bad flow values"):
         codec.create_body_packed(k, v)  # type: ignore[arg-type]
@@ -325,3 +332,22 @@ def test_decoder_builds_complete_namedtuples() -> None:
     assert len(f.orig) == len(f.reply) == len(Tuple._fields)
     assert f == Flow(*f)
     assert f.orig == Tuple(*f.orig)
+
+
+def test_a_commit_skips_and_counts_entries_whose_values_do_not_encode() -> None:
+    """One peer's bad value (TCP flags beyond a byte) costs its own entry, not the commit:
+    on the packed path and on the Flow path (RELATED flows go that way, masters first)."""
+    from conntrackd_py.kernel.table import Table
+    table = Table.__new__(Table)  # preparing needs no socket
+    good = [_entry(f) for f in _COMMON]
+    k, v = _entry(_COMMON[0]._replace(orig=_O4._replace(sport=40001),
+                                      reply=_O4._replace(sport=40001).invert()))
+    v[5] = 300
+    prepared, bad = table._prepare_entries([*good, (k, v)], True)
+    assert (len(prepared), bad) == (len(good), 1)
+    master = _COMMON[1]
+    related = Flow(_O6, _O6.invert(), status=_ASSURED, timeout=30, master=master.orig)
+    entries = [*good, (k, v), _entry(related)]
+    prepared, bad = table._prepare_entries(entries, True)
+    assert (len(prepared), bad) == (len(good) + 1, 1)
+    assert prepared[-1][2] == related  # after its master
