@@ -269,6 +269,12 @@ def _pack_reply(orig: Tuple, reply: Tuple) -> Any:
                 return [reply[1], reply[4]]
             return [reply[0], reply[3], reply[1], reply[4]]
         return list(reply)
+    return _pack_reply_by_inverse(orig, reply)
+
+
+def _pack_reply_by_inverse(orig: Tuple, reply: Tuple) -> Any:
+    """`_pack_reply` by its definition, through `Tuple.invert` (ICMP's inverse changes the
+    type too); the fast path above is tested against it for every protocol."""
     inv = orig.invert()
     if reply == inv:
         return None
