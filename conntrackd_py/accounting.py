@@ -1,10 +1,10 @@
 """Flow accounting: one record per destroyed flow, running totals and top talkers.
 
 `Accounting.on_flow_event` is on the event path (the tracker calls it for every kernel event,
-before filtering), so it only updates integers and appends the flow to a bounded deque. The
-`writer` task hands the records in batches to a child process (`acctwriter`) that formats and
-writes them, on another CPU and outside this process's GIL: a burst of DESTROY events or a
-slow or full disk never slows event ingestion. When the deque is full (the child or its disk
+before filtering), so it only updates integers and packs the record into a bounded buffer.
+The `writer` task hands the records in batches to a child process (`acctwriter`) that formats
+and writes them, on another CPU and outside this process's GIL: a burst of DESTROY events or a
+slow or full disk never slows event ingestion. When the buffer is full (the child or its disk
 cannot keep up), new records are dropped and counted.
 
 The output file survives log rotation: `reopen()` (called on SIGHUP) and the child's

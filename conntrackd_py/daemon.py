@@ -295,10 +295,10 @@ class Daemon:
         shares the cache copy-on-write (no copy to make) and reports its result on a pipe.
         A failover waits for this path alone."""
         now = self._now()
-        # The creates would make the kernel build a NEW event per flow for this daemon, half
-        # of the commit's cost, and this process would be busy with them meanwhile: leave the
-        # NEW group for the commit, then learn the entries from a dump (which also covers
-        # any other connection opened in that window).
+        # Listening to NEW, this process would receive and decode an event per created flow
+        # while the commit runs on the same CPU: leave the NEW group for the commit, then
+        # learn the entries from a dump (which also covers any other connection opened in
+        # that window).
         tracker = self.tracker
         if tracker is not None:
             tracker.events.subscribe_new(False)

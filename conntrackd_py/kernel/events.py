@@ -58,9 +58,10 @@ class EventSource:
         self.sock.close()
 
     def subscribe_new(self, on: bool) -> None:
-        """Join or leave the NEW events group. While no socket listens to it, the kernel does
-        not even build NEW events: a bulk create (a commit) runs faster, and the caller
-        reconciles with a dump afterwards to learn what it missed."""
+        """Join or leave the NEW events group. Left during a bulk create (a commit), so this
+        process does not receive and decode an event per created flow; the caller reconciles
+        with a dump afterwards to learn what it missed. (Kernel 6.18 still builds each
+        create's event: `ctnetlink_conntrack_event` under `ctnetlink_new_conntrack` in perf.)"""
         opt = NETLINK_ADD_MEMBERSHIP if on else NETLINK_DROP_MEMBERSHIP
         self.sock.setsockopt(SOL_NETLINK, opt, 1)  # NFNLGRP_CONNTRACK_NEW
 

@@ -137,8 +137,8 @@ class Requester:
 
         Every request must carry NLM_F_ACK; or, with `quiet`, only the last one does: the
         kernel then answers the others only when they fail, and since it answers in order,
-        the last one's ACK means every earlier failure has arrived. A third of the ACK
-        traffic and parsing for a batch of creates (commit measured 3x faster)."""
+        the last one's ACK means every earlier failure has arrived: one answer to receive and
+        parse per batch instead of one per request (pre-encoded creates: 127k -> 365k/s)."""
         async with self._lock:
             return await self._transact_locked(messages, first_seq, quiet)
 
