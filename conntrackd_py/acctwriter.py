@@ -237,6 +237,7 @@ def serve(inp: int, out: IO[bytes], sink: Sink) -> None:
 
     sink.say = report
     unpacker = msgpack.Unpacker(use_list=False, raw=False)
+
     def flush(batch: list[Any]) -> None:
         try:
             bad = sink.write(batch)

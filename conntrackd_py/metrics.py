@@ -215,21 +215,17 @@ class StatsCollector(Collector):
                 pk.add_metric([proto, d], _n(t[d]["packets"]))
                 by.add_metric([proto, d], _n(t[d]["bytes"]))
         yield from (flows, pk, by)
-        yield CounterMetricFamily(P + "accounting_records_written",
-                                  "Accounting records written.",
-                                  value=_n(a.get("records_written", 0)))
-        yield CounterMetricFamily(P + "accounting_records_dropped",
-                                  "Accounting records dropped (buffer full or write error).",
-                                  value=_n(a.get("records_dropped", 0)))
-        yield GaugeMetricFamily(P + "accounting_records_pending",
-                                "Accounting records buffered, not yet written.",
-                                value=_n(a.get("records_pending", 0)))
-        yield CounterMetricFamily(P + "accounting_write_errors",
-                                  "Batches of accounting records the writer could not write.",
-                                  value=_n(a.get("write_errors", 0)))
-        yield CounterMetricFamily(P + "accounting_writer_restarts",
-                                  "Times the accounting writer process was started again.",
-                                  value=_n(a.get("writer_restarts", 0)))
+        for family, key, doc in (
+                (CounterMetricFamily, "records_written", "Accounting records written."),
+                (CounterMetricFamily, "records_dropped",
+                 "Accounting records dropped (buffer full or write error)."),
+                (GaugeMetricFamily, "records_pending",
+                 "Accounting records buffered, not yet written."),
+                (CounterMetricFamily, "write_errors",
+                 "Batches of accounting records the writer could not write."),
+                (CounterMetricFamily, "writer_restarts",
+                 "Times the accounting writer process was started again.")):
+            yield family(P + "accounting_" + key, doc, value=_n(a.get(key, 0)))
         top = GaugeMetricFamily(P + "accounting_top_talker_bytes",
                                 "Bytes of the heaviest sources (a lower bound).",
                                 labels=["source"])

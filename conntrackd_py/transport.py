@@ -78,12 +78,13 @@ class Channel:
     sock: socket.socket
     dests: list[tuple[object, ...]]
     ifindex: int = 0
-    senders: list[MultiSender] = field(default_factory=list)
+    link_up: bool = True
+    stats: ChannelStats = field(default_factory=ChannelStats)
+    #: one per destination (sendmmsg, UDP GSO), made from `sock` and `dests`
+    senders: list[MultiSender] = field(init=False)
 
     def __post_init__(self) -> None:
         self.senders = [MultiSender(self.sock, d) for d in self.dests]
-    link_up: bool = True
-    stats: ChannelStats = field(default_factory=ChannelStats)
 
 
 def _ifindex(name: str | None) -> int:
