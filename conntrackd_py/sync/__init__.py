@@ -23,6 +23,7 @@ from .events import (
     ResyncStarted,
 )
 from .seqnum import MASK, add, after
+from .stats import PeerStats, ResyncStats, SyncStats
 from .wire import BadDatagram, Datagram, KeyRing, Reason, decode_untrusted
 
 
@@ -42,5 +43,6 @@ def new_epoch(wall_clock: float, previous: int | None = None) -> int:
 __all__ = [
     "BadDatagram", "Counters", "Datagram", "Engine", "Event", "KeyRing", "Mode", "PeerDown",
     "PeerRestarted", "PeerUp", "Reason", "RemoteFlows", "ResyncAborted", "ResyncDone",
-    "ResyncStarted", "SyncConfig", "config_from", "decode_untrusted", "new_epoch",
+    "PeerStats", "ResyncStarted", "ResyncStats", "SyncConfig", "SyncStats", "config_from",
+    "decode_untrusted", "new_epoch",
 ]

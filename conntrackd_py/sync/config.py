@@ -155,6 +155,16 @@ class Counters:
     expired: int = 0  # ALARM: remote flows dropped after cache_timeout
     peer_restarts: int = 0
     oversize: int = 0  # flows too big for any datagram, never sent (a bug upstream)
+    oversize_received: int = 0  # datagrams longer than the MTU plus slack, dropped undecoded
+    implausible: int = 0  # sequence numbers too far ahead of a peer's stream to be believed
+    unconfirmed_epoch: int = 0  # a new epoch in a control datagram while the old one is alive
+    doubts: int = 0  # times a peer's stream continuity was doubted (a resync was requested)
+    stalls: int = 0  # of which: a backlog or a silence of delivery past the bound
+    duplicate_node: int = 0  # datagrams with our node id from another epoch (same id twice)
+    peers_refused: int = 0  # datagrams from a new node while max_peers are tracked
+    peers_forgotten: int = 0  # peers down longer than peer_expire, dropped from the table
+    resends_limited: int = 0  # retransmissions refused by the per-peer byte budget
+    resync_requests_coalesced: int = 0  # full resync requests within resync_min_interval
     resend_queue_depth: int = 0
 
     def as_dict(self) -> dict[str, int]:

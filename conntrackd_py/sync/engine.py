@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import replace
 
 from . import wire
 from .alarm import ExpiryTracker
@@ -55,6 +55,7 @@ from .events import (
 from .ftfw import ReliableStream
 from .notrack import BestEffortStream
 from .sender import Sender, Source
+from .stats import PeerStats, ResyncStats, SyncStats
 from .seqnum import add, after, diff
 from .wire import Ack, Datagram, FlowMessage, Kind, Message, Nack, ResyncRequest
 
@@ -432,8 +433,8 @@ class Engine:
             return self._now - self._start >= self.config.startup_wait
         return all(not p.need_bracket and p.stream.complete for p in live)
 
-    def stats(self) -> dict[str, Any]:
-        """Counters, rejections by reason and per-peer state, JSON-ready."""
+    def stats(self) -> SyncStats:
+        """Counters, rejections by reason and per-peer state, as one frozen snapshot."""
         c = self.counters
         tx = self._tx
         if tx.resend is not None:
@@ -441,20 +442,17 @@ class Engine:
             c.evicted = tx.resend.evicted
         c.reorder_dropped = self._dropped_before + sum(
             p.stream.reorder_dropped for p in self._peers.values())
-        return {
-            "node": self.node_id, "epoch": self.epoch, "mode": self.config.mode.value,
-            "seq": tx.seq, "in_sync": self.in_sync(), "counters": c.as_dict(),
-            "rejected": dict(self.rejected),
-            "resync": {"pending": tx.resync_pending, "active": tx.resync_box is not None,
-                       "remaining": len(tx.resync_box or ())},
-            "resend_queue_bytes": tx.resend.nbytes if tx.resend is not None else 0,
-            "peers": {
-                str(p.node): {
-                    "epoch": p.epoch, "up": p.up, "last_seen": p.last_seen,
-                    "silent_s": round(self._now - p.last_seen, 3),
-                    "lag": None if p.acked is None else diff(tx.seq, p.acked),
-                    "backlog": p.stream.backlog, "in_bracket": p.in_bracket,
-                    "need_resync": p.need_bracket,
-                } for p in self._peers.values()
-            },
-        }
+        return SyncStats(
+            node=self.node_id, epoch=self.epoch, mode=self.config.mode.value, seq=tx.seq,
+            in_sync=self.in_sync(), counters=replace(c), rejected=dict(self.rejected),
+            resync=ResyncStats(pending=tx.resync_pending, active=tx.resync_box is not None,
+                               remaining=len(tx.resync_box or ())),
+            resend_queue_bytes=tx.resend.nbytes if tx.resend is not None else 0,
+            peers=tuple(PeerStats(
+                node=p.node, epoch=p.epoch, up=p.up, state="synced", last_seen=p.last_seen,
+                silent_s=round(self._now - p.last_seen, 3),
+                lag=None if p.acked is None else diff(tx.seq, p.acked),
+                backlog=p.stream.backlog, in_bracket=p.in_bracket,
+                need_resync=p.need_bracket, stuck=False,
+            ) for p in self._peers.values()),
+        )

@@ -184,7 +184,7 @@ def test_local_update_rejects_bytes_that_are_not_packed_flows() -> None:
 def test_forged_datagram_changes_nothing_and_is_counted() -> None:
     p = Pair(keys=(K1,))
     p.exchange()
-    before = (dict(p.b_view), p.b.in_sync(), p.b.stats()["peers"])
+    before = (dict(p.b_view), p.b.in_sync(), p.b.stats().peers)
     k, v = _flow(7)
     wrong_key = wire.encode_datagram(1, 101, 50, [(k, v)], sequenced=True, first_lap=True,
                                      keys=[K3])
@@ -197,7 +197,7 @@ def test_forged_datagram_changes_nothing_and_is_counted() -> None:
     assert p.b.counters.bad_mac == 3
     assert p.b.rejected == {"unknown_key": 1, "untagged": 1, "bad_tag": 1}
     assert not [e for e in p.b_events[-3:] if isinstance(e, RemoteFlows)]
-    assert (p.b_view, p.b.in_sync(), p.b.stats()["peers"]) == before
+    assert (p.b_view, p.b.in_sync(), p.b.stats().peers) == before
 
 
 def test_key_rotation_two_keys_accepted_primary_signs() -> None:
@@ -312,7 +312,7 @@ def test_peer_down_reported_exactly_peer_timeout_after_last_datagram() -> None:
     c[2].attached = False
     c.run(5.0)
     downs = c[1].events_of(PeerDown)
-    last_seen = c[1].engine.stats()["peers"]["2"]["last_seen"]
+    last_seen = next(p for p in c[1].engine.stats().peers if p.node == 2).last_seen
     assert [e.node for _, e in downs] == [2]
     assert downs[0][0] == last_seen + 3.0
     assert c[1].views.get(2) == c[2].internal  # entries kept
@@ -466,8 +466,8 @@ def test_one_way_link_failure_does_not_stall_full_resyncs_for_others() -> None:
     c[1].pump()
     c.run(6.0)
     assert c[3].views[1] == c[1].internal  # node 2's stale ACK did not hold it back
-    assert c[1].engine.stats()["resync"] == {"pending": False, "active": False,
-                                             "remaining": 0}
+    assert c[1].engine.stats().as_dict()["resync"] == {"pending": False, "active": False,
+                                                          "remaining": 0}
 
 
 def test_multicast_acks_and_nacks_are_addressed() -> None:

@@ -365,7 +365,7 @@ def test_node_started_late_gets_everything_from_a_busy_peer() -> None:
     late.pump()
     Workload(c, creates=300, seed=8).run()
     _converge(c)
-    assert not late.engine.stats()["peers"]["1"]["need_resync"]
+    assert not next(p for p in late.engine.stats().peers if p.node == 1).need_resync
 
 
 def test_resend_queue_overflow_forces_full_resync_and_converges() -> None:
