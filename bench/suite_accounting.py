@@ -35,8 +35,8 @@ from suite_kernel import create_flows, flush_flows, time_events
 from conntrackd_py.accounting import Accounting, enable_kernel_accounting
 from conntrackd_py.config import Accounting as AccountingConfig
 from conntrackd_py.kernel.codec import EventType
-from conntrackd_py.lab import Lab, firewall_topology
 from conntrackd_py.tracker import Tracker
+from lab import Lab, firewall_topology
 
 MODES = ("without", "kernel", "with")
 

@@ -44,7 +44,7 @@ from typing import Any
 import suite_replication as rep
 from suite_replication import OURS, REF, Node, OursNode, RefNode, pin, say
 
-from conntrackd_py.lab import Lab, cluster_topology
+from lab import Lab, cluster_topology
 
 TCP_PORT = 8080
 TCP_CONNS = 3000

@@ -19,8 +19,8 @@ import trio
 
 from conntrackd_py.kernel.codec import EventType
 from conntrackd_py.kernel.table import Table
-from conntrackd_py.lab import FirewallTopology, Lab, Netns, firewall_topology, udp_flows_popen
 from conntrackd_py.tracker import Tracker
+from lab import FirewallTopology, Lab, Netns, firewall_topology, udp_flows_popen
 
 
 def time_events(tracker: Tracker) -> tuple[dict[EventType, float], dict[EventType, float]]:

@@ -49,7 +49,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from conntrackd_py.lab import (
+from conntrackd_py.netns import socket_in
+from lab import (
     FIRST_SPORT,
     SYNC_GROUP,
     Conntrackd,
@@ -60,7 +61,6 @@ from conntrackd_py.lab import (
     cluster_topology,
     udp_flows_popen,
 )
-from conntrackd_py.netns import socket_in
 
 PORT = 3780
 KEY = bytes(range(32))  # conntrackd-py runs authenticated (its recommended setup)

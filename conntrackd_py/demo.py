@@ -14,30 +14,27 @@ import sys
 import tempfile
 import time
 
-from .lab import (
-    DaemonProc,
-    Keepalived,
-    Lab,
-    TcpStream,
-    cluster_topology,
-    harden_for_failover,
-    udp_flows,
-)
+try:  # the lab ships beside the daemon but is no part of it: a trimmed install may lack it
+    from lab import (
+        DaemonProc,
+        Keepalived,
+        Lab,
+        TcpStream,
+        cluster_topology,
+        harden_for_failover,
+        poll_until,
+        udp_flows,
+    )
+except ImportError as e:  # pragma: no cover - only on an install without the lab
+    _LAB_MISSING: str | None = f"{e}"
+else:
+    _LAB_MISSING = None
 
 SERVICE = 9000
 
 
 def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
-
-
-def _wait(pred: object, limit: float) -> bool:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if pred():  # type: ignore[operator]
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def main(argv: list[str]) -> int:
@@ -47,6 +44,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--no-replication", action="store_true",
                    help="run without conntrackd-py: watch the stream die")
     args = p.parse_args(argv)
+    if _LAB_MISSING is not None:
+        print(f"conntrackd-py demo: needs the `lab` package installed beside conntrackd_py "
+              f"({_LAB_MISSING})", file=sys.stderr)
+        return 1
     if os.geteuid() != 0:
         print("conntrackd-py demo: needs root (it creates network namespaces)", file=sys.stderr)
         return 1
@@ -64,17 +65,17 @@ def main(argv: list[str]) -> int:
 def _run(lab: Lab, tmp: str, nflows: int, replicate: bool) -> int:
     _say("building namespaces: client, fw1, fw2, server, LAN/WAN/sync switches")
     topo = cluster_topology(lab, n_fw=2, nat=True, vip_on=None)
-    key = os.urandom(32)  # the pre-shared key both nodes sign and verify with
     daemons: list[DaemonProc | None] = []
     for k, fw in enumerate(topo.fws, 1):
         harden_for_failover(fw, SERVICE, udp_port=5000)
-        daemons.append(DaemonProc(fw, os.path.join(tmp, f"d{k}"), k, topo.sync_ip(k), key=key)
+        daemons.append(DaemonProc(fw, os.path.join(tmp, f"d{k}"), k, topo.sync_ip(k))
                        if replicate else None)
     if replicate:
+        # DaemonProc gives both nodes the lab's random 32-byte cluster key (mode 0600 files)
         _say("conntrackd-py running on fw1 and fw2 (FTFW over multicast, BLAKE2b-authenticated)")
     kas = [Keepalived(fw, os.path.join(tmp, f"k{k}"), topo, 150 if k == 1 else 100,
                       daemons[k - 1]) for k, fw in enumerate(topo.fws, 1)]
-    if not _wait(kas[0].is_master, 15):
+    if not poll_until(kas[0].is_master, 15):
         _say("fw1 did not become VRRP master")
         return 1
     _say(f"keepalived: fw1 is master, VIPs {topo.lan_vip} (client side) and {topo.wan_vip} "
@@ -87,7 +88,7 @@ def _run(lab: Lab, tmp: str, nflows: int, replicate: bool) -> int:
     if replicate:
         d2 = daemons[1]
         assert d2 is not None
-        _wait(lambda: d2.stats("cache")["cache"]["external"] >= nflows, 20)
+        poll_until(lambda: d2.stats("cache")["cache"]["external"] >= nflows, 20)
         _say(f"fw2 holds {d2.stats('cache')['cache']['external']} flows replicated from fw1")
     before = stream.status()
     _say(f"before failure: {before['received']} lines echoed, longest stall "
@@ -100,7 +101,7 @@ def _run(lab: Lab, tmp: str, nflows: int, replicate: bool) -> int:
     kas[0].kill()
     if daemons[0] is not None:
         daemons[0].kill()
-    _wait(kas[1].is_master, 15)
+    poll_until(kas[1].is_master, 15)
     time.sleep(3)
     result = stream.stop()
     notes = kas[1].notifications()

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from conntrackd_py.lab import FirewallTopology, Lab, firewall_topology, reap_namespaces
+from lab import FirewallTopology, Lab, firewall_topology, reap_namespaces
 
 
 @pytest.fixture

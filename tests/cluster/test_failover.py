@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conntrackd_py.lab import (
+from lab import (
     ClusterTopology,
     DaemonProc,
     Keepalived,

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from conntrackd_py.lab import (
+from conntrackd_py.netns import socket_in
+from lab import (
     SYNC_GROUP,
     DaemonProc,
     Lab,
@@ -18,7 +19,6 @@ from conntrackd_py.lab import (
     udp_flows,
     wait_until,
 )
-from conntrackd_py.netns import socket_in
 
 pytestmark = pytest.mark.cluster
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from conntrackd_py.lab import Netns, tcp_echo_server
+from lab import Netns, tcp_echo_server
 
 CLIENT = r"""
 import socket, sys, time

@@ -23,9 +23,9 @@ import trio
 
 from conntrackd_py.accounting import Accounting, enable_kernel_accounting
 from conntrackd_py.config import Accounting as AccCfg
-from conntrackd_py.lab import FirewallTopology
 from conntrackd_py.netns import socket_in
 from conntrackd_py.tracker import Tracker
+from lab import FirewallTopology
 
 pytestmark = pytest.mark.kernel
 
@@ -136,7 +136,8 @@ def test_stats_only_mode_accounts_without_replicating(fw_topo: FirewallTopology,
     """general.mode: stats, from the same config format: the daemon turns kernel accounting on,
     writes a record per finished flow and answers `-s accounting`, with no sync socket open and
     replication commands refused with an error (the daemon keeps running)."""
-    from conntrackd_py.lab import _PAYLOAD, DaemonProc, udp_flows
+    from lab import PAYLOAD as _PAYLOAD
+    from lab import DaemonProc, udp_flows
     t = fw_topo
     acct = tmp_path / "acct.jsonl"
     extra = f"stats:\n  accounting: {{enabled: true, file: {acct}, format: json}}\n"

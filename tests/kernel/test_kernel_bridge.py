@@ -11,8 +11,8 @@ from tcpconn import TcpConn
 
 from conntrackd_py.flow import Flow, Status, TcpState, pack_key
 from conntrackd_py.kernel.table import Table
-from conntrackd_py.lab import Lab, cluster_topology, udp_flows
 from conntrackd_py.tracker import Tracker
+from lab import Lab, cluster_topology, udp_flows
 
 pytestmark = pytest.mark.kernel
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conntrackd_py.lab import (
+from conntrackd_py.netns import socket_in
+from lab import (
     MARK,
     MARK_DPORT,
     SYNC_GROUP,
@@ -24,7 +25,6 @@ from conntrackd_py.lab import (
     udp_flows,
     udp_flows_popen,
 )
-from conntrackd_py.netns import socket_in
 
 pytestmark = pytest.mark.kernel
 
