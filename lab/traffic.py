@@ -1,9 +1,8 @@
-"""Traffic for the lab: the UDP flow generator, UDP and TCP echo servers, and a long-lived TCP
-stream that notices every lost, reordered or stalled byte.
+"""Traffic for the lab: UDP flows (in this process or a child), UDP and TCP echo servers, and a
+long-lived TCP stream that notices every lost, reordered or stalled byte.
 
-The functions called from a test or bench build the processes and sockets inside a namespace;
-the servers and clients that run as their own process are this module's command line
-(`python -m lab.traffic udpgen|udpecho|tcpecho|tcpstream ...`, started inside a namespace by
+These functions start processes and open sockets inside a namespace; the programs that run as
+their own process are in `lab.programs` (`python -m lab.programs ...`, started by
 `Netns.popen`). The UDP generator sends hand-built packets on a raw socket: one datagram per
 flow, 55k-90k new conntrack entries/s through a firewall on this 2-vCPU VM (masquerade and the
 server's ICMP port-unreachable replies cost ~20% each). This module must not create or delete
@@ -15,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
-import select
 import socket
 import struct
 import subprocess
@@ -97,13 +95,13 @@ def udp_flows_popen(client: Netns, dst: str, n: int, dport: int = 5000,
     """Like `udp_flows` but in a child process (no GIL shared with a daemon under test); it
     prints `sent seconds` on stdout when done."""
     src = src or client.src_for(dst)
-    return client.popen(sys.executable, "-m", "lab.traffic", "udpgen", src, dst, str(n),
+    return client.popen(sys.executable, "-m", "lab.programs", "udpgen", src, dst, str(n),
                         str(dport), str(max_seconds), stdout=subprocess.PIPE, text=True)
 
 
 def udp_echo_server(server: Netns, port: int) -> subprocess.Popen[str]:
     """A process in `server` echoing UDP on `port` (both families); returns once it is bound."""
-    p = server.popen(sys.executable, "-m", "lab.traffic", "udpecho", str(port),
+    p = server.popen(sys.executable, "-m", "lab.programs", "udpecho", str(port),
                      stdout=subprocess.PIPE, text=True)
     assert p.stdout is not None
     if p.stdout.readline().strip() != "ready":
@@ -111,32 +109,9 @@ def udp_echo_server(server: Netns, port: int) -> subprocess.Popen[str]:
     return p
 
 
-def _echo(port: int) -> None:
-    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    sock.bind(("::", port))
-    print("ready", flush=True)
-    while True:
-        data, peer = sock.recvfrom(65535)
-        sock.sendto(data, peer)
-
-
-def _tcp_echo(ip: str, port: int) -> None:
-    s = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((ip, port))
-    s.listen(8)
-    print("ready", flush=True)
-    while True:
-        c, _ = s.accept()
-        with c, contextlib.suppress(OSError):
-            while data := c.recv(65536):
-                c.sendall(data)
-
-
 def tcp_echo_server(server: Netns, ip: str, port: int) -> subprocess.Popen[str]:
     """A process in `server` echoing every TCP byte back; returns once it listens."""
-    srv = server.popen(sys.executable, "-m", "lab.traffic", "tcpecho", ip, str(port),
+    srv = server.popen(sys.executable, "-m", "lab.programs", "tcpecho", ip, str(port),
                        stdout=subprocess.PIPE, text=True)
     assert srv.stdout is not None
     if srv.stdout.readline().strip() != "ready":
@@ -144,66 +119,9 @@ def tcp_echo_server(server: Netns, ip: str, port: int) -> subprocess.Popen[str]:
     return srv
 
 
-def _line(n: int) -> bytes:
+def stream_line(n: int) -> bytes:
+    """Line `n` of a TcpStream (without its newline): what the client sends and checks."""
     return b"%08d %s" % (n, b"." * 90)
-
-
-def _tcp_stream(host: str, port: int, rate: float) -> None:
-    """The stream client: sends numbered lines at `rate`/s, checks every echo in order, and
-    answers each line on stdin (`status`, or `stop`/EOF to end) with a JSON report."""
-    c = socket.create_connection((host, port), timeout=5)
-    c.setblocking(False)
-    print(f"connected {c.getsockname()[1]}", flush=True)
-    sent, expect, max_stall = 0, 1, 0.0
-    buf = out = b""
-    errors: list[str] = []
-    last_rx = nxt = time.monotonic()
-    while True:
-        r, w, _ = select.select([c, sys.stdin], [c] if out else [], [], 0.005)
-        now = time.monotonic()
-        if sys.stdin in r:
-            cmd = sys.stdin.readline()
-            if not cmd or cmd.strip() == "stop":
-                break
-            print(json.dumps({"sent": sent, "received": expect - 1, "max_stall": max_stall}),
-                  flush=True)
-        if now >= nxt and len(out) < 65536:
-            sent += 1
-            out += _line(sent) + b"\n"
-            nxt += 1.0 / rate
-        if out and (c in w or not r):
-            try:
-                out = out[c.send(out):]
-            except BlockingIOError:
-                pass
-            except OSError as e:
-                errors.append(f"send: {e}")
-                break
-        if c in r:
-            try:
-                data: bytes | None = c.recv(65536)
-            except BlockingIOError:
-                data = None
-            except OSError as e:
-                errors.append(f"recv: {e}")
-                break
-            if data == b"":
-                errors.append("closed by peer")
-                break
-            if data:
-                buf += data
-                while b"\n" in buf:
-                    got, buf = buf.split(b"\n", 1)
-                    if got != _line(expect):
-                        errors.append(f"out of order or corrupt at {expect}")
-                        break
-                    expect += 1
-                max_stall = max(max_stall, now - last_rx)
-                last_rx = now
-            if errors:
-                break
-    print(json.dumps({"sent": sent, "received": expect - 1, "max_stall": round(max_stall, 3),
-                      "errors": errors, "final": True}), flush=True)
 
 
 class TcpStream:
@@ -216,7 +134,7 @@ class TcpStream:
     def __init__(self, client: Netns, server: Netns, server_ip: str, port: int,
                  rate: float = 200.0) -> None:
         tcp_echo_server(server, server_ip, port)
-        self.proc = client.popen(sys.executable, "-m", "lab.traffic", "tcpstream", server_ip,
+        self.proc = client.popen(sys.executable, "-m", "lab.programs", "tcpstream", server_ip,
                                  str(port), str(rate), stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
@@ -245,37 +163,3 @@ class TcpStream:
         self.proc.wait(5)
         res.setdefault("errors", [])
         return res
-
-
-USAGE = """usage: python -m lab.traffic COMMAND ARGS (run inside a lab namespace)
-  udpgen SRC DST N DPORT MAX_SECONDS   N UDP flows; prints `sent seconds` when done
-  udpecho PORT                         echo UDP on PORT (both families); prints `ready`
-  tcpecho IP PORT                      echo TCP on IP:PORT; prints `ready`
-  tcpstream HOST PORT RATE             the TcpStream client (commands on stdin)"""
-
-
-def main(argv: list[str]) -> int:
-    """The processes `udp_flows_popen`, `udp_echo_server`, `tcp_echo_server` and `TcpStream`
-    start; the exit status is 2 with the usage on a bad command line."""
-    match argv:
-        case ["udpgen", src, dst, n, dport, max_s]:
-            family = socket.AF_INET if ipaddress.ip_address(dst).version == 4 else socket.AF_INET6
-            with socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW) as sock:
-                b = send_udp_flows(sock, src, dst, int(n), int(dport), float(max_s))
-            print(b.sent, f"{b.seconds:.6f}", flush=True)
-        case ["udpecho", port]:
-            with contextlib.suppress(KeyboardInterrupt):
-                _echo(int(port))
-        case ["tcpecho", ip, port]:
-            with contextlib.suppress(KeyboardInterrupt):
-                _tcp_echo(ip, int(port))
-        case ["tcpstream", host, port, rate]:
-            _tcp_stream(host, int(port), float(rate))
-        case _:
-            print(USAGE, file=sys.stderr)
-            return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

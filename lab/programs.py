@@ -1,0 +1,138 @@
+"""The programs the lab runs as processes inside its namespaces: the UDP flow generator, the
+UDP and TCP echo servers and the TCP stream client (`python -m lab.programs COMMAND ARGS`).
+
+`lab.traffic` starts them (`udp_flows_popen`, `udp_echo_server`, `tcp_echo_server`,
+`TcpStream`) and reads what they print. A program must print its readiness line (`ready`,
+`connected PORT`) only once it can serve, and must not touch anything but its own sockets.
+The `lab` package never imports this module, so `-m` runs it exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import select
+import socket
+import sys
+import time
+
+from .traffic import send_udp_flows, stream_line
+
+
+def _echo(port: int) -> None:
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind(("::", port))
+    print("ready", flush=True)
+    while True:
+        data, peer = sock.recvfrom(65535)
+        sock.sendto(data, peer)
+
+
+
+def _tcp_echo(ip: str, port: int) -> None:
+    s = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((ip, port))
+    s.listen(8)
+    print("ready", flush=True)
+    while True:
+        c, _ = s.accept()
+        with c, contextlib.suppress(OSError):
+            while data := c.recv(65536):
+                c.sendall(data)
+
+
+
+def _tcp_stream(host: str, port: int, rate: float) -> None:
+    """The stream client: sends numbered lines at `rate`/s, checks every echo in order, and
+    answers each line on stdin (`status`, or `stop`/EOF to end) with a JSON report."""
+    c = socket.create_connection((host, port), timeout=5)
+    c.setblocking(False)
+    print(f"connected {c.getsockname()[1]}", flush=True)
+    sent, expect, max_stall = 0, 1, 0.0
+    buf = out = b""
+    errors: list[str] = []
+    last_rx = nxt = time.monotonic()
+    while True:
+        r, w, _ = select.select([c, sys.stdin], [c] if out else [], [], 0.005)
+        now = time.monotonic()
+        if sys.stdin in r:
+            cmd = sys.stdin.readline()
+            if not cmd or cmd.strip() == "stop":
+                break
+            print(json.dumps({"sent": sent, "received": expect - 1, "max_stall": max_stall}),
+                  flush=True)
+        if now >= nxt and len(out) < 65536:
+            sent += 1
+            out += stream_line(sent) + b"\n"
+            nxt += 1.0 / rate
+        if out and (c in w or not r):
+            try:
+                out = out[c.send(out):]
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                errors.append(f"send: {e}")
+                break
+        if c in r:
+            try:
+                data: bytes | None = c.recv(65536)
+            except BlockingIOError:
+                data = None
+            except OSError as e:
+                errors.append(f"recv: {e}")
+                break
+            if data == b"":
+                errors.append("closed by peer")
+                break
+            if data:
+                buf += data
+                while b"\n" in buf:
+                    got, buf = buf.split(b"\n", 1)
+                    if got != stream_line(expect):
+                        errors.append(f"out of order or corrupt at {expect}")
+                        break
+                    expect += 1
+                max_stall = max(max_stall, now - last_rx)
+                last_rx = now
+            if errors:
+                break
+    print(json.dumps({"sent": sent, "received": expect - 1, "max_stall": round(max_stall, 3),
+                      "errors": errors, "final": True}), flush=True)
+
+
+
+USAGE = """usage: python -m lab.programs COMMAND ARGS (run inside a lab namespace)
+  udpgen SRC DST N DPORT MAX_SECONDS   N UDP flows; prints `sent seconds` when done
+  udpecho PORT                         echo UDP on PORT (both families); prints `ready`
+  tcpecho IP PORT                      echo TCP on IP:PORT; prints `ready`
+  tcpstream HOST PORT RATE             the TcpStream client (commands on stdin)"""
+
+
+def main(argv: list[str]) -> int:
+    """The processes `udp_flows_popen`, `udp_echo_server`, `tcp_echo_server` and `TcpStream`
+    start; the exit status is 2 with the usage on a bad command line."""
+    match argv:
+        case ["udpgen", src, dst, n, dport, max_s]:
+            family = socket.AF_INET if ipaddress.ip_address(dst).version == 4 else socket.AF_INET6
+            with socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW) as sock:
+                b = send_udp_flows(sock, src, dst, int(n), int(dport), float(max_s))
+            print(b.sent, f"{b.seconds:.6f}", flush=True)
+        case ["udpecho", port]:
+            with contextlib.suppress(KeyboardInterrupt):
+                _echo(int(port))
+        case ["tcpecho", ip, port]:
+            with contextlib.suppress(KeyboardInterrupt):
+                _tcp_echo(ip, int(port))
+        case ["tcpstream", host, port, rate]:
+            _tcp_stream(host, int(port), float(rate))
+        case _:
+            print(USAGE, file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
