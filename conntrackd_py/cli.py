@@ -1,13 +1,21 @@
 """The `conntrackd-py` command: conntrackd's flags, plus a few subcommands.
 
 Running the daemon:   conntrackd-py [-C FILE] [-d]          (no action flag = run the daemon)
-Controlling it:       conntrackd-py [-C FILE] -c | -f [internal|external] | -F | -R | -B |
+Controlling it:       conntrackd-py [-C FILE] -c | -f [internal|external|both] | -F | -R | -B |
                       -n [NODE] | -t | -k | -s [KIND] | -i | -e | -E   [-o json]
 Checking a config:    conntrackd-py --check -C FILE
 Subcommands:          conntrackd-py demo | import-conf conntrackd.conf
 
-Exit codes follow conntrackd: 0 on success, 1 on failure; `-s sync` exits 1 when the node is
-not in sync with its peers (keepalived's track_script relies on this).
+The control flags and their options are generated from the command table (commands.py); their
+values are parsed by the same functions that check a request on the daemon's socket, so a
+value the daemon would refuse is a usage error here, before any connection.
+
+Exit codes follow conntrackd: 0 on success, 1 on failure, and 1 with one line on stderr for a
+usage error (conntrackd's `unknown parameter` errors); `-s sync` exits 1 when the node is not
+in sync with its peers (keepalived's track_script relies on this).
+
+A control call is on keepalived's failover path: this module imports nothing heavy at the top
+(no trio, no yaml, nothing of the daemon).
 """
 
 from __future__ import annotations
@@ -15,22 +23,48 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
+from .commands import COMMANDS, BadArgument, Cli, Command, ControlError, Option, parse_request
 
 #: `general.control_socket` when the config does not set it (config.py's default, tested)
 DEFAULT_CONTROL_SOCKET = "/run/conntrackd-py.sock"
 
-PROTO_NAMES = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58, "sctp": 132, "dccp": 33,
-               "gre": 47, "udplite": 136}
+
+class UsageError(Exception):
+    """A command line the daemon would refuse: one line, exit status 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # one line and status 1, as conntrackd's "unknown parameter" (argparse: usage, 2)
+        print(f"{self.prog}: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(1)
+
+
+#: each conntrackd flag with the commands it selects, in table order (-s: in_sync and stats)
+_FLAGS: dict[str, list[tuple[Command, Cli]]] = {}
+for _cmd in COMMANDS:
+    for _cli in _cmd.cli:
+        _FLAGS.setdefault(_cli.flag, []).append((_cmd, _cli))
+#: every option once (-i and -e share theirs)
+_OPTIONS: dict[tuple[str, ...], Option] = {o.flags: o for c in COMMANDS for o in c.options}
+_BARE = object()  # a flag given without its optional value
+
+
+def _dest(flag: str) -> str:
+    return "cmd_" + flag.lstrip("-")
+
+
+def _odest(o: Option) -> str:
+    return "opt_" + o.flags[-1].lstrip("-").replace("-", "_")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="conntrackd-py", description="conntrack state synchronisation daemon",
         epilog="Subcommands: 'demo' (local failover demo, root), "
                "'import-conf FILE' (convert a conntrackd.conf)")
@@ -40,42 +74,63 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", choices=["text", "json"], default="text")
     p.add_argument("--version", action="version", version=f"conntrackd-py {__version__}")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("-c", dest="action", action="store_const", const="commit",
-                   help="commit the external cache into the kernel table")
-    g.add_argument("-f", dest="flush", nargs="?", const="both",
-                   choices=["internal", "external", "both"], help="flush cache(s)")
-    g.add_argument("-F", dest="action", action="store_const", const="flush_kernel",
-                   help="flush the kernel conntrack table")
-    g.add_argument("-R", dest="action", action="store_const", const="resync_internal",
-                   help="resync the internal cache with the kernel table")
-    g.add_argument("-B", dest="action", action="store_const", const="bulk_send",
-                   help="send a bulk update (all internal flows) to the peers")
-    g.add_argument("-n", dest="resync", nargs="?", const="all", metavar="NODE",
-                   help="request a full resync from all peers (or node NODE)")
-    g.add_argument("-t", dest="action", action="store_const", const="purge",
-                   help="purge the external cache after the purge timeout")
-    g.add_argument("-k", dest="action", action="store_const", const="stop",
-                   help="stop the daemon")
-    g.add_argument("-s", dest="stats", nargs="?", const="all",
-                   choices=["all", "network", "cache", "runtime", "link", "queue", "sync",
-                            "accounting"], help="statistics ('sync': exit 0 only if in sync)")
-    g.add_argument("-i", dest="action", action="store_const", const="dump_internal",
-                   help="dump the internal cache")
-    g.add_argument("-e", dest="action", action="store_const", const="dump_external",
-                   help="dump the external cache")
-    g.add_argument("-E", dest="action", action="store_const", const="watch",
-                   help="watch cache changes live")
-    p.add_argument("-p", "--proto", help="with -i/-e: only this protocol")
-    p.add_argument("--src-nat", action="store_const", dest="nat", const="src")
-    p.add_argument("--dst-nat", action="store_const", dest="nat", const="dst")
-    p.add_argument("--any-nat", action="store_const", dest="nat", const="any")
-    p.add_argument("--node", type=int, help="with -e: only flows of this origin node")
+    for flag, rows in _FLAGS.items():
+        valued = [c for _, c in rows if c.value is not None]
+        helps = "; ".join(c.help for _, c in rows)
+        if valued:
+            g.add_argument(flag, dest=_dest(flag), nargs="?", const=_BARE,
+                           default=argparse.SUPPRESS, metavar=valued[0].metavar, help=helps)
+        else:
+            g.add_argument(flag, dest=_dest(flag), action="store_true",
+                           default=argparse.SUPPRESS, help=helps)
+    for o in _OPTIONS.values():
+        if o.const is not None:
+            p.add_argument(*o.flags, dest=_odest(o), action="store_const", const=o.const,
+                           default=argparse.SUPPRESS, help=o.help)
+        else:
+            p.add_argument(*o.flags, dest=_odest(o), metavar=o.metavar,
+                           default=argparse.SUPPRESS, help=o.help)
     return p
+
+
+def resolve(ns: argparse.Namespace) -> tuple[Command, Any] | None:
+    """The command and its parsed request that the command line asks for, or None (run the
+    daemon, or --check). Raises UsageError with the flag's name and the reason."""
+    given = [o for o in _OPTIONS.values() if hasattr(ns, _odest(o))]
+    flag = next((f for f in _FLAGS if hasattr(ns, _dest(f))), None)
+    if flag is None:
+        if given:
+            users = sorted({c.flag for cmd in COMMANDS if given[0] in cmd.options
+                            for c in cmd.cli})
+            raise UsageError(f"{given[0].flags[-1]} needs {' or '.join(users)}")
+        return None
+    value = getattr(ns, _dest(flag))
+    rows = _FLAGS[flag]
+    chosen = next(((cmd, c) for cmd, c in rows if c.when is not None and c.when == value),
+                  None) or next((cmd, c) for cmd, c in rows if c.when is None)
+    cmd, cli = chosen
+    raw: dict[str, object] = dict(cli.fixed)
+    where = {cli.value: flag} if cli.value else {}
+    if cli.value is not None and value is not _BARE and cli.when is None:
+        raw[cli.value] = value
+    for o in given:
+        if o not in cmd.options:
+            raise UsageError(f"{o.flags[-1]} does not apply to {flag}")
+        if o.field in raw and o.field not in cli.fixed:
+            raise UsageError(f"{o.flags[-1]} conflicts with {where[o.field]}")
+        raw[o.field] = getattr(ns, _odest(o))
+        where[o.field] = o.flags[-1]
+    try:
+        return cmd, parse_request(cmd, raw)
+    except BadArgument as e:
+        raise UsageError(f"{where.get(e.argument, flag)}: {e.reason}") from None
 
 
 def setup_logging(level: str = "info", fmt: str = "text", target: str = "stderr",
                   file: str | None = None) -> None:
     # here, not at the top: control commands never log, and start faster without it
+    # (importing logging is ~13 ms of a control call's ~45)
+    import logging
     from logging.handlers import SysLogHandler, WatchedFileHandler
     handler: logging.Handler
     if target == "file" and file:
@@ -158,9 +213,9 @@ def _control_socket(path: str | None) -> str:
     return str(_load_config(path).general.control_socket)
 
 
-def _control(sock: str, args: argparse.Namespace) -> int:
-    from .ctlclient import ControlClient, ControlError
-    as_json = args.output == "json"
+def _control(sock: str, cmd: Command, req: Any, as_json: bool) -> int:
+    from .commands import wire_args
+    from .ctlclient import ControlClient
     try:
         client = ControlClient(sock)
     except OSError as e:
@@ -169,52 +224,42 @@ def _control(sock: str, args: argparse.Namespace) -> int:
         return 1
     try:
         with client:
-            if args.action == "watch":
-                for line in client.stream("watch"):
+            if cmd.stream is not None:
+                for line in client.stream(cmd.name, **wire_args(req)):
                     print(line, flush=True)
                 return 0
-            if args.stats is not None:
-                kind = args.stats
-                if kind == "sync":
-                    res = client.call("in_sync")
-                    _print(res, as_json)
-                    return 0 if res["in_sync"] else 1
-                res = client.call("stats", kind=None if kind == "all" else kind)
-                _print(res, as_json)
-                return 0
-            if args.flush is not None:
-                _print(client.call("flush", cache=args.flush), as_json)
-                return 0
-            if args.resync is not None:
-                node = None if args.resync == "all" else int(args.resync)
-                _print(client.call("request_resync", node=node), as_json)
-                return 0
-            if args.action in ("dump_internal", "dump_external"):
-                proto = args.proto
-                if proto is not None and not proto.isdigit():
-                    if proto.lower() not in PROTO_NAMES:
-                        print(f"conntrackd-py: unknown protocol {proto!r}", file=sys.stderr)
-                        return 1
-                    proto = PROTO_NAMES[proto.lower()]
-                lines = client.call("dump", cache=args.action.split("_")[1],
-                                    proto=None if proto is None else int(proto), nat=args.nat,
-                                    origin=args.node)
-                _print(lines, as_json)
-                if not as_json:
-                    print(f"conntrackd-py: {len(lines)} flow entries have been shown.",
-                          file=sys.stderr)
-                return 0
-            res = client.call(args.action)
-            if args.action == "commit" and not as_json:
-                print(f"commit: created {res['created']}, updated {res['updated']}, failed "
-                      f"{res['failed']} in {res['seconds']:.3f} s"
-                      + (f" {res['errors']}" if res["errors"] else ""))
-                return 0 if not res["failed"] else 1
-            _print(res, as_json)
-            return 0
+            res = client.call(cmd.name, **wire_args(req))
+            return _show_result(cmd.name, res, as_json)
     except ControlError as e:
         print(f"conntrackd-py: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # stdout closed (`| head`): the answer was not wanted
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (no flush error at exit)
+        return 0
+
+
+def _show_result(name: str, res: Any, as_json: bool) -> int:
+    """Print a command's result; its exit status (`-s sync`: 0 only in sync)."""
+    if name == "in_sync":
+        _print(res, as_json)
+        return 0 if isinstance(res, dict) and res.get("in_sync") is True else 1
+    if name == "dump":
+        _print(res, as_json)
+        if not as_json and isinstance(res, list):
+            print(f"conntrackd-py: {len(res)} flow entries have been shown.", file=sys.stderr)
+        return 0
+    if name == "commit" and not as_json and isinstance(res, dict):
+        try:
+            errors = res.get("errors")
+            print(f"commit: created {res['created']}, updated {res['updated']}, failed "
+                  f"{res['failed']} in {float(res['seconds']):.3f} s"
+                  + (f" {errors}" if errors else ""))
+            return 0 if not res["failed"] else 1
+        except (KeyError, TypeError, ValueError):
+            pass  # another shape: printed as it is below
+    _print(res, as_json)
+    return 0
 
 
 def _daemonize() -> None:
@@ -236,36 +281,96 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "import-conf":
         from .importconf import main as import_main
         return import_main(argv[1:])
-    args = _parser().parse_args(argv)
-    if not args.check and (args.action or args.flush or args.resync or args.stats):
-        return _control(_control_socket(args.config), args)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        action = resolve(args)
+    except UsageError as e:
+        parser.error(str(e))
+    if action is not None and not args.check:
+        return _control(_control_socket(args.config), *action, args.output == "json")
     cfg = _load_config(args.config)
     if args.check:
         print(f"conntrackd-py: configuration {args.config or '(embedded default)'} is valid")
+        for line in _check_warnings(cfg):
+            print(f"conntrackd-py: {line}")
         return 0
     return run_daemon(cfg, detach=args.daemon)
 
 
+def _check_warnings(cfg: Any) -> list[str]:
+    """What `--check` points out in a valid config (today: sync without authentication)."""
+    from . import config
+    describe = getattr(config, "auth_warning", None)  # the config helper's wording, if any
+    if callable(describe):
+        w = describe(cfg)
+        return [w] if w else []
+    auth = getattr(getattr(cfg, "sync", None), "auth", None)
+    if (getattr(getattr(cfg, "general", None), "mode", "sync") == "sync" and auth is not None
+            and not getattr(auth, "key_files", ())):
+        return ["warning: sync.auth.key_files is empty: sync datagrams are not authenticated; "
+                "anyone who can reach the sync link can inject flows"]
+    return []
+
+
+#: start-up failures that are the operator's to fix: one line, exit 1, no traceback
+def _operator_errors() -> tuple[type[BaseException], ...]:
+    from .config import ConfigError
+    from .kernel.nl import KernelError
+    kinds: list[type[BaseException]] = [ConfigError, KernelError, OSError]
+    with contextlib.suppress(ImportError):
+        from .daemon import LockError
+        kinds.append(LockError)
+    with contextlib.suppress(ImportError):
+        from pyroute2.netlink.exceptions import NetlinkError
+        kinds.append(NetlinkError)
+    return tuple(kinds)
+
+
+def _leaves(e: BaseException) -> list[BaseException]:
+    if isinstance(e, BaseExceptionGroup):
+        return [leaf for sub in e.exceptions for leaf in _leaves(sub)]
+    return [e]
+
+
+def describe_start_error(e: BaseException) -> str | None:
+    """One line for a start-up failure the operator can fix (a trio nursery may wrap it in an
+    exception group), or None for anything else (a bug: its traceback is wanted)."""
+    leaves = _leaves(e)
+    kinds = _operator_errors()
+    if not leaves or not all(isinstance(x, kinds) for x in leaves):
+        return None
+    first = leaves[0]
+    name = type(first).__name__
+    if name == "LockError":
+        return str(first)
+    if name == "ConfigError":
+        return f"bad configuration: {first}"
+    if isinstance(first, OSError) and first.strerror:
+        where = f" ({first.filename})" if first.filename else ""
+        return f"cannot start: {first.strerror}{where}"
+    return f"cannot start: {first or name}"
+
+
 def run_daemon(cfg: Any, detach: bool = False) -> int:
+    import logging
+
     import trio
 
-    from .config import ConfigError
-    from .daemon import Daemon, LockError
-    from .kernel.nl import KernelError
+    from .daemon import Daemon
     lg = cfg.logging
     setup_logging(lg.level, lg.format, lg.target, lg.file)
     if detach:
         _daemonize()
     try:
         trio.run(Daemon(cfg).run)
-    except LockError as e:
-        logging.getLogger("conntrackd_py").error("%s", e)
-        return 1
-    except ConfigError as e:
-        logging.getLogger("conntrackd_py").error("bad configuration: %s", e)
-        return 1
-    except (KernelError, PermissionError) as e:
-        logging.getLogger("conntrackd_py").error("cannot start: %s", e)
+    except KeyboardInterrupt:
+        return 0
+    except Exception as e:
+        line = describe_start_error(e)
+        if line is None:
+            raise
+        logging.getLogger("conntrackd_py").error("%s", line)
         return 1
     return 0
 

@@ -3,25 +3,26 @@
 The table drives both sides of the control channel: cli.py builds its argparse parser from it,
 and control.py dispatches socket requests through it. Every argument, from a command line or
 from a JSON request, goes through the same `parse_request`, which either returns a frozen
-request dataclass whose fields are in range or raises `ControlError`: a bad argument is an
-error reply (or a usage error) by construction, and the daemon's `Ops` methods may trust
-what they receive.
+request (an immutable NamedTuple) whose fields are in range or raises `ControlError`: a bad
+argument is an error reply (or a usage error) by construction, and the daemon's `Ops`
+methods may trust what they receive.
 
 This module must stay light to import (no trio, no yaml, nothing of the daemon): every
-`conntrackd-py -c` of a keepalived failover imports it. It must not do I/O.
+`conntrackd-py -c` of a keepalived failover imports it. That is why its records are
+NamedTuples, not dataclasses: importing `dataclasses` and generating fifteen classes cost
+~25 ms at each call, NamedTuples ~3. It must not do I/O.
 """
 
-from __future__ import annotations
-
-import dataclasses
+# no `from __future__ import annotations`: NamedTuple would compile each string annotation
+# into a ForwardRef at import (~9 ms of a control call's start)
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from .ctlclient import ControlError
 
 __all__ = [
-    "COMMANDS", "NODE_MAX", "PROTO_NAMES", "PURGE_MAX", "STATS_KINDS", "Cli", "Command",
+    "COMMANDS", "NODE_MAX", "PROTO_NAMES", "PURGE_MAX", "STATS_KINDS", "BadArgument", "Cli",
+    "Command",
     "ControlError", "Ops", "Option", "by_name", "parse_node", "parse_proto", "parse_request",
     "wire_args",
 ]
@@ -142,86 +143,68 @@ def parse_bool(v: object) -> bool:
     raise ControlError(f"must be true or false, not {_show(v)}")
 
 
-def _arg(parse: Callable[[object], Any], default: object = None, *, doc: str = "") -> Any:
-    """A request field: its parser (None stays the default, as a JSON null or an absent key
-    does) and its documentation."""
-    return dataclasses.field(default=default, metadata={"parse": parse, "doc": doc})
+# --- one immutable request per command: the typed, range-checked arguments ------------------
 
-
-# --- one frozen request per command: the typed, range-checked arguments ----------------------
-
-@dataclass(frozen=True, slots=True)
-class Commit:
+class Commit(NamedTuple):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class Flush:
-    cache: str = _arg(_choice(*FLUSH_CACHES), "both", doc="internal, external or both")
+class Flush(NamedTuple):
+    cache: str = "both"  # internal, external or both
 
 
-@dataclass(frozen=True, slots=True)
-class FlushKernel:
+class FlushKernel(NamedTuple):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class ResyncInternal:
+class ResyncInternal(NamedTuple):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class BulkSend:
+class BulkSend(NamedTuple):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class RequestResync:
-    node: int | None = _arg(parse_node, doc="only from this node (default: every peer)")
+class RequestResync(NamedTuple):
+    node: int | None = None  # only from this node (default: every peer)
 
 
-@dataclass(frozen=True, slots=True)
-class Purge:
-    timeout: int | None = _arg(parse_purge_timeout, doc="seconds (default: sync.purge_timeout)")
+class Purge(NamedTuple):
+    timeout: int | None = None  # seconds (default: sync.purge_timeout)
 
 
-@dataclass(frozen=True, slots=True)
-class Stop:
+class Stop(NamedTuple):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class Stats:
-    kind: str | None = _arg(parse_stats_kind, doc="one section (default: all)")
+class Stats(NamedTuple):
+    kind: str | None = None  # one section (default: all)
 
 
-@dataclass(frozen=True, slots=True)
-class InSync:
+class InSync(NamedTuple):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class Dump:
-    cache: str = _arg(_choice(*DUMP_CACHES), "internal", doc="internal or external")
-    proto: int | None = _arg(parse_proto, doc="only this protocol")
-    nat: str | None = _arg(_choice(*NAT_KINDS), doc="only NATed flows: src, dst or any")
-    origin: int | None = _arg(parse_node, doc="only the flows of this node (external cache)")
-    raw: bool = _arg(parse_bool, False, doc="[origin, key hex, value hex] per flow")
-
-    def __post_init__(self) -> None:
-        if self.origin is not None and self.cache != "external":
-            raise ControlError("origin applies to the external cache only")
+class Dump(NamedTuple):
+    cache: str = "internal"
+    proto: int | None = None     # only this protocol
+    nat: str | None = None       # only NATed flows: src, dst or any
+    origin: int | None = None    # only the flows of this node (external cache)
+    raw: bool = False            # [origin, key hex, value hex] per flow
 
 
-@dataclass(frozen=True, slots=True)
-class Watch:
+def _check_dump(r: Dump) -> None:
+    if r.origin is not None and r.cache != "external":
+        raise BadArgument("dump", "origin", "applies to the external cache only")
+
+
+class Watch(NamedTuple):
     pass
 
 
 # --- the table --------------------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
-class Cli:
+class Cli(NamedTuple):
     """How a conntrackd flag selects a command.
 
     `value`: the request field the flag's optional value goes to (`-n [NODE]`); a bare flag
@@ -234,11 +217,10 @@ class Cli:
     value: str | None = None
     metavar: str | None = None
     when: str | None = None
-    fixed: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    fixed: Mapping[str, object] = {}  # shared, never mutated
 
 
-@dataclass(frozen=True, slots=True)
-class Option:
+class Option(NamedTuple):
     """A command-line option of some commands: `--proto tcp` sets a request field;
     a flag with `const` sets it to that (`--src-nat`: nat=src)."""
 
@@ -249,18 +231,21 @@ class Option:
     metavar: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Command:
-    """One control command: its request name, its request type and what it runs.
+class Command(NamedTuple):
+    """One control command: its request name, its request type, the parser of each of the
+    request's fields, and what it runs.
 
-    Exactly one of `run` (one reply) and `stream` (many result lines, `watch`) is set."""
+    Exactly one of `run` (one reply) and `stream` (many result lines, `watch`) is set.
+    `check`, if any, checks a rule between fields of a parsed request (raises BadArgument)."""
 
     name: str
     request: type[Any]
     cli: tuple[Cli, ...]
+    args: Mapping[str, Callable[[object], object]] = {}  # shared, never mutated
     run: Callable[[Ops, Any], Awaitable[object]] | None = None
     stream: Callable[[Ops, Any], AsyncIterator[object]] | None = None
     options: tuple[Option, ...] = ()
+    check: Callable[[Any], None] | None = None
 
 
 async def _commit(ops: Ops, r: Commit) -> object:
@@ -323,7 +308,7 @@ COMMANDS: tuple[Command, ...] = (
             run=_commit),
     Command("flush", Flush, (Cli("-f", "flush the internal and/or external cache",
                                  value="cache", metavar="internal|external|both"),),
-            run=_flush),
+            {"cache": _choice(*FLUSH_CACHES)}, run=_flush),
     Command("flush_kernel", FlushKernel, (Cli("-F", "flush the kernel conntrack table"),),
             run=_flush_kernel),
     Command("resync_internal", ResyncInternal,
@@ -332,21 +317,24 @@ COMMANDS: tuple[Command, ...] = (
             (Cli("-B", "send a bulk update (every internal flow) to the peers"),), run=_bulk_send),
     Command("request_resync", RequestResync,
             (Cli("-n", "request a full resync from every peer (or node NODE)", value="node",
-                 metavar="NODE"),), run=_request_resync),
+                 metavar="NODE"),), {"node": parse_node}, run=_request_resync),
     Command("purge", Purge,
             (Cli("-t", "shorten the kernel timeouts of this node's flows to "
-                       "sync.purge_timeout (on becoming backup)"),), run=_purge),
+                       "sync.purge_timeout (on becoming backup)"),),
+            {"timeout": parse_purge_timeout}, run=_purge),
     Command("stop", Stop, (Cli("-k", "stop the daemon"),), run=_stop),
+    Command("stats", Stats,
+            (Cli("-s", "statistics: all (default), " + ", ".join(sorted(STATS_KINDS)),
+                 value="kind", metavar="KIND"),), {"kind": parse_stats_kind}, run=_stats),
     Command("in_sync", InSync,
             (Cli("-s", "'-s sync': exit 0 only when in sync with every peer", when="sync"),),
             run=_in_sync),
-    Command("stats", Stats,
-            (Cli("-s", "statistics: all (default), " + ", ".join(sorted(STATS_KINDS)),
-                 value="kind", metavar="KIND"),), run=_stats),
     Command("dump", Dump,
             (Cli("-i", "dump the internal cache", fixed={"cache": "internal"}),
              Cli("-e", "dump the external cache", fixed={"cache": "external"})),
-            run=_dump,
+            {"cache": _choice(*DUMP_CACHES), "proto": parse_proto, "nat": _choice(*NAT_KINDS),
+             "origin": parse_node, "raw": parse_bool},
+            run=_dump, check=_check_dump,
             options=(*_DUMP_OPTIONS,
                      Option(("--node",), "origin", "with -e: only flows of this origin node",
                             metavar="NODE"))),
@@ -354,6 +342,17 @@ COMMANDS: tuple[Command, ...] = (
 )
 
 _BY_NAME = {c.name: c for c in COMMANDS}
+
+
+class BadArgument(ControlError):
+    """An argument of a known command refused: which one, and why (the CLI names its flag)."""
+
+    def __init__(self, command: str, argument: str, reason: str) -> None:
+        super().__init__(f"{command}: {argument}: {reason}" if argument
+                         else f"{command}: {reason}")
+        self.command = command
+        self.argument = argument
+        self.reason = reason
 
 
 def by_name(name: str) -> Command:
@@ -367,27 +366,27 @@ def by_name(name: str) -> Command:
 def parse_request(cmd: Command, args: Mapping[str, object]) -> Any:
     """The request of `cmd` from untrusted arguments (a JSON object's members, or the command
     line's values): every field parsed and range-checked, unknown names refused. Raises only
-    ControlError."""
-    fields = {f.name: f for f in dataclasses.fields(cmd.request)}
+    ControlError (BadArgument)."""
     values: dict[str, object] = {}
     for name, v in args.items():
-        f = fields.get(name) if isinstance(name, str) else None
-        if f is None:
-            known = ", ".join(fields) or "none"
-            raise ControlError(f"{cmd.name}: unknown argument {_show(name)} (arguments: {known})")
+        parse = cmd.args.get(name) if isinstance(name, str) else None
+        if parse is None:
+            known = ", ".join(cmd.args) or "none"
+            raise BadArgument(cmd.name, "", f"unknown argument {_show(name)} "
+                              f"(arguments: {known})")
         if v is None:
             continue  # the default, as when absent
         try:
-            values[name] = f.metadata["parse"](v)
+            values[name] = parse(v)
         except ControlError as e:
-            raise ControlError(f"{cmd.name}: {name}: {e}") from None
-    try:
-        return cmd.request(**values)
-    except ControlError as e:  # a rule between fields (__post_init__)
-        raise ControlError(f"{cmd.name}: {e}") from None
+            raise BadArgument(cmd.name, name, str(e)) from None
+    req = cmd.request(**values)
+    if cmd.check is not None:
+        cmd.check(req)
+    return req
 
 
 def wire_args(req: Any) -> dict[str, object]:
     """The members of a request's JSON arguments (None fields are left out: the default)."""
-    return {f.name: v for f in dataclasses.fields(req) if (v := getattr(req, f.name)) is not None}
+    return {k: v for k, v in req._asdict().items() if v is not None}
 

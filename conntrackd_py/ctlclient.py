@@ -1,5 +1,8 @@
 """The control client: blocking, and light to import (no trio), since keepalived's failover
-waits for every `conntrackd-py -c` it runs. The protocol is described in control.py."""
+waits for every `conntrackd-py -c` it runs. The protocol is described in control.py.
+
+Whatever the daemon does (garbage, a reply cut short, a reset, silence past the timeout),
+a call ends in a reply or in ControlError, never another exception: the CLI prints one line."""
 
 from __future__ import annotations
 
@@ -37,20 +40,33 @@ class ControlClient:
         self.close()
 
     def _send(self, cmd: str, args: dict[str, Any]) -> None:
-        self.sock.sendall(json.dumps({"cmd": cmd, "args": args}).encode() + b"\n")
+        try:
+            self.sock.sendall(json.dumps({"cmd": cmd, "args": args}).encode() + b"\n")
+        except OSError as e:
+            raise ControlError(f"cannot send to the daemon: {e.strerror or e}") from None
 
     def _read(self) -> dict[str, Any]:
-        line = self.file.readline()
+        try:
+            line = self.file.readline()
+        except OSError as e:  # a reset, or the timeout
+            raise ControlError(f"no reply from the daemon: {e.strerror or e}") from None
         if not line:
             raise ControlError("the daemon closed the connection")
-        reply: dict[str, Any] = json.loads(line)
+        if not line.endswith(b"\n"):
+            raise ControlError("the daemon closed the connection in the middle of a reply")
+        try:
+            reply = json.loads(line)
+        except (ValueError, RecursionError):
+            raise ControlError("the daemon's reply is not JSON") from None
+        if not isinstance(reply, dict):
+            raise ControlError("the daemon's reply is not a JSON object")
         return reply
 
     def call(self, cmd: str, **args: Any) -> Any:
         self._send(cmd, args)
         reply = self._read()
         if not reply.get("ok"):
-            raise ControlError(reply.get("error", "unknown error"))
+            raise ControlError(str(reply.get("error", "unknown error")))
         return reply.get("result")
 
     def stream(self, cmd: str, **args: Any) -> Iterator[Any]:
@@ -58,7 +74,7 @@ class ControlClient:
         while True:
             reply = self._read()
             if not reply.get("ok"):
-                raise ControlError(reply.get("error", "unknown error"))
+                raise ControlError(str(reply.get("error", "unknown error")))
             if not reply.get("more"):
                 return
-            yield reply["result"]
+            yield reply.get("result")
