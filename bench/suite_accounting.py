@@ -30,13 +30,13 @@ import tempfile
 import time
 
 import trio
-from suite_kernel import create_flows, flush_flows, time_events
 
 from conntrackd_py.accounting import Accounting, enable_kernel_accounting
 from conntrackd_py.config import Accounting as AccountingConfig
 from conntrackd_py.kernel.codec import EventType
 from conntrackd_py.tracker import Tracker
 from lab import Lab, firewall_topology
+from lab.bench import create_flows, flush_flows, time_events
 
 MODES = ("without", "kernel", "with")
 

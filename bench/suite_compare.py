@@ -41,53 +41,18 @@ import threading
 import time
 from typing import Any
 
-import suite_replication as rep
-from suite_replication import OURS, REF, Node, OursNode, RefNode, pin, say
+from lab import Conntrackd, DaemonProc, Lab, SyncDaemon, cluster_topology, measure
+from lab.bench import OURS, REF, cpu_seconds, pin, start_node, start_pair, wait_ready
+from lab.bench import say as _say
 
-from lab import Lab, cluster_topology
+
+def say(msg: str) -> None:
+    _say("compare", msg)
+
 
 TCP_PORT = 8080
 TCP_CONNS = 3000
 TCP_PARALLEL = 30
-
-_TCP_SERVER = r"""
-import socket, sys, threading
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(512)
-print("ready", flush=True)
-def serve(c):
-    with c:
-        while (d := c.recv(4096)):
-            c.sendall(d)
-while True:
-    c, _ = s.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
-"""
-
-# each connection: connect, 3 request/response rounds, close: NEW, several UPDATEs, then
-# FIN_WAIT/CLOSE_WAIT/LAST_ACK/TIME_WAIT updates
-_TCP_CLIENT = r"""
-import socket, sys, threading, time
-dst, port, n, par = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-done = [0]; lock = threading.Lock(); t0 = time.monotonic()
-def worker(k):
-    for i in range(k, n, par):
-        try:
-            with socket.create_connection((dst, port), timeout=10) as c:
-                for _ in range(3):
-                    c.sendall(b"x" * 100)
-                    got = 0
-                    while got < 100:
-                        got += len(c.recv(4096))
-        except OSError:
-            continue
-        with lock:
-            done[0] += 1
-ts = [threading.Thread(target=worker, args=(k,)) for k in range(par)]
-[t.start() for t in ts]; [t.join() for t in ts]
-print(done[0], round(time.monotonic() - t0, 3), flush=True)
-"""
-
 
 # --- commit and resync, while B holds the flows of a throughput run -------------------------
 
@@ -100,36 +65,36 @@ def _poll(pred: Any, limit: float, interval: float = 0.05) -> float | None:
     return None
 
 
-def commit_and_resync(kind: str, workdir: str, topo: Any, a: Node, b: Node,
+def commit_and_resync(kind: str, workdir: str, topo: Any, a: SyncDaemon, b: SyncDaemon,
                       held: int) -> dict[str, float]:
     fw_b = topo.fws[1]
     r: dict[str, float] = {}
     # commit: B's kernel table carries no traffic, so what appears there is the commit
     k0 = fw_b.conntrack_count()
-    cpu_b0 = rep.cpu_seconds(b.pid)
+    cpu_b0 = cpu_seconds(b.pid)
     t0 = time.monotonic()
     # ours: the control request from a thread here (a C client would cost what this does;
     # a Python CLI process would add its ~0.15 s start); conntrackd: its C client, `-c`
     waiter: Any
-    if isinstance(b, OursNode):
-        waiter = threading.Thread(target=b.d.call, args=("commit",), daemon=True)
+    if isinstance(b, DaemonProc):
+        waiter = threading.Thread(target=b.call, args=("commit",), daemon=True)
         waiter.start()
     else:
-        assert isinstance(b, RefNode)
-        waiter = b.c.ns.popen("conntrackd", "-C", b.c.conf, "-c", stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+        assert isinstance(b, Conntrackd)
+        waiter = b.ns.popen("conntrackd", "-C", b.conf, "-c", stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     t1 = _poll(lambda: fw_b.conntrack_count() - k0 >= held, 120)
     if isinstance(waiter, threading.Thread):
         waiter.join(120)
-        assert isinstance(b, OursNode)
-        for line in b.d.read_log().splitlines():
+        assert isinstance(b, DaemonProc)
+        for line in b.read_log().splitlines():
             if "commit of the external cache" in line or "reconciled" in line:
                 say(f"{kind:<13} B's log: {line}")
     else:
         waiter.wait(120)
     committed = fw_b.conntrack_count() - k0
     secs = (t1 or time.monotonic()) - t0
-    r["commit_cpu_s_b_daemon"] = rep.cpu_seconds(b.pid) - cpu_b0  # B's daemon, not a child
+    r["commit_cpu_s_b_daemon"] = cpu_seconds(b.pid) - cpu_b0  # B's daemon, not a child
     r["commit_s"] = secs
     r["commit_flows_per_s"] = committed / secs if secs > 0 else 0.0
     r["commit_complete"] = 1.0 if t1 is not None else 0.0
@@ -140,27 +105,23 @@ def commit_and_resync(kind: str, workdir: str, topo: Any, a: Node, b: Node,
     # resync into an empty peer: a fresh B with an empty kernel table
     b.stop()
     fw_b.conntrack_flush()
-    want = a.internal()
+    want = a.internal_count()
     t_start = time.monotonic()
-    b2: Node
-    if kind == OURS:
-        b2 = OursNode(fw_b, os.path.join(workdir, "b2"), 2, topo.sync_ip(2))
-        t0 = time.monotonic()  # its control socket is up: it asks for the resync by itself
-    else:
-        b2 = RefNode(fw_b, os.path.join(workdir, "b2"), 2, topo.sync_ip(2))
-        t0 = time.monotonic()  # its control socket is up: ask (`-n`) at once
-        b2.c.ctl("-n")
+    b2 = start_node(kind, fw_b, os.path.join(workdir, "b2"), 2, topo.sync_ip(2))
+    t0 = time.monotonic()  # its control socket is up: ours asks for the resync by itself
+    if isinstance(b2, Conntrackd):
+        b2.ctl("-n")  # conntrackd is asked at once
     pin(b2.pid, 1)
     try:
-        t1 = _poll(lambda: b2.external() >= want, 120, 0.01)
+        t1 = _poll(lambda: b2.external_count() >= want, 120, 0.01)
     except OSError as e:
-        if isinstance(b2, OursNode) and b2.d.proc is not None and b2.d.proc.poll() is not None:
-            err = b2.d.proc.stderr.read() if b2.d.proc.stderr else ""
-            raise RuntimeError(f"the fresh B exited ({b2.d.proc.returncode}): {err[-3000:]}"
-                               ) from e
+        p = b2.proc
+        if isinstance(b2, DaemonProc) and p is not None and p.poll() is not None:
+            err = p.stderr.read() if p.stderr else ""
+            raise RuntimeError(f"the fresh B exited ({p.returncode}): {err[-3000:]}") from e
         raise
     secs = (t1 or time.monotonic()) - t0
-    got = b2.external()
+    got = b2.external_count()
     r["resync_s"] = secs
     r["startup_s"] = t0 - t_start
     r["resync_complete"] = 1.0 if t1 is not None else 0.0
@@ -170,27 +131,27 @@ def commit_and_resync(kind: str, workdir: str, topo: Any, a: Node, b: Node,
     # requests), `-B` on A (it pushes)
     for name, node, flag in (("resync_n_s", b2, "-n"), ("resync_bulk_s", a, "-B")):
         _ctl(b2, "-f", "external")
-        _poll(lambda: b2.external() == 0, 10)
+        _poll(lambda: b2.external_count() == 0, 10)
         t0 = time.monotonic()
         _ctl(node, flag)
-        t1 = _poll(lambda: b2.external() >= want, 60, 0.01)
+        t1 = _poll(lambda: b2.external_count() >= want, 60, 0.01)
         r[name] = (t1 or time.monotonic()) - t0
-        say(f"{kind:<13} {flag} into B's emptied external cache: {b2.external():,} flows after "
-            f"{r[name]:.2f} s")
+        say(f"{kind:<13} {flag} into B's emptied external cache: {b2.external_count():,} flows "
+            f"after {r[name]:.2f} s")
     b2.stop()
     return r
 
 
-def _ctl(node: Node, *flags: str) -> None:
+def _ctl(node: SyncDaemon, *flags: str) -> None:
     """A conntrackd flag on a node: ours through its control socket (what the CLI sends, without
     a Python process start), conntrackd through its own C client."""
-    if isinstance(node, OursNode):
+    if isinstance(node, DaemonProc):
         cmd = {("-f", "external"): ("flush", {"cache": "external"}),
                ("-n",): ("request_resync", {}), ("-B",): ("bulk_send", {})}[flags]
-        node.d.call(cmd[0], **cmd[1])
+        node.call(cmd[0], **cmd[1])
     else:
-        assert isinstance(node, RefNode)
-        node.c.ctl(*flags)
+        assert isinstance(node, Conntrackd)
+        node.ctl(*flags)
 
 
 # --- TCP flows with their whole life ----------------------------------------------------------
@@ -198,17 +159,17 @@ def _ctl(node: Node, *flags: str) -> None:
 def tcp_mixed(kind: str, conns: int = TCP_CONNS) -> dict[str, float]:
     with Lab("ctcm") as lab, tempfile.TemporaryDirectory(prefix="ctcm") as tmp:
         topo = cluster_topology(lab, n_fw=2)
-        a, b = rep.start_pair(kind, topo, tmp)
-        srv = topo.server.popen(sys.executable, "-c", _TCP_SERVER, topo.server_ip,
+        a, b = start_pair(kind, topo, tmp)
+        srv = topo.server.popen(sys.executable, "-m", "lab.programs", "tcpserve", topo.server_ip,
                                 str(TCP_PORT), stdout=subprocess.PIPE, text=True)
         assert srv.stdout is not None
         if srv.stdout.readline().strip() != "ready":
             raise RuntimeError("tcp server did not start")
         topo.client.ping(topo.server_ip)
-        rep.wait_ready(a, b)
-        base_a, base_b = a.internal(), b.external()
-        cpu0_a, cpu0_b = rep.cpu_seconds(a.pid), rep.cpu_seconds(b.pid)
-        cli = topo.client.popen(sys.executable, "-c", _TCP_CLIENT, topo.server_ip,
+        wait_ready(a, b)
+        base_a, base_b = a.internal_count(), b.external_count()
+        cpu0_a, cpu0_b = cpu_seconds(a.pid), cpu_seconds(b.pid)
+        cli = topo.client.popen(sys.executable, "-m", "lab.programs", "tcpconns", topo.server_ip,
                                 str(TCP_PORT), str(conns), str(TCP_PARALLEL),
                                 stdout=subprocess.PIPE, text=True)
         pin(cli.pid, 0)
@@ -216,13 +177,13 @@ def tcp_mixed(kind: str, conns: int = TCP_CONNS) -> dict[str, float]:
         done, gen_s = out.split()
         t_end = time.monotonic()
         r: dict[str, float] = {"connections": float(done), "generator_s": float(gen_s)}
-        if isinstance(a, OursNode) and isinstance(b, OursNode):
+        if isinstance(a, DaemonProc) and isinstance(b, DaemonProc):
             ia: dict[str, str] = {}
             eb: dict[str, str] = {}
 
             def same() -> bool:
                 nonlocal ia, eb
-                ia, eb = rep._raw(a.d, "internal"), rep._raw(b.d, "external", 1)
+                ia, eb = measure.raw_dump(a, "internal"), measure.raw_dump(b, "external", 1)
                 return ia == eb
 
             t1 = _poll(same, 30, 0.2)
@@ -234,7 +195,7 @@ def tcp_mixed(kind: str, conns: int = TCP_CONNS) -> dict[str, float]:
             last: list[tuple[int, int]] = []
 
             def settled() -> bool:
-                last.append((a.internal(), b.external()))
+                last.append((a.internal_count(), b.external_count()))
                 ia_n, eb_n = last[-1]
                 return ia_n - base_a == eb_n - base_b or (
                     len(last) > 25 and len(set(last[-25:])) == 1)  # unchanged for 5 s
@@ -244,8 +205,8 @@ def tcp_mixed(kind: str, conns: int = TCP_CONNS) -> dict[str, float]:
             r["missing"] = float((ia_n - base_a) - (eb_n - base_b))
             r["a_flows"] = float(ia_n - base_a)
         r["settle_s"] = (t1 or time.monotonic()) - t_end
-        r["cpu_us_per_conn_a"] = (rep.cpu_seconds(a.pid) - cpu0_a) / max(1, conns) * 1e6
-        r["cpu_us_per_conn_b"] = (rep.cpu_seconds(b.pid) - cpu0_b) / max(1, conns) * 1e6
+        r["cpu_us_per_conn_a"] = (cpu_seconds(a.pid) - cpu0_a) / max(1, conns) * 1e6
+        r["cpu_us_per_conn_b"] = (cpu_seconds(b.pid) - cpu0_b) / max(1, conns) * 1e6
         srv.kill()
         say(f"{kind:<13} TCP: {int(r['connections']):,} connections in {r['generator_s']:.1f} s;"
             f" {r['missing']:.0f} of A's {r['a_flows']:.0f} flows missing in B"
@@ -287,11 +248,11 @@ def run(args: argparse.Namespace) -> dict[str, float]:
             say(f"round {i + 1}/{repeat}: {kind}")
             with tempfile.TemporaryDirectory(prefix="ctcmp") as wd:
                 after = functools.partial(commit_and_resync, kind, wd)
-                big[kind].append(rep.throughput(kind, n, after=after))
-            small[kind].append(rep.throughput(kind, rep.SMALL_N))
-    lat = {kind: rep.latency(kind) for kind in (OURS, REF)}
-    loss5 = {kind: rep.loss(kind, percent=5) for kind in (OURS, REF)}
-    loss20 = {kind: rep.loss(kind, percent=20) for kind in (OURS, REF)}
+                big[kind].append(measure.throughput(kind, n, after=after))
+            small[kind].append(measure.throughput(kind, measure.SMALL_N))
+    lat = {kind: measure.latency(kind) for kind in (OURS, REF)}
+    loss5 = {kind: measure.loss(kind, percent=5) for kind in (OURS, REF)}
+    loss20 = {kind: measure.loss(kind, percent=20) for kind in (OURS, REF)}
     tcp = {kind: tcp_mixed(kind) for kind in (OURS, REF)}
 
     f: dict[str, float] = {}

@@ -20,52 +20,8 @@ import trio
 from conntrackd_py.kernel.codec import EventType
 from conntrackd_py.kernel.table import Table
 from conntrackd_py.tracker import Tracker
-from lab import FirewallTopology, Lab, Netns, firewall_topology, udp_flows_popen
-
-
-def time_events(tracker: Tracker) -> tuple[dict[EventType, float], dict[EventType, float]]:
-    """Wrap `tracker.apply` to note when the first and the last batch of each event type
-    arrived (perf_counter): the ingest window."""
-    first: dict[EventType, float] = {}
-    last: dict[EventType, float] = {}
-    apply = tracker.apply
-
-    def timed(batch: list) -> None:  # type: ignore[type-arg]
-        now = time.perf_counter()
-        for kind in {k for k, _ in batch}:
-            first.setdefault(kind, now)
-            last[kind] = now
-        apply(batch)
-
-    tracker.apply = timed  # type: ignore[method-assign]
-    return first, last
-
-
-async def create_flows(topo: FirewallTopology, tracker: Tracker, n: int,
-                       settle: float = 0.5) -> int:
-    """N UDP flows through the firewall (generator in a child process); waits until the
-    tracker saw their NEW events (or an overrun), then `settle`. Returns the flows the kernel
-    holds."""
-    st = tracker.events.stats
-    gen = udp_flows_popen(topo.client, topo.server_ip, n, max_seconds=120)
-    await trio.to_thread.run_sync(gen.wait)
-    with trio.move_on_after(30):
-        while st.new < n and st.overruns == 0:  # noqa: ASYNC110
-            await trio.sleep(0.05)
-    await trio.sleep(settle)
-    return topo.fw.conntrack_count()
-
-
-async def flush_flows(fw: Netns, tracker: Tracker, expected: int) -> int:
-    """`conntrack -F`: the kernel emits a DESTROY per flow as fast as it can. Waits until the
-    tracker saw `expected` of them (or an overrun); returns how many it saw."""
-    st = tracker.events.stats
-    before = st.destroy
-    await trio.to_thread.run_sync(lambda: fw.run("conntrack", "-F"))
-    with trio.move_on_after(30):
-        while st.destroy - before < expected and st.overruns == 0:  # noqa: ASYNC110
-            await trio.sleep(0.05)
-    return st.destroy - before
+from lab import Lab, firewall_topology
+from lab.bench import create_flows, flush_flows, time_events
 
 
 async def _kernel(n: int) -> dict[str, float]:

@@ -2,9 +2,11 @@
 `conntrackd_py` but no part of the daemon (the daemon never imports it).
 
 Modules by job: `netns` (Lab, Netns, Switch, reaping leaked namespaces), `topology` (firewall
-and cluster topologies, VIPs, sync-link loss), `traffic` (UDP/TCP generators and echo
-servers, run as `python -m lab.traffic`), `daemons` (conntrackd-py, conntrackd and keepalived
-behind one interface), `wait` (polling helpers) and `bench` (what the benchmark suites share).
+and cluster topologies, VIPs, sync-link loss), `traffic` (UDP flows, echo servers, the TCP
+stream probe), `programs` (the processes those run inside namespaces, `python -m
+lab.programs`; never imported by the package), `daemons` (conntrackd-py, conntrackd and
+keepalived behind one interface), `wait` (polling helpers), and `bench` and `measure` (what
+the benchmark suites share: daemon pairs, CPU probes, kernel load, replication measurements).
 This package re-exports the names tests and benchmarks use, so `from lab import X` works. The
 namespace safety contract (see `lab.netns`) holds for all of it: nothing outside a lab's own
 namespaces is touched.

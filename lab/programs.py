@@ -15,6 +15,7 @@ import json
 import select
 import socket
 import sys
+import threading
 import time
 
 from .traffic import send_udp_flows, stream_line
@@ -104,11 +105,62 @@ def _tcp_stream(host: str, port: int, rate: float) -> None:
 
 
 
+def _tcp_echo_threaded(ip: str, port: int) -> None:
+    """Echo TCP on ip:port, a thread per connection (many short connections in parallel)."""
+    s = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((ip, port))
+    s.listen(512)
+    print("ready", flush=True)
+
+    def serve(c: socket.socket) -> None:
+        with c, contextlib.suppress(OSError):
+            while d := c.recv(4096):
+                c.sendall(d)
+
+    while True:
+        c, _ = s.accept()
+        threading.Thread(target=serve, args=(c,), daemon=True).start()
+
+
+def _tcp_connections(dst: str, port: int, n: int, parallel: int) -> None:
+    """`n` TCP connections with their whole life, `parallel` at a time: connect, 3
+    request/response rounds of 100 bytes, close (NEW, several UPDATEs, then the FIN_WAIT ..
+    TIME_WAIT updates). Prints `completed seconds`."""
+    done = 0
+    lock = threading.Lock()
+    t0 = time.monotonic()
+
+    def worker(k: int) -> None:
+        nonlocal done
+        for _ in range(k, n, parallel):
+            try:
+                with socket.create_connection((dst, port), timeout=10) as c:
+                    for _ in range(3):
+                        c.sendall(b"x" * 100)
+                        got = 0
+                        while got < 100:
+                            got += len(c.recv(4096))
+            except OSError:
+                continue
+            with lock:
+                done += 1
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(parallel)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(done, round(time.monotonic() - t0, 3), flush=True)
+
+
 USAGE = """usage: python -m lab.programs COMMAND ARGS (run inside a lab namespace)
   udpgen SRC DST N DPORT MAX_SECONDS   N UDP flows; prints `sent seconds` when done
   udpecho PORT                         echo UDP on PORT (both families); prints `ready`
   tcpecho IP PORT                      echo TCP on IP:PORT; prints `ready`
-  tcpstream HOST PORT RATE             the TcpStream client (commands on stdin)"""
+  tcpstream HOST PORT RATE             the TcpStream client (commands on stdin)
+  tcpserve IP PORT                     echo TCP, a thread per connection; prints `ready`
+  tcpconns DST PORT N PARALLEL         N whole TCP connections; prints `completed seconds`"""
 
 
 def main(argv: list[str]) -> int:
@@ -128,6 +180,11 @@ def main(argv: list[str]) -> int:
                 _tcp_echo(ip, int(port))
         case ["tcpstream", host, port, rate]:
             _tcp_stream(host, int(port), float(rate))
+        case ["tcpserve", ip, port]:
+            with contextlib.suppress(KeyboardInterrupt):
+                _tcp_echo_threaded(ip, int(port))
+        case ["tcpconns", dst, port, n, parallel]:
+            _tcp_connections(dst, int(port), int(n), int(parallel))
         case _:
             print(USAGE, file=sys.stderr)
             return 2
