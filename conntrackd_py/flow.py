@@ -11,10 +11,12 @@ objects are made only for display. Unknown layer-4 protocols keep their raw tupl
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import struct
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from enum import IntEnum, IntFlag
 from socket import inet_ntop
-from typing import Any, NamedTuple
+from types import MappingProxyType
+from typing import Any, Final, NamedTuple
 
 import msgpack
 
@@ -36,6 +38,20 @@ class Proto(IntEnum):
 #: protocols whose tuples carry ports (GRE carries its keys in the same attributes)
 PORT_PROTOS = frozenset({6, 17, 33, 47, 132, 136})
 ICMP_PROTOS = frozenset({1, 58})
+
+#: every protocol name this package knows (`Proto`'s, lower case, as conntrack spells them)
+PROTO_BY_NAME: Mapping[str, int] = MappingProxyType({p.name.lower(): int(p) for p in Proto})
+_PROTO_NAME = {int(p): p.name.lower() for p in Proto}
+
+
+def proto_number(name: str) -> int | None:
+    """The number of a protocol named as conntrack does ("tcp", any case); None if unknown."""
+    return PROTO_BY_NAME.get(name.lower())
+
+
+def proto_name(n: int) -> str:
+    """A protocol number's name as conntrack spells it ("tcp"), or the number as text."""
+    return _PROTO_NAME.get(n, str(n))
 
 
 class Status(IntFlag):
@@ -213,7 +229,7 @@ class Flow(NamedTuple):
     def format(self) -> str:
         """One `conntrack -L`-style line."""
         p = self.orig.proto
-        name = Proto(p).name.lower() if p in Proto._value2member_map_ else "unknown"
+        name = _PROTO_NAME.get(p, "unknown")  # conntrack -L's word for the others
         parts = [f"{name:<8}{p:<2}", str(self.timeout)]
         if self.state is not None and p == Proto.TCP:
             parts.append(TcpState(self.state).name if self.state in TcpState._value2member_map_
@@ -242,13 +258,29 @@ class Flow(NamedTuple):
 # --- the packed forms ----------------------------------------------------------------------
 #
 # key   = msgpack [zone, src, dst, proto, sport, dport, icmp_id, icmp_type, icmp_code, opaque]
+#         (the zone, then the original tuple's 9 fields: `Tuple`'s order)
 # value = msgpack [reply (nil = orig.invert(); [dst, dport] = SNAT; [src, sport, dst, dport];
-#                  or the 9 fields), status, timeout,
-#                  mark, state, tcp flags o/r,
-#                  wscale o/r, labels, helper, master tuple or nil, secmark]
+#                  or the 9 fields), status, timeout, mark, state, tcp flags o/r,
+#                  wscale o/r, labels, helper, master tuple or nil, secmark, ...later fields]
 #
 # Both are what the caches store and what a flow message on the wire carries, so a flow is
-# packed once when it enters the node and its bytes are reused from then on.
+# packed once when it enters the node and its bytes are reused from then on. Code that reads
+# the unpacked lists names the fields by the indexes below (PROTOCOL.md section 6 is this).
+
+# a tuple's fields, in a `Tuple` and in a packed tuple (a reply or master in full)
+T_SRC, T_DST, T_PROTO, T_SPORT, T_DPORT, T_ICMP_ID, T_ICMP_TYPE, T_ICMP_CODE, T_OPAQUE = range(9)
+TUPLE_LEN: Final = 9
+# the key: the zone, then the original tuple
+K_ZONE: Final = 0
+K_TUPLE: Final = 1  # k[K_TUPLE:] is the original tuple's fields
+K_SRC, K_DST, K_PROTO, K_SPORT, K_DPORT, K_ICMP_ID, K_ICMP_TYPE, K_ICMP_CODE, K_OPAQUE = (
+    K_TUPLE + i for i in range(TUPLE_LEN))
+KEY_LEN: Final = K_TUPLE + TUPLE_LEN
+# the value
+(V_REPLY, V_STATUS, V_TIMEOUT, V_MARK, V_STATE, V_TCP_FLAGS_ORIG, V_TCP_FLAGS_REPLY,
+ V_WSCALE_ORIG, V_WSCALE_REPLY, V_LABELS, V_HELPER, V_MASTER, V_SECMARK) = range(13)
+#: the fields every value has; later versions may append more (kept, never read)
+VALUE_LEN: Final = 13
 
 _packer = msgpack.Packer(use_bin_type=True)
 
@@ -261,13 +293,13 @@ def pack_key(zone: int, orig: Tuple) -> bytes:
 def _pack_reply(orig: Tuple, reply: Tuple) -> Any:
     """The reply tuple as the difference NAT made to orig's inverse: nil (no NAT), [dst, dport]
     (source NAT), [src, sport, dst, dport] (both), or the full 9 fields (anything else)."""
-    if orig[2] not in ICMP_PROTOS:  # the inverse swaps addresses and ports, keeps the rest
-        if reply[2] == orig[2] and reply[5:] == orig[5:]:
-            if reply[0] == orig[1] and reply[3] == orig[4]:  # source as the inverse's
-                if reply[1] == orig[0] and reply[4] == orig[3]:
+    if orig[T_PROTO] not in ICMP_PROTOS:  # the inverse swaps addresses and ports, keeps the rest
+        if reply[T_PROTO] == orig[T_PROTO] and reply[T_ICMP_ID:] == orig[T_ICMP_ID:]:
+            if reply[T_SRC] == orig[T_DST] and reply[T_SPORT] == orig[T_DPORT]:
+                if reply[T_DST] == orig[T_SRC] and reply[T_DPORT] == orig[T_SPORT]:
                     return None
-                return [reply[1], reply[4]]
-            return [reply[0], reply[3], reply[1], reply[4]]
+                return [reply[T_DST], reply[T_DPORT]]
+            return [reply[T_SRC], reply[T_SPORT], reply[T_DST], reply[T_DPORT]]
         return list(reply)
     return _pack_reply_by_inverse(orig, reply)
 
@@ -301,6 +333,7 @@ def _unpack_reply(orig: Tuple, r: Any) -> Tuple:
 
 
 def _pack_value_list(flow: Flow) -> list[Any]:
+    # in V_* order (a test checks each field lands at its index)
     return [
         _pack_reply(flow.orig, flow.reply), flow.status,
         flow.timeout, flow.mark, flow.state,
@@ -324,7 +357,7 @@ class PackError(ValueError):
 
 def tuple_from(items: Any) -> Tuple:
     # exact type checks (not isinstance): this runs per flow on every commit and dump
-    if type(items) is not list or len(items) != 9:
+    if type(items) is not list or len(items) != TUPLE_LEN:
         raise PackError(f"tuple needs 9 fields, got {items!r:.80}")
     src, dst, proto, sport, dport, iid, itype, icode, opaque = items
     if type(src) is not bytes or type(dst) is not bytes or len(src) != len(dst) or len(
@@ -343,17 +376,17 @@ def unpack_key(key: bytes) -> tuple[int, Tuple]:
         items = msgpack.unpackb(key, raw=False, use_list=True)
     except Exception as e:  # msgpack raises several unrelated types on bad input
         raise PackError(f"bad key: {e}") from None
-    if not isinstance(items, list) or len(items) < 10 or not isinstance(items[0], int):
+    if type(items) is not list or len(items) != KEY_LEN or type(items[K_ZONE]) is not int:
         raise PackError("key must be [zone, tuple...]")
-    return items[0], tuple_from(items[1:])
+    return items[K_ZONE], tuple_from(items[K_TUPLE:])
 
 
 def flow_from_parts(zone: int, orig: Tuple, v: Any) -> Flow:
     """Build a Flow from an unpacked value list (from the cache or the wire)."""
-    if type(v) is not list or len(v) < 13:
+    if type(v) is not list or len(v) < VALUE_LEN:
         raise PackError("value must be a list of at least 13 fields")
     reply, status, timeout, mark, state, tfo, tfr, wso, wsr, labels, helper, master, secmark = (
-        v[:13]
+        v[:VALUE_LEN]
     )
     for n in (status, timeout, mark, tfo, tfr, wso, wsr, secmark):
         if type(n) is not int or not 0 <= n < 0x100000000:
@@ -372,10 +405,15 @@ def flow_from_parts(zone: int, orig: Tuple, v: Any) -> Flow:
 def flow_from_lists(k: list[Any], v: list[Any]) -> Flow:
     """A Flow from a key and value already unpacked into lists (PackError if they do not
     describe one)."""
-    return flow_from_parts(k[0], tuple_from(k[1:]), v)
+    if type(k) is not list or len(k) != KEY_LEN or type(k[K_ZONE]) is not int:
+        raise PackError("key must be [zone, tuple...]")
+    return flow_from_parts(k[K_ZONE], tuple_from(k[K_TUPLE:]), v)
 
 
-def flows_of_entries(entries: Iterable[tuple[list[Any], list[Any]]]) -> tuple[list[Flow], int]:
+Entry = tuple[list[Any], list[Any]]
+
+
+def flows_of_entries(entries: Iterable[Entry]) -> tuple[list[Flow], int]:
     """Flows from unpacked cache entries, in their order except that each comes after its
     master (`masters_first`); and how many entries did not describe a flow (skipped)."""
     flows: list[Flow] = []
@@ -402,35 +440,294 @@ def replicated(flow: Flow) -> Flow:
     return flow._replace(ct_id=0, counters=None, start_ns=0, stop_ns=0)
 
 
+# --- masters before RELATED flows ------------------------------------------------------------
+
+def depth_order(origs: Sequence[Hashable | None], masters: Sequence[Hashable | None]
+                ) -> list[int]:
+    """Indexes 0..n-1 in an order where each item comes after its master: the first item
+    whose orig (`origs[j]`) equals its `masters[i]`, when there is one. Items come by depth
+    (how many masters precede them), in their given order within a depth.
+
+    Linear: each item's depth is computed once (a walk up its masters stops at the first
+    item whose depth is known). A cycle in a peer's bogus data cannot be honoured: the walk
+    cuts it where it meets an item already on its path."""
+    n = len(origs)
+    first: dict[Hashable, int] = {}
+    for i, o in enumerate(origs):
+        if o is not None:
+            first.setdefault(o, i)
+    depth = [-1] * n
+    levels: list[list[int]] = []
+    for i in range(n):
+        if depth[i] < 0:
+            path: list[int] = []
+            on_path: set[int] = set()
+            j = i
+            while True:
+                path.append(j)
+                on_path.add(j)
+                m = masters[j]
+                p = None if m is None else first.get(m)
+                if p is None or p in on_path:  # a root (or a cycle, cut here)
+                    d = -1
+                    break
+                if depth[p] >= 0:
+                    d = depth[p]
+                    break
+                j = p
+            for j in reversed(path):
+                d += 1
+                depth[j] = d
+        d = depth[i]
+        while len(levels) <= d:
+            levels.append([])
+        levels[d].append(i)
+    return [i for level in levels for i in level]
+
+
 def masters_first(flows: list[Flow]) -> list[Flow]:
     """Reorder so that each flow comes after its master (the flow whose orig is its `master`),
     when the master is in `flows`; stable otherwise. Masters are matched by tuple, any zone.
     """
     if all(f.master is None for f in flows):
         return flows
-    by_orig: dict[Tuple, Flow] = {}
-    for f in flows:
-        by_orig.setdefault(f.orig, f)
-    depth: dict[int, int] = {}  # id(flow) -> how many masters precede it
+    order = depth_order([f.orig for f in flows], [f.master for f in flows])
+    return [flows[i] for i in order]
 
-    def depth_of(f: Flow) -> int:
-        chain: list[Flow] = []
-        cur: Flow | None = f
-        while cur is not None and id(cur) not in depth:
-            if any(c is cur for c in chain):  # a cycle cannot be honoured: cut it here
-                break
-            chain.append(cur)
-            cur = by_orig.get(cur.master) if cur.master is not None else None
-        d = depth.get(id(cur), -1) if cur is not None else -1
-        for c in reversed(chain):
-            d += 1
-            depth[id(c)] = d
-        return depth[id(f)]
 
-    levels: list[list[Flow]] = []
-    for f in flows:
-        d = depth_of(f)
-        while len(levels) <= d:
-            levels.append([])
-        levels[d].append(f)
-    return [f for level in levels for f in level]
+def _hashable(fields: Any) -> tuple[Any, ...] | None:
+    """A packed tuple's fields as a dict key (None if they are not a list of plain values)."""
+    if type(fields) is not list:
+        return None
+    t = tuple(fields)
+    try:
+        hash(t)
+    except TypeError:
+        return None
+    return t
+
+
+def masters_first_entries(entries: list[Entry]) -> list[Entry]:
+    """`masters_first` for unpacked cache entries (key and value lists): a master's original
+    tuple (`k[K_TUPLE:]`) is matched with `v[V_MASTER]` without building Flows; entries that
+    are not lists of the right shape just have no master."""
+    masters = [_hashable(v[V_MASTER]) if type(v) is list and len(v) > V_MASTER else None
+               for _, v in entries]
+    if all(m is None for m in masters):
+        return entries
+    origs = [_hashable(k[K_TUPLE:]) if type(k) is list else None for k, _ in entries]
+    return [entries[i] for i in depth_order(origs, masters)]
+
+
+# --- a peer's flows: every field in the kernel's range ---------------------------------------
+#
+# A peer's key and value bytes are stored as they came and reach the kernel at a commit (or at
+# once without the external cache). `filter_untrusted` refuses, at the edge, every entry the
+# kernel would not take as it is or that the commit encoder could not encode, so nothing a
+# peer sends can stop a commit or the daemon.
+
+#: status bits a peer's flow may carry: the ones the kernel defines (CTA_STATUS's policy refuses
+#: bits from __IPS_MAX_BIT = 16 on), less TEMPLATE (a template is never a table entry)
+STATUS_VALID: Final = 0xFFFF & ~int(Status.TEMPLATE)
+TCP_WSCALE_MAX: Final = 14  # TCP_MAX_WSCALE
+LABELS_MAX: Final = 16  # bytes of connlabels (128 bits), in 32-bit words
+HELPER_MAX: Final = 15  # NF_CT_HELPER_NAME_LEN, less the NUL
+#: raw CTA_TUPLE_PROTO attributes of a protocol the codec does not know (none known today)
+OPAQUE_MAX: Final = 256
+#: fields a value may have, trailing ones of later versions included
+VALUE_FIELDS_MAX: Final = 64
+_U32_MAX = 0xFFFFFFFF
+
+#: why a peer's flow was refused (`filter_untrusted`'s counts): `shape` is anything that is not
+#: the packed form's structure and types (bool, float, nested lists where a number goes...)
+REFUSAL_REASONS = ("shape", "address", "zone", "proto", "port", "icmp", "opaque", "status",
+                   "timeout", "mark", "secmark", "state", "tcp_state", "tcp_flags", "wscale",
+                   "labels", "helper", "master")
+
+
+def _tuple_refusal(t: Any, alen: int | None) -> str | None:
+    """Why a packed 9-field tuple is not one the kernel takes (`alen`: the address length it
+    must have, or None for either family)."""
+    if type(t) is not list or len(t) != TUPLE_LEN:
+        return "shape"
+    src, dst, proto, sport, dport, iid, itype, icode, opaque = t
+    if not (type(src) is bytes and type(dst) is bytes and type(opaque) is bytes
+            and type(proto) is int and type(sport) is int and type(dport) is int
+            and type(iid) is int and type(itype) is int and type(icode) is int):
+        return "shape"
+    if len(src) not in (4, 16) or len(dst) != len(src) or (alen is not None and len(src) != alen):
+        return "address"
+    if not 0 <= proto <= 255:
+        return "proto"
+    if not (0 <= sport <= 0xFFFF and 0 <= dport <= 0xFFFF):
+        return "port"
+    if not (0 <= iid <= 0xFFFF and 0 <= itype <= 255 and 0 <= icode <= 255):
+        return "icmp"
+    if len(opaque) > OPAQUE_MAX:
+        return "opaque"
+    return None
+
+
+def _unpack_untrusted(data: Any) -> Any:
+    try:
+        return msgpack.unpackb(data, raw=False, use_list=True)
+    except Exception:  # msgpack raises several unrelated types on bad input
+        return None
+
+
+def _reply_refusal(r: Any, alen: int, proto: int) -> str | None:
+    if r is None:
+        return None
+    if type(r) is not list:
+        return "shape"
+    if len(r) in (2, 4):
+        for addr, port in zip(r[::2], r[1::2], strict=True):
+            if type(addr) is not bytes or type(port) is not int:
+                return "shape"
+            if len(addr) != alen:
+                return "address"
+            if not 0 <= port <= 0xFFFF:
+                return "port"
+        return None
+    why = _tuple_refusal(r, alen)
+    if why is None and r[T_PROTO] != proto:
+        return "proto"
+    return why
+
+
+def untrusted_refusal(key: Any, value: Any) -> str | None:
+    """Why a peer's packed flow (key, and value unless it is a destroy: None) is refused, as
+    one of REFUSAL_REASONS, or None when every field is in the kernel's range: the plain
+    reference `filter_untrusted` is tested against, field by field."""
+    k = _unpack_untrusted(key)
+    if type(k) is not list or len(k) != KEY_LEN or type(k[K_ZONE]) is not int:
+        return "shape"
+    why = _tuple_refusal(k[K_TUPLE:], None)
+    if why is not None:
+        return why
+    if not 0 <= k[K_ZONE] <= 0xFFFF:
+        return "zone"
+    if value is None:
+        return None
+    v = _unpack_untrusted(value)
+    if type(v) is not list or not VALUE_LEN <= len(v) <= VALUE_FIELDS_MAX:
+        return "shape"
+    (reply, status, timeout, mark, state, tfo, tfr, wso, wsr, labels, helper, master,
+     secmark) = v[:VALUE_LEN]
+    if not all(type(n) is int for n in (status, timeout, mark, tfo, tfr, wso, wsr, secmark)):
+        return "shape"
+    if not (state is None or type(state) is int):
+        return "shape"
+    if type(labels) is not bytes or type(helper) is not str:
+        return "shape"
+    if not (reply is None or type(reply) is list) or not (master is None or type(master) is list):
+        return "shape"
+    alen = len(k[K_SRC])
+    proto = k[K_PROTO]
+    why = _reply_refusal(reply, alen, proto)
+    if why is not None:
+        return why
+    if status < 0 or status & ~STATUS_VALID:
+        return "status"
+    if not 0 <= timeout <= _U32_MAX:
+        return "timeout"
+    if not 0 <= mark <= _U32_MAX:
+        return "mark"
+    if not 0 <= secmark <= _U32_MAX:
+        return "secmark"
+    if state is not None:
+        if proto == Proto.TCP and state not in TcpState._value2member_map_:
+            return "tcp_state"
+        if not 0 <= state <= 255:
+            return "state"
+    if not (0 <= tfo <= 255 and 0 <= tfr <= 255):
+        return "tcp_flags"
+    if not (0 <= wso <= TCP_WSCALE_MAX and 0 <= wsr <= TCP_WSCALE_MAX):
+        return "wscale"
+    if len(labels) > LABELS_MAX or len(labels) % 4:
+        return "labels"
+    if len(helper) > HELPER_MAX or not (helper.isascii() and helper.isprintable()):
+        return "helper"
+    if master is not None and _tuple_refusal(master, alen) is not None:
+        return "master"
+    return None
+
+
+# The fast path: the common shapes' exact types checked one by one (faster than comparing
+# `map(type, ...)` with a template), ranges checked by packing the numbers (struct.error when
+# one does not fit); anything it does not accept is classified by `untrusted_refusal`
+# (refusals are rare, so their cost does not matter).
+# zone, proto, ports, ICMP id, type and code
+_key_ranges = struct.Struct("!HBHHHBB").pack
+# status, timeout, mark, TCP flags and window scales, secmark
+_value_ranges = struct.Struct("!IIIBBBBI").pack
+_TCP = int(Proto.TCP)
+_TCP_STATE_MAX = max(TcpState)
+
+
+def filter_untrusted(flows: Sequence[tuple[bytes, bytes | None]]
+                     ) -> tuple[list[tuple[bytes, bytes | None]], dict[str, int]]:
+    """A peer's flow messages (key, value) or (key, None) for a destroy, as received: the ones
+    whose key (and value) unpack and have every field in the kernel's range, in order; and how
+    many were refused, by reason (REFUSAL_REASONS). Runs on every received flow."""
+    ok: list[tuple[bytes, bytes | None]] = []
+    keep = ok.append
+    refused: dict[str, int] = {}
+    unpackb = msgpack.unpackb
+    key_ranges = _key_ranges
+    value_ranges = _value_ranges
+    for kv in flows:
+        key, value = kv
+        try:
+            # msgpack's defaults are raw=False, use_list=True (passing them costs ~50 ns)
+            zone, src, dst, proto, sport, dport, iid, itype, icode, opaque = unpackb(key)
+            if not (type(src) is bytes and type(dst) is bytes and type(opaque) is bytes
+                    and type(zone) is int and type(proto) is int and type(sport) is int
+                    and type(dport) is int and type(iid) is int and type(itype) is int
+                    and type(icode) is int):
+                raise _Refused
+            alen = len(src)
+            if (alen != 4 and alen != 16) or len(dst) != alen or len(opaque) > OPAQUE_MAX:
+                raise _Refused
+            key_ranges(zone, proto, sport, dport, iid, itype, icode)
+            if value is not None:
+                v = unpackb(value)
+                if type(v) is not list or not VALUE_LEN <= len(v) <= VALUE_FIELDS_MAX:
+                    raise _Refused
+                (reply, status, timeout, mark, state, tfo, tfr, wso, wsr, labels, helper,
+                 master, secmark) = v if len(v) == VALUE_LEN else v[:VALUE_LEN]
+                if not (type(status) is int and type(timeout) is int and type(mark) is int
+                        and type(tfo) is int and type(tfr) is int and type(wso) is int
+                        and type(wsr) is int and type(secmark) is int
+                        and type(labels) is bytes and type(helper) is str
+                        and (state is None or type(state) is int)):
+                    raise _Refused
+                value_ranges(status, timeout, mark, tfo, tfr, wso, wsr, secmark)
+                if (status & ~STATUS_VALID or wso > TCP_WSCALE_MAX or wsr > TCP_WSCALE_MAX
+                        or (state is not None and not (
+                            0 <= state <= (_TCP_STATE_MAX if proto == _TCP else 255)))
+                        or (labels and (len(labels) > LABELS_MAX or len(labels) & 3))
+                        or (helper and (len(helper) > HELPER_MAX or not helper.isascii()
+                                        or not helper.isprintable()))):
+                    raise _Refused
+                if reply is not None:
+                    if type(reply) is list and len(reply) == 2:  # source NAT, the usual one
+                        a, p = reply
+                        if type(a) is not bytes or len(a) != alen or type(p) is not int or not (
+                                0 <= p <= 0xFFFF):
+                            raise _Refused
+                    elif _reply_refusal(reply, alen, proto) is not None:
+                        raise _Refused
+                if master is not None and _tuple_refusal(master, alen) is not None:
+                    raise _Refused
+        except Exception:  # _Refused, struct.error, msgpack's errors, a non-list's TypeError
+            why = untrusted_refusal(key, value)
+            if why is not None:  # the reference decides (a test holds them equal)
+                refused[why] = refused.get(why, 0) + 1
+                continue
+        keep(kv)
+    return ok, refused
+
+
+class _Refused(Exception):
+    """The fast path's way out to the reference's classification."""
