@@ -23,7 +23,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
 
 import msgpack
 import trio
@@ -33,6 +32,7 @@ from .config import Accounting as AccountingConfig
 from .flow import Flow, addr_text
 from .kernel import codec
 from .kernel.nl import set_sysctl
+from .stats import AccountingStats, Direction, ProtoTotals, TopTalker
 
 __all__ = ["Accounting", "HeavyHitters", "enable_kernel_accounting", "json_line", "record",
            "text_line"]
@@ -144,29 +144,22 @@ class Accounting:
             self._wake.set()
 
     # --- queries ------------------------------------------------------------------------------
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> AccountingStats:
         totals = {
-            proto_name(p): {"flows": t[0], "orig": {"packets": t[1], "bytes": t[2]},
-                            "reply": {"packets": t[3], "bytes": t[4]}}
+            proto_name(p): ProtoTotals(t[0], Direction(t[1], t[2]), Direction(t[3], t[4]))
             for p, t in sorted(self.totals.items())
         }
-        top = [{"source": addr_text(k), "bytes": v, "max_undercount": self.talkers.error}
+        top = [TopTalker(addr_text(k), v, self.talkers.error)
                for k, v in self.talkers.top(self.cfg.top_talkers)]
-        return {
-            "flows": self.flows,
-            "packets": sum(t[1] + t[3] for t in self.totals.values()),
-            "bytes": sum(t[2] + t[4] for t in self.totals.values()),
-            "totals": totals,
-            "top_talkers": top,
-            "records_written": self.records_written,
-            "records_dropped": self.records_dropped,
-            "records_pending": self.buffered + self.in_flight,
-            "buffer": self.capacity,
-            "write_errors": self.write_errors,
-            "writer_restarts": self.writer_restarts,
-            "file": self.path,
-            "format": self.cfg.format,
-        }
+        return AccountingStats(
+            flows=self.flows,
+            packets=sum(t[1] + t[3] for t in self.totals.values()),
+            bytes=sum(t[2] + t[4] for t in self.totals.values()),
+            totals=totals, top_talkers=top,
+            records_written=self.records_written, records_dropped=self.records_dropped,
+            records_pending=self.buffered + self.in_flight, buffer=self.capacity,
+            write_errors=self.write_errors, writer_restarts=self.writer_restarts,
+            file=self.path, format=self.cfg.format)
 
     # --- the writer ---------------------------------------------------------------------------
     def reopen(self) -> None:

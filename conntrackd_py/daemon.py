@@ -1,10 +1,17 @@
-"""The daemon: wires kernel tracker, sync engine, transport, external cache and control.
+"""The daemon: the trio shell around the tracker, the sync engine, the transport and control.
 
-This module owns the trio shell: one nursery, a task per input (netlink events, each sync
-channel, the protocol timer, control clients, link watcher), and the rule "pump after every
-input" (feed the sans-I/O engine, then send what it wants to send and apply what it decided).
-It owns the lock file and signals too. Protocol decisions live in sync/, kernel rules in
-kernel/, policy in filters.py and config.py.
+This module owns tasks, the pump and signals: one nursery, a task per input (netlink events,
+each sync channel, the protocol timer, the direct writer, the control and metrics listeners,
+the link watcher), and the rule "pump after every input" (feed the sans-I/O engine, send what
+it wants to send, hand its events to `remote`, wake the timer task). It implements the control
+commands' `Ops` (commands.py), owns the lock and epoch files and SIGHUP reload.
+
+Every task that serves inputs runs under `_supervised`: an unexpected exception from one
+datagram, one flow, one client or one request is logged (once per kind, rate-limited),
+counted (`internal_errors`) and the task carries on; nothing but cancellation reaches the top
+nursery. What the shell decides is elsewhere and pure: event application in remote.py, the
+commit in commit.py, the shape of the stats in stats.py; protocol rules in sync/, kernel rules
+in kernel/, policy in filters.py and config.py.
 """
 
 from __future__ import annotations
@@ -13,19 +20,17 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
-import gc
-import json
 import logging
 import math
 import os
+import resource
 import signal
-import socket
+import stat
 import time
-import warnings
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import asdict
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
@@ -34,24 +39,57 @@ from . import sdnotify
 from . import sync as sync_engine
 from .accounting import Accounting, enable_kernel_accounting
 from .cache import ExternalCache
-from .config import Config, load_keys
-from .control import ControlError, ControlServer
-from .flow import PackError, unpack_flow, unpack_key
-from .kernel.codec import EventType
+from .commit import CommitError, CommitJob, commit_forked, run_commit
+from .config import Config, ConfigError, ListFilter, load, load_keys
+from .control import ControlServer
+from .ctlclient import ControlError
+from .flow import Flow, PackError, unpack_flow, unpack_key
+from .kernel.events import EventBatch
 from .kernel.table import CommitResult, Table
-from .metrics import exposition, serve_metrics
+from .metrics import MetricsServer
+from .remote import LogLimiter, Remote, plan_direct
+from .stats import (
+    CacheStats,
+    ChannelSnapshot,
+    CommitReport,
+    ControlStats,
+    DirectStats,
+    LinkStats,
+    RuntimeStats,
+    Snapshot,
+    sections,
+)
 from .sync.config import config_from
 from .tracker import Tracker
 from .transport import ChannelSpec, Transport
 
 log = logging.getLogger(__name__)
 
-#: the commit process's nice value (root may raise priority; others keep the parent's)
-COMMIT_NICE = -20
+#: errnos meaning "out of descriptors or memory for one": survived, counted, retried later
+FD_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: a supervised task that failed starts again after this long
+RESTART_DELAY = 1.0
 
 
 class LockError(Exception):
     pass
+
+
+def open_nofollow(path: str, flags: int, mode: int = 0o644) -> int:
+    """Open a file we own next to the lock, never through a symlink (O_NOFOLLOW: a link
+    planted there must not make root truncate or write its target) and not a device or FIFO.
+    LockError names the path when it is one."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise LockError(f"{path} is a symbolic link; refusing to open it (remove it, or "
+                            "point general.lock_file at a regular file)") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise LockError(f"{path} is not a regular file; refusing to use it")
+    return fd
 
 
 class PidLock:
@@ -64,16 +102,17 @@ class PidLock:
 
     def acquire(self) -> None:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             os.close(fd)
             if e.errno in (errno.EAGAIN, errno.EACCES):
                 try:
-                    with open(self.path) as f:
-                        pid = f.read().strip()
-                except OSError:
+                    rfd = open_nofollow(self.path, os.O_RDONLY)
+                    with os.fdopen(rfd) as f:
+                        pid = f.read(32).strip()
+                except (OSError, LockError):
                     pid = "?"
                 raise LockError(f"another conntrackd-py (pid {pid}) holds {self.path}") from None
             raise
@@ -92,6 +131,38 @@ class PidLock:
             self.fd = -1
 
 
+def next_epoch(path: str, wall: float) -> int:
+    """Epochs must grow across restarts (peers drop an older one as a replay), so the last
+    one is kept beside the lock file; the wall clock alone would do unless it steps back."""
+    previous: int | None
+    try:
+        fd = open_nofollow(path, os.O_RDONLY)
+        with os.fdopen(fd) as f:
+            previous = int(f.read(32).strip())
+    except (OSError, ValueError, LockError):
+        previous = None
+    epoch = sync_engine.new_epoch(wall, previous)
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{epoch}\n")
+    except (OSError, LockError) as e:
+        log.warning("cannot keep the epoch in %s (%s); restarts rely on the clock", path, e)
+    return epoch
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Soft RLIMIT_NOFILE up to the hard limit (the 1024 default is a few hundred idle
+    clients away); returns the (soft, hard) now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft, hard
+
+
 def channel_specs(cfg: Config) -> list[ChannelSpec]:
     specs = []
     for ch in cfg.sync.channels:
@@ -107,7 +178,7 @@ def channel_specs(cfg: Config) -> list[ChannelSpec]:
     return specs
 
 
-def build_filter(cfg: Config) -> Any:
+def build_filter(cfg: Config) -> Callable[[Flow], bool]:
     f = cfg.filters
     specs = channel_specs(cfg) if cfg.general.mode == "sync" else []
     sync_addrs: list[str] = []
@@ -115,7 +186,8 @@ def build_filter(cfg: Config) -> Any:
         sync_addrs += [a for a in (s.source, s.bind, *s.peers) if a]
     ports = {s.port for s in specs}
     sync_addrs += [s.group for s in specs if s.group]
-    def listed(lf: Any) -> tuple[str, tuple[Any, ...]] | None:
+
+    def listed(lf: ListFilter) -> tuple[str, tuple[Any, ...]] | None:
         return (lf.policy, tuple(lf.items)) if lf.items else None
 
     return filters_mod.build(
@@ -126,45 +198,81 @@ def build_filter(cfg: Config) -> Any:
     )
 
 
+def _auth_enabled(cfg: Config, keys: tuple[bytes, ...]) -> bool:
+    return cfg.general.mode == "sync" and bool(keys)
+
+
+CommitRunner = Callable[[CommitJob, float], Awaitable[CommitReport]]
+
+
+async def _commit_in_child(job: CommitJob, now: float) -> CommitReport:
+    return await commit_forked(lambda: run_commit(job, now))
+
+
 class Daemon:
-    def __init__(self, cfg: Config) -> None:
+    """The shell. Collaborators are injectable (`tracker`, `transport`, `table` and `commit`
+    factories) so that a test drives the whole daemon on trio's MockClock without root."""
+
+    def __init__(self, cfg: Config, *,
+                 tracker: Callable[..., Tracker] = Tracker,
+                 transport: Callable[..., Transport] = Transport,
+                 table: Callable[..., Table] = Table,
+                 commit: CommitRunner = _commit_in_child,
+                 wall: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self.netns = cfg.general.netns
-        self.started = time.time()
-        self.epoch = self._next_epoch()
+        self._make_tracker, self._make_transport = tracker, transport
+        self._make_table, self._run_commit = table, commit
+        self._wall = wall
+        self.started = wall()
+        self.epoch = 0  # taken in run(), next to the lock
         self.tracker: Tracker | None = None
         self.engine: sync_engine.Engine | None = None
         self.transport: Transport | None = None
-        self.external = ExternalCache()
+        self.external = ExternalCache(**_cache_limits(cfg))
+        self.remote = Remote(self.external, direct=not cfg.sync.external_cache,
+                             peer_timeout=cfg.sync.peer_timeout)
         self.commits = 0
-        self.last_commit: dict[str, Any] | None = None
+        self.last_commit: CommitReport | None = None
+        self.auth_enabled = False
+        self.reloads = 0
+        self.reload_failures = 0
+        self.fd_exhausted = 0
+        self.internal_errors: Counter[str] = Counter()
+        self._limiter = LogLimiter()
         self._wake = trio.Event()
         self._watchers: list[trio.MemorySendChannel[str]] = []
-        self._direct: list[tuple[bytes, bytes | None]] = []
         self._direct_wake = trio.Event()
-        self.direct_stats = {"created": 0, "updated": 0, "deleted": 0, "failed": 0,
-                             "undecodable": 0}
         self.nursery: trio.Nursery | None = None
+        self.control: ControlServer | None = None
+        self.metrics: MetricsServer | None = None
         self.accounting = (Accounting(cfg.stats.accounting) if cfg.stats.accounting.enabled
                            else None)
 
-    def _next_epoch(self) -> int:
-        """Epochs must grow across restarts (peers drop an older one as a replay), so the last
-        one is kept beside the lock file; the wall clock alone would do unless it steps back."""
-        path = self.cfg.general.lock_file + ".epoch"
-        try:
-            with open(path) as f:
-                previous: int | None = int(f.read().strip())
-        except (OSError, ValueError):
-            previous = None
-        epoch = sync_engine.new_epoch(time.time(), previous)
-        try:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            with open(path, "w") as f:
-                f.write(f"{epoch}\n")
-        except OSError as e:
-            log.warning("cannot keep the epoch in %s (%s); restarts rely on the clock", path, e)
-        return epoch
+    # --- containment --------------------------------------------------------------------
+    def contained(self, where: str, exc: BaseException) -> None:
+        """Count and log (once per kind per minute) an exception that one input caused."""
+        if isinstance(exc, OSError) and exc.errno in FD_EXHAUSTED:
+            self.fd_exhausted += 1
+            kind = f"{where}: {errno.errorcode.get(exc.errno or 0, exc.errno)}"
+        else:
+            kind = f"{where}: {type(exc).__name__}"
+            self.internal_errors[kind] += 1
+        held = self._limiter.allow(kind, trio.current_time())
+        if held is not None:
+            log.error("%s (contained, the daemon carries on%s)", kind,
+                      f"; {held} more since the last report" if held else "",
+                      exc_info=exc)
+
+    async def _supervised(self, where: str, fn: Callable[..., Awaitable[object]],
+                          *args: object) -> NoReturn:
+        """Run a task that serves inputs; if it fails, count, log, and start it again."""
+        while True:
+            try:
+                await fn(*args)
+            except Exception as e:  # contained by design: see the module docstring
+                self.contained(where, e)
+            await trio.sleep(RESTART_DELAY)
 
     # --- engine plumbing ----------------------------------------------------------------
     def _now(self) -> float:
@@ -181,7 +289,7 @@ class Daemon:
         if self._watchers:
             self._notify_watchers("internal", key, value)
 
-    def _on_events(self, batch: Any) -> None:
+    def _on_events(self, batch: EventBatch) -> None:
         assert self.tracker is not None
         self.tracker.apply(batch)
         self.pump()
@@ -192,75 +300,32 @@ class Daemon:
         self._wake.set()
 
     def _flush(self) -> None:
-        """Send what the engine wants to send and apply what it decided."""
+        """Send what the engine wants to send and hand what it decided to `remote`."""
         eng, tr = self.engine, self.transport
         if eng is None or tr is None:
             return
         now = self._now()
         tr.send(eng.datagrams_to_send(now))
+        apply = self.remote.apply
+        watch = self._notify_watchers if self._watchers else None
         for ev in eng.events():
-            self._apply_event(ev, now)
+            try:
+                if apply(ev, now, watch):
+                    self._direct_wake.set()
+            except Exception as e:  # one event (one datagram's flows) never stops the daemon
+                self.contained("applying a sync event", e)
 
-    def _apply_event(self, ev: Any, now: float) -> None:
-        ext = self.external
-        direct = not self.cfg.sync.external_cache
-        if isinstance(ev, sync_engine.RemoteFlows):
-            origin = ev.origin
-            if direct:
-                self._direct.extend(ev.flows)
-                self._direct_wake.set()
-            else:
-                ext.apply(origin, ev.flows, now)
-            if self._watchers:
-                for k, v in ev.flows:
-                    self._notify_watchers(f"external node {origin}", k, v)
-        elif isinstance(ev, sync_engine.ResyncAborted):
-            log.warning("full resync from node %d aborted; its stale entries stay until the "
-                        "next one", ev.origin)
-        elif isinstance(ev, sync_engine.ResyncStarted):
-            ext.begin_sweep(ev.origin, now)
-            log.info("full resync from node %d started", ev.origin)
-        elif isinstance(ev, sync_engine.ResyncDone):
-            if ext.sweeping(ev.origin) is not None:
-                n = ext.end_sweep(ev.origin)
-                log.info("full resync from node %d done; %d stale entries removed", ev.origin, n)
-        elif isinstance(ev, sync_engine.PeerUp):
-            log.info("peer node %d is up (epoch %08x)", ev.node, ev.epoch)
-        elif isinstance(ev, sync_engine.PeerRestarted):
-            log.warning("peer node %d restarted (new epoch %08x)", ev.node, ev.epoch)
-        elif isinstance(ev, sync_engine.PeerDown):
-            log.warning("peer node %d is down: silent for %.1f s; its %d flows are kept",
-                        ev.node, self.cfg.sync.peer_timeout, ext.count(ev.node))
-
-    # --- direct mode (external cache off) -------------------------------------------------
-    async def _direct_writer(self, table: Table) -> None:
-        be_liberal = not self.cfg.sync.tcp_window_tracking
-        while True:
-            await self._direct_wake.wait()
-            self._direct_wake = trio.Event()
-            batch, self._direct = self._direct, []
-            latest: dict[bytes, bytes | None] = dict(batch)  # the latest state per flow wins
-            ups = []
-            for k, v in latest.items():
-                if v is not None:
-                    try:
-                        ups.append(unpack_flow(k, v))
-                    except PackError:
-                        self.direct_stats["undecodable"] += 1
-            if ups:
-                res = await table.commit(ups, be_liberal=be_liberal)
-                self.direct_stats["created"] += res.created
-                self.direct_stats["updated"] += res.updated
-                self.direct_stats["failed"] += res.failed
-            for k, v in latest.items():
-                if v is None:
-                    try:
-                        zone, orig = unpack_key(k)
-                    except PackError:
-                        self.direct_stats["undecodable"] += 1
-                        continue
-                    if await table.delete(zone, orig):
-                        self.direct_stats["deleted"] += 1
+    def _on_datagrams(self, burst: list[bytes], sources: list[str | None]) -> None:
+        eng = self.engine
+        assert eng is not None
+        now = self._now()
+        receive = eng.receive_datagram
+        for d, source in zip(burst, sources, strict=True):
+            try:
+                receive(d, now, source)
+            except Exception as e:  # the engine refuses bad bytes itself; this is a bug
+                self.contained("receiving a sync datagram", e)
+        self.pump()
 
     # --- tasks --------------------------------------------------------------------------
     async def _timer(self) -> None:
@@ -280,20 +345,45 @@ class Daemon:
             self._flush()  # not pump(): waking ourselves would spin
             await trio.lowlevel.checkpoint()
 
-    def _on_datagrams(self, burst: list[bytes]) -> None:
-        eng = self.engine
-        assert eng is not None
-        now = self._now()
-        for d in burst:
-            eng.receive_datagram(d, now)
+    async def _direct_writer(self, table: Table) -> None:
+        """External cache off: peers' flows straight into the kernel, latest state wins."""
+        be_liberal = not self.cfg.sync.tcp_window_tracking
+        counts = self.remote.direct_counts
+        while True:
+            await self._direct_wake.wait()
+            self._direct_wake = trio.Event()
+            plan = plan_direct(self.remote.take())
+            counts.undecodable += plan.undecodable
+            if plan.updates:
+                try:
+                    res = await table.commit(plan.updates, be_liberal=be_liberal)
+                except Exception as e:  # a batch the kernel side could not take
+                    counts.failed += len(plan.updates)
+                    self.contained("direct write", e)
+                    res = CommitResult()
+                counts.created += res.created
+                counts.updated += res.updated
+                counts.failed += res.failed
+            for zone, orig in plan.deletes:
+                try:
+                    if await table.delete(zone, orig):
+                        counts.deleted += 1
+                except Exception as e:
+                    counts.failed += 1
+                    self.contained("direct delete", e)
+
+    async def _reconcile_after_commit(self) -> None:
+        assert self.tracker is not None
+        try:
+            await self.tracker.resync_from_kernel()
+        except Exception as e:  # EMFILE for the dump socket, ...: the next overrun retries
+            self.contained("reconcile after a commit", e)
         self.pump()
 
-    # --- control handlers ---------------------------------------------------------------
-    async def commit(self) -> dict[str, Any]:
+    # --- Ops: what the control commands ask (commands.Ops) --------------------------------
+    async def commit(self) -> CommitReport:
         """Commit the external cache into the kernel table, in a forked process at a higher
-        priority: this process keeps serving the sync link and the control socket, the child
-        shares the cache copy-on-write (no copy to make) and reports its result on a pipe.
-        A failover waits for this path alone."""
+        priority (commit.py). A failover waits for this path alone."""
         now = self._now()
         # Listening to NEW, this process would receive and decode an event per created flow
         # while the commit runs on the same CPU: leave the NEW group for the commit, then
@@ -302,108 +392,120 @@ class Daemon:
         tracker = self.tracker
         if tracker is not None:
             tracker.events.subscribe_new(False)
+        cfg = self.cfg
+        job = CommitJob(self.external, self.netns, cfg.netlink.commit_batch,
+                        None if cfg.sync.commit_timeout is None else int(cfg.sync.commit_timeout),
+                        not cfg.sync.tcp_window_tracking)
         try:
-            out = await self._commit_forked(now)
+            report = await self._run_commit(job, now)
+        except CommitError as e:
+            if "Errno 24" in str(e) or "Too many open files" in str(e):
+                self.fd_exhausted += 1
+            log.error("commit of the external cache failed: %s", e)
+            raise ControlError(f"commit failed: {e}") from None
         finally:
             if tracker is not None:
                 tracker.events.subscribe_new(True)
                 assert self.nursery is not None
                 self.nursery.start_soon(self._reconcile_after_commit)
-        if "error" in out:
-            log.error("commit of the external cache failed: %s", out["error"])
-            raise ControlError(f"commit failed: {out['error']}")
-        self.external.undecodable += out.pop("undecodable")
+        self.external.undecodable += report.undecodable
         self.commits += 1
-        self.last_commit = out
-        res = CommitResult(out["created"], out["updated"], out["failed"],
-                           Counter(out["errors"]), out["seconds"])
+        self.last_commit = report
+        res = CommitResult(report.created, report.updated, report.failed,
+                           Counter(report.errors), report.seconds)
         log.info("commit of the external cache: %s (of it: %.3f s ordering the entries, "
-                 "%.3f s encoding, %.3f s sending)", res.summary(), out["plan_seconds"],
-                 out["encode_seconds"], out["seconds"] - out["plan_seconds"]
-                 - out["encode_seconds"])
-        return self.last_commit
+                 "%.3f s encoding, %.3f s sending)", res.summary(), report.plan_seconds,
+                 report.encode_seconds,
+                 report.seconds - report.plan_seconds - report.encode_seconds)
+        return report
 
-    async def _reconcile_after_commit(self) -> None:
-        assert self.tracker is not None
+    def flush_caches(self, which: str) -> dict[str, int]:
+        res = {}
+        if which in ("internal", "both") and self.tracker is not None:
+            res["internal"] = len(self.tracker.cache)
+            self.tracker.cache.clear()
+        if which in ("external", "both"):
+            res["external"] = self.external.purge()
+        return res
+
+    def _table(self, **kw: Any) -> Table:
+        try:
+            return self._make_table(self.netns, **kw)
+        except OSError as e:
+            if e.errno in FD_EXHAUSTED:
+                self.fd_exhausted += 1
+            raise ControlError(f"cannot open a netlink socket: {e}") from None
+
+    async def flush_kernel(self) -> str:
+        table = self._table()
+        try:
+            await table.flush()
+        finally:
+            table.close()
+        return "flushed"
+
+    async def resync_internal(self) -> dict[str, int]:
+        if self.tracker is None:
+            raise ControlError("no internal cache in this mode")
         await self.tracker.resync_from_kernel()
         self.pump()
+        return {"internal": len(self.tracker.cache)}
 
-    async def _commit_forked(self, now: float) -> dict[str, Any]:
-        rfd, wfd = os.pipe()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads
-            pid = os.fork()
-        if pid == 0:  # the child: no trio, no logging; report, then exit whatever happens
-            try:
-                os.close(rfd)
-                self._commit_child(wfd, now)
-            finally:
-                os._exit(0)
-        os.close(wfd)
-        data = bytearray()
-        async with trio.lowlevel.FdStream(rfd) as stream:
-            async for chunk in stream:
-                data += chunk
-        # it exits right after its report; WNOHANG never blocks the loop
-        while os.waitpid(pid, os.WNOHANG) == (0, 0):  # noqa: ASYNC110, ASYNC222
-            await trio.sleep(0.005)
-        try:
-            out: dict[str, Any] = json.loads(data)
-        except ValueError:
-            out = {"error": "the commit process ended without a result"}
-        return out
+    def _engine(self) -> sync_engine.Engine:
+        if self.engine is None:
+            raise ControlError("replication is off (general.mode: stats)")
+        return self.engine
 
-    def _commit_child(self, wfd: int, now: float) -> None:
-        """In the forked process: plan, commit, write the result as JSON to `wfd`."""
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_DFL)
-        with contextlib.suppress(ValueError):
-            signal.set_wakeup_fd(-1)
-        gc.disable()  # a short-lived process: no collector passes over the parent's heap
-        # ahead of the parent on a shared CPU: the parent's work (the events this commit
-        # causes) can wait in its socket buffer, a failover cannot
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, 0, COMMIT_NICE)
-        out: dict[str, Any]
+    def bulk_send(self) -> str:
+        self._engine().bulk_send(self._now())
+        self.pump()
+        return "bulk send started"
+
+    def request_resync(self, node: int | None) -> str:
+        self._engine().request_resync(node, self._now())
+        self.pump()
+        return "resync requested"
+
+    async def purge(self, timeout: int | None) -> dict[str, int]:  # noqa: ASYNC109 (Ops name)
+        # -t (keepalived: on BACKUP): the flows this node carried as master are zombies
+        # now; shorten their kernel timeouts to the purge timeout so they expire, as
+        # conntrackd does. The external cache (the new master's flows) is left alone.
+        t = int(self.cfg.sync.purge_timeout) if timeout is None else timeout
+        table = self._table(batch=self.cfg.netlink.commit_batch)
         try:
-            before = self.external.undecodable
-            t0 = time.perf_counter()
-            entries = self.external.commit_entries(
-                now, commit_timeout=None if self.cfg.sync.commit_timeout is None
-                else int(self.cfg.sync.commit_timeout))
-            table = Table(self.netns, batch=self.cfg.netlink.commit_batch)
-            try:
-                res, bad = table.commit_entries_blocking(
-                    entries, be_liberal=not self.cfg.sync.tcp_window_tracking)
-            finally:
-                table.close()
-            out = {"created": res.created, "updated": res.updated, "failed": res.failed,
-                   "errors": dict(res.errors), "seconds": time.perf_counter() - t0,
-                   "encode_seconds": res.encode_seconds,
-                   "plan_seconds": time.perf_counter() - t0 - res.seconds,
-                   "undecodable": self.external.undecodable - before + bad}
-        except Exception as e:
-            out = {"error": f"{type(e).__name__}: {e}"}
-        data = json.dumps(out).encode()
-        while data:
-            data = data[os.write(wfd, data):]
+            accept = self.tracker.accept if self.tracker is not None else None
+            n = await table.shorten_timeouts(t, accept)
+        finally:
+            table.close()
+        log.info("purge: %d kernel entries now expire within %d s", n, t)
+        return {"shortened": n, "timeout": t}
+
+    def stop(self) -> str:
+        assert self.nursery is not None
+        log.info("stop requested over the control socket")
+        nursery = self.nursery
+
+        async def after_reply() -> None:
+            await trio.sleep(0.1)  # let the reply reach the client first
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(after_reply)
+        return "stopping"
 
     def in_sync(self) -> bool:
         return self.engine.in_sync() if self.engine is not None else True
 
-    def _dump_lines(self, which: str, args: dict[str, Any]) -> list[Any]:
-        proto = args.get("proto")
-        nat = args.get("nat")  # "src" | "dst" | "any"
-        origin = args.get("origin")
-        out = []
+    def dump(self, which: str, proto: int | None, nat: str | None,
+             origin: int | None, raw: bool) -> list[object]:
+        out: list[object] = []
         pairs: Iterator[tuple[int | None, bytes, bytes]]
         if which == "internal":
-            assert self.tracker is not None
+            if self.tracker is None:
+                return out
             pairs = ((None, k, v) for k, v in self.tracker.cache.items())
         else:
-            pairs = ((o, k, v) for o, k, v, _seen in self.external.items(
-                None if origin is None else int(origin)))
-        if args.get("raw"):  # exact bytes, for convergence checks
+            pairs = ((o, k, v) for o, k, v, _seen in self.external.items(origin))
+        if raw:  # exact bytes, for convergence checks
             return [[o, k.hex(), v.hex()] for o, k, v in pairs]
         bad = 0
         for o, k, v in pairs:
@@ -412,7 +514,7 @@ class Daemon:
             except PackError:  # a peer's bytes that do not describe a flow: not listed
                 bad += 1
                 continue
-            if proto is not None and f.orig.proto != int(proto):
+            if proto is not None and f.orig.proto != proto:
                 continue
             if (nat == "src" and not f.is_snat) or (nat == "dst" and not f.is_dnat):
                 continue
@@ -443,7 +545,7 @@ class Daemon:
             except trio.BrokenResourceError:
                 self._watchers.remove(ch)
 
-    async def _watch(self, args: dict[str, Any]) -> AsyncIterator[str]:
+    async def watch(self) -> AsyncIterator[str]:
         send, recv = trio.open_memory_channel[str](10000)
         self._watchers.append(send)
         try:
@@ -453,135 +555,84 @@ class Daemon:
             if send in self._watchers:
                 self._watchers.remove(send)
 
-    def stats(self, kind: str | None) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if kind in (None, "runtime", "general"):
-            out["runtime"] = {"node": self.cfg.node.id, "epoch": f"{self.epoch:08x}",
-                              "uptime_s": round(time.time() - self.started, 1),
-                              "pid": os.getpid(), "mode": self.cfg.sync.mode,
-                              "in_sync": self.in_sync(), "commits": self.commits,
-                              "last_commit": self.last_commit}
-        if kind in (None, "cache"):
-            tr = self.tracker
-            out["cache"] = {
-                "internal": len(tr.cache) if tr else 0,
-                "external": len(self.external),
-                "external_by_node": {str(o): self.external.count(o)
-                                     for o in self.external.origins()},
-                "external_undecodable": self.external.undecodable,
-            }
-            if tr is not None:
-                out["cache"]["kernel_events"] = asdict(tr.events.stats)
-                out["cache"]["tracker"] = asdict(tr.stats)
-        if kind in (None, "network", "sync", "queue") and self.engine is not None:
-            out["sync"] = self.engine.stats()
-        if kind in (None, "link", "network") and self.transport is not None:
-            tr2 = self.transport
-            out["link"] = {"active": tr2.channels[tr2.active].spec.describe(),
-                           "switches": tr2.switches,
-                           "channels": [{"channel": c.spec.describe(), "up": c.link_up,
-                                         **asdict(c.stats),
-                                         "gso": all(x.gso for x in c.senders),
-                                         "gso_datagrams": sum(x.gso_sent for x in c.senders)}
-                                        for c in tr2.channels]}
-        if not self.cfg.sync.external_cache:
-            out["direct"] = dict(self.direct_stats)
-        if kind in (None, "accounting") and self.accounting is not None:
-            out["accounting"] = self.accounting.snapshot()
-        return out
+    def stats(self, kind: str | None) -> Snapshot:
+        want = sections(kind)
+        direct = not self.cfg.sync.external_cache
+        return Snapshot(
+            runtime=self._runtime_stats() if "runtime" in want else None,
+            cache=self._cache_stats() if "cache" in want else None,
+            sync=self.engine.stats() if "sync" in want and self.engine is not None else None,
+            link=self._link_stats() if "link" in want else None,
+            direct=DirectStats(**asdict(self.remote.direct_counts))
+            if direct and "direct" in want else None,
+            accounting=self.accounting.snapshot()
+            if "accounting" in want and self.accounting is not None else None,
+            control=self._control_stats() if "control" in want else None,
+        )
 
-    def handlers(self) -> dict[str, Any]:
-        async def commit(a: dict[str, Any]) -> Any:
-            return await self.commit()
+    def _runtime_stats(self) -> RuntimeStats:
+        cfg, rm = self.cfg, self.remote
+        return RuntimeStats(
+            node=cfg.node.id, epoch=f"{self.epoch:08x}",
+            uptime_s=round(self._wall() - self.started, 1), pid=os.getpid(),
+            mode=cfg.sync.mode if cfg.general.mode == "sync" else "stats",
+            in_sync=self.in_sync(), commits=self.commits, last_commit=self.last_commit,
+            auth_enabled=self.auth_enabled, reloads=self.reloads,
+            reload_failures=self.reload_failures,
+            internal_errors=sum(self.internal_errors.values()),
+            internal_errors_by_kind=dict(self.internal_errors),
+            fd_exhausted=self.fd_exhausted,
+            oversize_datagrams=sum(c.stats.oversize for c in self.transport.channels)
+            if self.transport is not None else 0,
+            duplicate_node=rm.duplicate_node, peers_forgotten=rm.peers_forgotten)
 
-        async def flush(a: dict[str, Any]) -> Any:
-            which = a.get("cache", "both")
-            res = {}
-            if which in ("internal", "both") and self.tracker is not None:
-                res["internal"] = len(self.tracker.cache)
-                self.tracker.cache.clear()
-            if which in ("external", "both"):
-                res["external"] = self.external.purge()
-            return res
+    def _cache_stats(self) -> CacheStats:
+        tr, ext = self.tracker, self.external
+        return CacheStats(
+            internal=len(tr.cache) if tr is not None else 0, external=len(ext),
+            external_by_node={o: ext.count(o) for o in ext.origins()},
+            external_undecodable=ext.undecodable,
+            external_refused=dict(getattr(ext, "refused", {})),
+            invalid_flows=dict(self.remote.invalid),
+            kernel_events=dataclasses.replace(tr.events.stats) if tr is not None else None,
+            tracker=dataclasses.replace(tr.stats) if tr is not None else None)
 
-        async def flush_kernel(a: dict[str, Any]) -> Any:
-            table = Table(self.netns)
-            try:
-                await table.flush()
-            finally:
-                table.close()
-            return "flushed"
+    def _link_stats(self) -> LinkStats | None:
+        tp = self.transport
+        if tp is None:
+            return None
+        return LinkStats(
+            active=tp.channels[tp.active].spec.describe(), switches=tp.switches,
+            channels=[ChannelSnapshot(
+                channel=c.spec.describe(), up=c.link_up, sent=c.stats.sent,
+                received=c.stats.received, send_errors=c.stats.send_errors,
+                bytes_sent=c.stats.bytes_sent, bytes_received=c.stats.bytes_received,
+                last_rx=c.stats.last_rx, oversize=c.stats.oversize,
+                gso=all(x.gso for x in c.senders),
+                gso_datagrams=sum(x.gso_sent for x in c.senders)) for c in tp.channels])
 
-        async def resync_internal(a: dict[str, Any]) -> Any:
-            if self.tracker is None:
-                raise ControlError("no internal cache in this mode")
-            await self.tracker.resync_from_kernel()
-            self.pump()
-            return {"internal": len(self.tracker.cache)}
-
-        async def bulk_send(a: dict[str, Any]) -> Any:
-            if self.engine is None:
-                raise ControlError("replication is off (general.mode: stats)")
-            self.engine.bulk_send(self._now())
-            self.pump()
-            return "bulk send started"
-
-        async def request_resync(a: dict[str, Any]) -> Any:
-            if self.engine is None:
-                raise ControlError("replication is off (general.mode: stats)")
-            node = a.get("node")
-            self.engine.request_resync(None if node is None else int(node), self._now())
-            self.pump()
-            return "resync requested"
-
-        async def purge(a: dict[str, Any]) -> Any:
-            # -t (keepalived: on BACKUP): the flows this node carried as master are zombies
-            # now; shorten their kernel timeouts to the purge timeout so they expire, as
-            # conntrackd does. The external cache (the new master's flows) is left alone.
-            timeout = int(a.get("timeout", self.cfg.sync.purge_timeout))
-            table = Table(self.netns, batch=self.cfg.netlink.commit_batch)
-            try:
-                accept = self.tracker.accept if self.tracker is not None else None
-                n = await table.shorten_timeouts(timeout, accept)
-            finally:
-                table.close()
-            log.info("purge: %d kernel entries now expire within %d s", n, timeout)
-            return {"shortened": n, "timeout": timeout}
-
-        async def stop(a: dict[str, Any]) -> Any:
-            assert self.nursery is not None
-            log.info("stop requested over the control socket")
-            nursery = self.nursery
-
-            async def after_reply() -> None:
-                await trio.sleep(0.1)  # let the reply reach the client first
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(after_reply)
-            return "stopping"
-
-        async def stats(a: dict[str, Any]) -> Any:
-            return self.stats(a.get("kind"))
-
-        async def dump(a: dict[str, Any]) -> Any:
-            which = a.get("cache", "internal")
-            if which not in ("internal", "external"):
-                raise ControlError("cache must be internal or external")
-            return self._dump_lines(which, a)
-
-        async def in_sync(a: dict[str, Any]) -> Any:
-            return {"in_sync": self.in_sync()}
-
-        return {"commit": commit, "flush": flush, "flush_kernel": flush_kernel,
-                "resync_internal": resync_internal, "bulk_send": bulk_send,
-                "request_resync": request_resync, "purge": purge, "stop": stop,
-                "stats": stats, "dump": dump, "in_sync": in_sync}
+    def _control_stats(self) -> ControlStats:
+        m = self.metrics
+        c = self.control.stats() if self.control is not None else None
+        return ControlStats(
+            requests=c.requests if c else 0, bad_requests=c.bad_requests if c else 0,
+            errors=c.errors if c else 0, refused_clients=c.refused_clients if c else 0,
+            dropped_clients=c.dropped_clients if c else 0,
+            metrics_requests=m.requests if m is not None else 0,
+            metrics_client_errors=m.client_errors if m is not None else 0,
+            metrics_refused=m.refused if m is not None else 0,
+            metrics_connections=m.connections if m is not None else 0)
 
     # --- the main task ------------------------------------------------------------------
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.cfg
+        soft, _ = raise_nofile_limit()
         lock = PidLock(cfg.general.lock_file)
         lock.acquire()
+        self.epoch = next_epoch(cfg.general.lock_file + ".epoch", self._wall())
+        if soft < 4096:
+            log.warning("only %d file descriptors allowed (RLIMIT_NOFILE); set LimitNOFILE",
+                        soft)
         try:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
@@ -589,7 +640,7 @@ class Daemon:
                 log.info("conntrackd-py node %d ready (mode %s, epoch %08x)", cfg.node.id,
                          cfg.sync.mode if cfg.general.mode == "sync" else "stats", self.epoch)
                 sdnotify.notify("READY=1")
-                nursery.start_soon(sdnotify.watchdog)
+                nursery.start_soon(self._supervised, "systemd watchdog", sdnotify.watchdog)
                 task_status.started()
         finally:
             sdnotify.notify("STOPPING=1")
@@ -602,69 +653,85 @@ class Daemon:
     async def _start(self, nursery: trio.Nursery) -> None:
         cfg = self.cfg
         sync_on = cfg.general.mode == "sync"
+        keys: tuple[bytes, ...] = ()
         if sync_on:
             keys = load_keys(cfg.sync.auth)
             if not keys:
-                log.warning("sync.auth.key_files is empty: sync datagrams are not "
-                            "authenticated; anyone on the sync link can inject flows")
-            self.transport = Transport(channel_specs(cfg), netns_name=self.netns,
-                                       silence_timeout=cfg.sync.peer_timeout,
-                                       failback=cfg.sync.failback)
+                log.warning("sync datagrams are not authenticated (sync.auth.required: false "
+                            "and no key): anyone on the sync link can inject flows")
+            sync_cfg = config_from(cfg, keys)
+            self.transport = self._make_transport(
+                channel_specs(cfg), netns_name=self.netns, silence_timeout=cfg.sync.peer_timeout,
+                failback=cfg.sync.failback,
+                max_datagram=sync_cfg.mtu + sync_cfg.oversize_slack)
+        self.auth_enabled = _auth_enabled(cfg, keys)
         if self.accounting is not None:
             enable_kernel_accounting(self.netns)
-            nursery.start_soon(self.accounting.writer)
-        self.tracker = Tracker(
+            nursery.start_soon(self._supervised, "accounting writer", self.accounting.writer)
+        self.tracker = self._make_tracker(
             netns_name=self.netns, rcvbuf=cfg.netlink.rcvbuf,
             reliable=cfg.netlink.reliable_events,
             set_events_sysctl=cfg.netlink.set_events_sysctl, accept=build_filter(cfg),
             on_delta=self._on_delta if sync_on else None,
             on_flow_event=self.accounting.on_flow_event if self.accounting else None)
         if sync_on:
-            assert self.transport is not None
             self.engine = sync_engine.Engine(
-                config_from(cfg, keys), epoch=self.epoch,
+                sync_cfg, epoch=self.epoch,
                 source=self.tracker.cache.mapping, now=self._now())
         # the internal cache is loaded before the engine can be asked for a resync
         await self.tracker.resync_from_kernel()
-        nursery.start_soon(self.tracker.events.run, self._on_events,
-                           self.tracker.resync_from_kernel)
+        nursery.start_soon(self._supervised, "kernel events", self.tracker.events.run,
+                           self._on_events, self.tracker.resync_from_kernel)
         if sync_on:
-            assert self.transport is not None
-            for i in range(len(self.transport.channels)):
-                nursery.start_soon(self.transport.receive_loop, i, self._on_datagrams, self._now)
-            nursery.start_soon(self.transport.watch_links, self._now)
-            nursery.start_soon(self._timer)
+            tp = self.transport
+            assert tp is not None
+            for i in range(len(tp.channels)):
+                nursery.start_soon(self._supervised, f"sync channel {i}", tp.receive_loop, i,
+                                   self._on_datagrams, self._now)
+            nursery.start_soon(self._supervised, "link watcher", tp.watch_links, self._now)
+            nursery.start_soon(self._supervised, "protocol timer", self._timer)
             if not cfg.sync.external_cache:
-                nursery.start_soon(self._direct_writer, Table(self.netns,
-                                                              batch=cfg.netlink.commit_batch))
+                nursery.start_soon(self._supervised, "direct writer", self._direct_writer,
+                                   self._make_table(self.netns, batch=cfg.netlink.commit_batch))
             self.pump()
         if cfg.metrics.listen:
-            await nursery.start(serve_metrics, cfg.metrics.listen,
-                                exposition(lambda: self.stats(None)))
+            self.metrics = MetricsServer(cfg.metrics.listen, lambda: self.stats(None),
+                                         on_error=self.contained)
+            await nursery.start(self.metrics.serve)
         # the control socket last: once it answers, everything else is up
-        server = ControlServer(cfg.general.control_socket, self.handlers(),
-                               {"watch": self._watch})
-        await nursery.start(server.serve)
+        self.control = ControlServer(cfg.general.control_socket, ops=self)
+        await nursery.start(self.control.serve)
         nursery.start_soon(self._signals)
 
     def reload(self) -> None:
-        """SIGHUP: apply what can change without a restart (log level, filters); name the rest."""
-        from .config import ConfigError, load
+        """SIGHUP: apply what can change without a restart (log level, filters); name the rest.
+        Any failure keeps the running configuration."""
         if not self.cfg.path:
             log.info("SIGHUP: running on the embedded default config; nothing to reload")
             return
         try:
             new = load(self.cfg.path)
+            accept = build_filter(new)
+            level = new.logging.level.upper()
+            logging.getLevelName(level)
         except (ConfigError, OSError) as e:
+            self.reload_failures += 1
             log.error("SIGHUP: %s; keeping the running configuration", e)
             return
-        logging.getLogger().setLevel(new.logging.level.upper())
+        except Exception as e:  # a bug in loading: still never the end of the daemon
+            self.reload_failures += 1
+            self.contained("SIGHUP reload", e)
+            log.error("SIGHUP: reading %s failed (%s); keeping the running configuration",
+                      self.cfg.path, type(e).__name__)
+            return
+        logging.getLogger().setLevel(level)
         if self.tracker is not None:
-            self.tracker.accept = build_filter(new)
+            self.tracker.accept = accept
         needs_restart = [name for name in ("node", "general", "netlink", "sync")
                          if getattr(new, name) != getattr(self.cfg, name)]
         self.cfg = dataclasses.replace(self.cfg, logging=new.logging, filters=new.filters,
                                        stats=new.stats, metrics=new.metrics)
+        self.reloads += 1
         log.info("SIGHUP: reloaded logging and filters from %s%s", self.cfg.path,
                  f"; changes to {', '.join(needs_restart)} need a restart" if needs_restart
                  else "")
@@ -683,4 +750,14 @@ class Daemon:
                 return
 
 
-__all__ = ["Daemon", "EventType", "LockError", "socket"]
+def _cache_limits(cfg: Config) -> dict[str, Any]:
+    """ExternalCache's per-origin cap (sync.limits.max_flows_per_peer), once both sides have
+    it (config and cache helpers)."""
+    limits = getattr(cfg.sync, "limits", None)
+    if limits is None or "max_per_origin" not in ExternalCache.__init__.__code__.co_varnames:
+        return {}
+    return {"max_per_origin": limits.max_flows_per_peer}
+
+
+__all__ = ["Daemon", "LockError", "PidLock", "build_filter", "channel_specs", "next_epoch",
+           "open_nofollow", "raise_nofile_limit"]

@@ -53,6 +53,8 @@ MSG_DONTWAIT = 0x40
 UDP_SEGMENT = 103  # linux/udp.h
 GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS of older kernels (newer ones allow 128)
 GSO_MAX_BYTES = 65000  # below the 65507-byte UDP payload limit of one (IPv4) send
+_NAME_SIZE = 28  # sizeof(struct sockaddr_in6), the larger of the two
+_FAMILY = struct.Struct("=H")
 
 
 def _oserror() -> OSError:
@@ -64,19 +66,27 @@ def _oserror() -> OSError:
 
 class MultiReceiver:
     """recvmmsg on a non-blocking socket: up to `slots` datagrams per call. Datagram i of a
-    call lands at `view[i * slot_size:]`; a longer one is cut to `slot_size`."""
+    call lands at `view[i * slot_size:]`; a longer one is cut to `slot_size`. With `names`,
+    `source(i)` is datagram i's sender address as text (the kernel fills msg_name in the
+    same call: no extra system call)."""
 
-    def __init__(self, sock: socket.socket, slots: int = 64, slot_size: int = 16384) -> None:
+    def __init__(self, sock: socket.socket, slots: int = 64, slot_size: int = 16384,
+                 names: bool = False) -> None:
         self.sock, self.slots, self.slot_size = sock, slots, slot_size
         self.buf = bytearray(slots * slot_size)
         self.view = memoryview(self.buf)
         self._fd = sock.fileno()
         self._hdrs: Any = None
+        self._names = bytearray(slots * _NAME_SIZE) if names else None
+        self._texts: dict[bytes, str] = {}
+        self._last: list[str | None] = []
         #: True when a call returning fewer than `slots` datagrams means the queue was empty
         #: (recvmmsg); the fallback returns one per call
         self.batched = _recvmmsg is not None
         if _recvmmsg is not None:
             base = ctypes.addressof((ctypes.c_char * len(self.buf)).from_buffer(self.buf))
+            names_base = (ctypes.addressof((ctypes.c_char * len(self._names)).from_buffer(
+                self._names)) if self._names is not None else 0)
             self._iov = (_IOVec * slots)()
             self._hdrs = (_MMsgHdr * slots)()
             for i in range(slots):
@@ -84,17 +94,43 @@ class MultiReceiver:
                 self._iov[i].iov_len = slot_size
                 self._hdrs[i].msg_hdr.msg_iov = ctypes.pointer(self._iov[i])
                 self._hdrs[i].msg_hdr.msg_iovlen = 1
+                if names_base:
+                    self._hdrs[i].msg_hdr.msg_name = names_base + i * _NAME_SIZE
+                    self._hdrs[i].msg_hdr.msg_namelen = _NAME_SIZE
 
     def recv(self) -> list[int]:
         """The lengths of the datagrams received now (at least one); BlockingIOError when
         there is none, OSError (ENOBUFS: an overrun) as recv would raise it."""
         if self._hdrs is None:
-            return [self.sock.recv_into(self.buf, self.slot_size)]
+            if self._names is None:
+                return [self.sock.recv_into(self.buf, self.slot_size)]
+            n, addr = self.sock.recvfrom_into(self.buf, self.slot_size)
+            self._last = [str(addr[0])]
+            return [n]
         n = _recvmmsg(self._fd, self._hdrs, self.slots, MSG_DONTWAIT, None)
         if n < 0:
             raise _oserror()
         hdrs = self._hdrs
         return [hdrs[i].msg_len for i in range(n)]
+
+    def source(self, i: int) -> str | None:
+        """The sender of datagram `i` of the last `recv()` (needs `names`), as text."""
+        names = self._names
+        if names is None:
+            return None
+        if self._hdrs is None:
+            return self._last[i] if i < len(self._last) else None
+        off = i * _NAME_SIZE
+        family = _FAMILY.unpack_from(names, off)[0]  # sa_family_t, host order
+        raw = bytes(names[off + 4:off + 8] if family == socket.AF_INET
+                    else names[off + 8:off + 24])
+        text = self._texts.get(raw)
+        if text is None:
+            if len(self._texts) > 4096:  # spoofed sources: keep the cache bounded
+                self._texts.clear()
+            fam = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
+            text = self._texts[raw] = socket.inet_ntop(fam, raw)
+        return text
 
 
 def sockaddr(dest: tuple[Any, ...]) -> bytes:

@@ -16,11 +16,11 @@ def notify(state: str) -> bool:
         return False
     if addr.startswith("@"):  # abstract namespace socket
         addr = "\0" + addr[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        try:
+    try:  # EMFILE here must not stop the daemon: systemd hears from us again next time
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
             s.sendto(state.encode(), addr)
-        except OSError:
-            return False
+    except OSError:
+        return False
     return True
 
 
@@ -28,7 +28,7 @@ def watchdog_interval() -> float | None:
     """Half the WatchdogSec= systemd asked for, or None when no watchdog is armed."""
     usec = os.environ.get("WATCHDOG_USEC")
     pid = os.environ.get("WATCHDOG_PID")
-    if not usec or (pid and int(pid) != os.getpid()):
+    if not usec or not usec.isdigit() or (pid and pid != str(os.getpid())):
         return None
     return int(usec) / 2e6
 

@@ -70,6 +70,8 @@ class ChannelStats:
     bytes_sent: int = 0
     bytes_received: int = 0
     last_rx: float = 0.0
+    #: datagrams longer than the MTU plus slack, dropped before the engine saw them
+    oversize: int = 0
 
 
 @dataclass
@@ -140,10 +142,13 @@ class Transport:
     """The set of redundant channels, one of them active for sending."""
 
     def __init__(self, specs: list[ChannelSpec], *, netns_name: str | None = None,
-                 silence_timeout: float = 3.0, failback: bool = True) -> None:
+                 silence_timeout: float = 3.0, failback: bool = True,
+                 max_datagram: int = 65535) -> None:
         if not specs:
             raise ValueError("at least one channel is needed")
         self.netns_name = netns_name
+        #: longer datagrams are dropped before decoding (the MTU plus the engine's slack)
+        self.max_datagram = max_datagram
         self.channels = [open_channel(s, netns_name) for s in specs]
         self.active = 0
         self.silence_timeout = silence_timeout
@@ -184,16 +189,21 @@ class Transport:
                          "datagram (sendmmsg) from now on", ch.spec.describe())
 
     # --- receiving ----------------------------------------------------------------------
-    async def receive_loop(self, index: int, on_datagrams: Callable[[list[bytes]], None],
+    async def receive_loop(self, index: int,
+                           on_datagrams: Callable[[list[bytes], list[str | None]], None],
                            clock: Callable[[], float]) -> None:
-        """Drain channel `index` after each wakeup; hand over each burst at once."""
+        """Drain channel `index` after each wakeup; hand over each burst at once, with each
+        datagram's sender address (recvmmsg fills it in the same call). Datagrams longer than
+        `max_datagram` are counted (`oversize`) and dropped here."""
         ch = self.channels[index]
         sock, st = ch.sock, ch.stats
-        rx = MultiReceiver(sock, slots=32, slot_size=65536)
-        view, size = rx.view, rx.slot_size
+        rx = MultiReceiver(sock, slots=32, slot_size=65536, names=True)
+        view, size, source = rx.view, rx.slot_size, rx.source
+        limit = self.max_datagram
         while True:
             await trio.lowlevel.wait_readable(sock)
             burst: list[bytes] = []
+            sources: list[str | None] = []
             while len(burst) < RX_BURST:
                 try:
                     lengths = rx.recv()
@@ -203,14 +213,23 @@ class Transport:
                     if e.errno in (errno.ECONNREFUSED, errno.ENETDOWN):
                         continue
                     raise
-                burst += [bytes(view[i * size:i * size + n]) for i, n in enumerate(lengths)]
+                if max(lengths) <= limit:
+                    burst += [bytes(view[i * size:i * size + n]) for i, n in enumerate(lengths)]
+                    sources += [source(i) for i in range(len(lengths))]
+                else:
+                    for i, n in enumerate(lengths):
+                        if n > limit:
+                            st.oversize += 1
+                            continue
+                        burst.append(bytes(view[i * size:i * size + n]))
+                        sources.append(source(i))
                 if rx.batched and len(lengths) < rx.slots:
                     break  # drained: no second call just to hear EAGAIN
             if burst:
                 st.received += len(burst)
                 st.bytes_received += sum(map(len, burst))
                 st.last_rx = clock()
-                on_datagrams(burst)
+                on_datagrams(burst, sources)
             await trio.lowlevel.checkpoint()
 
     # --- failover -----------------------------------------------------------------------

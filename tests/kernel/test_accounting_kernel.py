@@ -126,9 +126,9 @@ async def test_destroy_record_counts_match_a_known_transfer(
     assert t0 - 1 <= r["start"] <= r["end"] <= t1 + 1
     assert 0 <= r["duration"] < 30
     snap = acc.snapshot()
-    assert snap["totals"]["tcp"]["orig"]["bytes"] >= UP
-    assert snap["top_talkers"][0]["source"] == t.client_ip
-    assert snap["records_dropped"] == 0
+    assert snap.totals["tcp"].orig.bytes >= UP
+    assert snap.top_talkers[0].source == t.client_ip
+    assert snap.records_dropped == 0
 
 
 def test_stats_only_mode_accounts_without_replicating(fw_topo: FirewallTopology,

@@ -9,6 +9,7 @@ import signal
 import socket
 import time
 from collections.abc import AsyncIterator
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,8 @@ from conntrackd_py.acctwriter import flow_from_wire
 from conntrackd_py.config import Accounting as AccCfg
 from conntrackd_py.flow import Counters, Flow, Status, TcpState, Tuple
 from conntrackd_py.kernel.codec import EventType
-from conntrackd_py.metrics import StatsCollector, exposition, parse_listen, serve_metrics
+from conntrackd_py.metrics import exposition, parse_listen, serve_metrics
+from conntrackd_py.stats import Direction, ProtoTotals, RuntimeStats, Snapshot
 
 D = EventType.DESTROY
 
@@ -103,14 +105,14 @@ def test_only_destroy_events_with_counters_count() -> None:
     acc.on_flow_event(D, mkflow())
     acc.on_flow_event(D, mkflow(proto=17, counters=Counters(1, 100, 2, 200)))
     s = acc.snapshot()
-    assert s["flows"] == 2
-    assert s["packets"] == 21
-    assert s["bytes"] == 5300
-    assert s["totals"]["tcp"] == {"flows": 1, "orig": {"packets": 10, "bytes": 1000},
-                                  "reply": {"packets": 8, "bytes": 4000}}
-    assert s["totals"]["udp"]["reply"]["bytes"] == 200
-    assert s["records_pending"] == 0  # no file, no syslog: nothing to buffer
-    json.dumps(s)
+    assert s.flows == 2
+    assert s.packets == 21
+    assert s.bytes == 5300
+    assert s.totals["tcp"] == ProtoTotals(1, Direction(10, 1000), Direction(8, 4000))
+    assert s.totals["udp"].reply.bytes == 200
+    assert s.records_pending == 0  # no file, no syslog: nothing to buffer
+    assert json.loads(json.dumps(asdict(s)))["totals"]["tcp"]["orig"] == {
+        "packets": 10, "bytes": 1000}
 
 
 # --- heavy hitters -----------------------------------------------------------------------------
@@ -140,9 +142,9 @@ def test_top_talkers_in_snapshot_are_addresses_sorted_by_bytes() -> None:
                                     counters=Counters(1, 10, 1, 10)))
     acc.on_flow_event(D, mkflow(src="10.0.0.99", counters=Counters(1, 10**6, 1, 10**6)))
     acc.on_flow_event(D, mkflow(src="2001:db8::5", counters=Counters(1, 10**5, 1, 10**5)))
-    top = acc.snapshot()["top_talkers"]
-    assert [t["source"] for t in top] == ["10.0.0.99", "2001:db8::5"]
-    assert top[0]["bytes"] <= 2 * 10**6
+    top = acc.snapshot().top_talkers
+    assert [t.source for t in top] == ["10.0.0.99", "2001:db8::5"]
+    assert top[0].bytes <= 2 * 10**6
     assert len(acc.talkers.counts) <= 4 * 20
 
 
@@ -153,7 +155,7 @@ def test_full_buffer_drops_and_counts() -> None:
     for _ in range(10):
         acc.on_flow_event(D, mkflow())
     s = acc.snapshot()
-    assert (s["records_pending"], s["records_dropped"], s["flows"]) == (3, 7, 10)
+    assert (s.records_pending, s.records_dropped, s.flows) == (3, 7, 10)
 
 
 @contextlib.asynccontextmanager
@@ -175,8 +177,8 @@ async def test_writer_writes_json_lines(tmp_path: Path) -> None:
     lines = read_lines(tmp_path / "acct.log")
     assert [r["orig"].split("sport=")[1].split()[0] for r in lines] == ["1", "2", "3", "4", "5"]
     assert lines[0] == record(mkflow(sport=1), 0.0)
-    assert acc.snapshot()["records_written"] == 5
-    assert acc.snapshot()["records_pending"] == 0
+    assert acc.snapshot().records_written == 5
+    assert acc.snapshot().records_pending == 0
 
 
 @pytest.mark.parametrize(("priority", "policy", "nice"), [
@@ -332,69 +334,12 @@ def test_enable_kernel_accounting_sets_both_sysctls(monkeypatch: pytest.MonkeyPa
 
 # --- metrics -----------------------------------------------------------------------------------
 
-STATS: dict[str, Any] = {
-    "runtime": {"node": 1, "uptime_s": 12.5, "in_sync": True, "commits": 3,
-                "last_commit": {"created": 5, "updated": 0, "failed": 1, "seconds": 0.25}},
-    "cache": {"internal": 42, "external": 17, "external_by_node": {"2": 17},
-              "kernel_events": {"events": 10, "new": 5, "update": 3, "destroy": 2,
-                                "overruns": 1, "malformed": 0, "reads": 4},
-              "tracker": {"dumps": 2, "reconciles": 2, "ignored": 9,
-                          "last_dump_seconds": 0.01}},
-    "sync": {"counters": {"datagrams_sent": 100, "datagrams_received": 90, "retransmitted": 4,
-                          "lost": 1, "resend_queue_depth": 6, "bad_mac": 2},
-             "rejected": {"bad_tag": 2, "malformed": 1},
-             "resync": {"pending": False, "active": False, "remaining": 0},
-             "resend_queue_bytes": 600,
-             "peers": {"2": {"up": True, "last_seen": 100.0, "silent_s": 0.5, "lag": 3}}},
-    "link": {"active": "udp -> 10.0.0.2:3780", "switches": 1,
-             "channels": [{"channel": "udp -> 10.0.0.2:3780", "up": True, "sent": 100,
-                           "received": 90, "send_errors": 0}]},
-}
-
-
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     out = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
-
-
-def test_metrics_exposition_parses_with_the_library_parser() -> None:
-    acc = Accounting(cfg())
-    acc.on_flow_event(D, mkflow())
-    text = exposition(lambda: {**STATS, "accounting": acc.snapshot()})().decode()
-    s = samples(text)
-    p = "conntrackd_py_"
-    assert s[(p + "cache_flows", (("cache", "internal"),))] == 42
-    assert s[(p + "external_cache_flows", (("node", "2"),))] == 17
-    assert s[(p + "kernel_events_total", (("type", "destroy"),))] == 2
-    assert s[(p + "netlink_overruns_total", ())] == 1
-    assert s[(p + "reconciles_total", ())] == 2
-    assert s[(p + "sync_datagrams_total", (("direction", "sent"),))] == 100
-    assert s[(p + "sync_retransmitted_total", ())] == 4
-    assert s[(p + "sync_lost_total", ())] == 1
-    assert s[(p + "sync_rejected_total", (("reason", "bad_tag"),))] == 2
-    assert s[(p + "resend_queue_depth", ())] == 6
-    assert s[(p + "peer_up", (("node", "2"),))] == 1
-    assert s[(p + "peer_replication_lag_datagrams", (("node", "2"),))] == 3
-    assert abs(s[(p + "peer_last_seen_seconds", (("node", "2"),))] - time.time()) < 5
-    assert s[(p + "in_sync", ())] == 1
-    assert s[(p + "commits_total", ())] == 3
-    assert s[(p + "last_commit_duration_seconds", ())] == 0.25
-    assert s[(p + "link_up", (("channel", "udp -> 10.0.0.2:3780"),))] == 1
-    assert s[(p + "accounting_bytes_total", (("direction", "orig"), ("proto", "tcp")))] == 1000
-    assert s[(p + "accounting_flows_total", (("proto", "tcp"),))] == 1
-    assert s[(p + "accounting_write_errors_total", ())] == 0
-    assert s[(p + "accounting_writer_restarts_total", ())] == 0
-
-
-def test_collector_copes_with_stats_only_mode() -> None:
-    stats = {"runtime": STATS["runtime"], "cache": {"internal": 1, "external": 0,
-                                                    "external_by_node": {}}}
-    names = {m.name for m in StatsCollector(lambda: stats).collect()}
-    assert "conntrackd_py_cache_flows" in names
-    assert not any(n.startswith("conntrackd_py_sync_") for n in names)
 
 
 def test_parse_listen() -> None:
@@ -416,10 +361,16 @@ async def _http(port: int, request: bytes) -> bytes:
 
 async def test_metrics_server_answers_get_metrics() -> None:
     counter = {"n": 0}
+    base = Snapshot(runtime=RuntimeStats(
+        node=1, epoch="00000001", uptime_s=1.0, pid=1, mode="ftfw", in_sync=True, commits=0,
+        last_commit=None, auth_enabled=True, reloads=0, reload_failures=0, internal_errors=0,
+        internal_errors_by_kind={}, fd_exhausted=0, oversize_datagrams=0, duplicate_node=0,
+        peers_forgotten=0))
 
-    def stats() -> dict[str, Any]:
+    def stats() -> Snapshot:
         counter["n"] += 1
-        return {"runtime": {**STATS["runtime"], "commits": counter["n"]}}
+        assert base.runtime is not None
+        return replace(base, runtime=replace(base.runtime, commits=counter["n"]))
 
     async with trio.open_nursery() as nursery:
         port = await nursery.start(serve_metrics, "127.0.0.1:0", exposition(stats))

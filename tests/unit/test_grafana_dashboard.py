@@ -7,24 +7,23 @@ import importlib
 import json
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conntrackd_py.accounting import Accounting
-from conntrackd_py.kernel.codec import EventType
 from conntrackd_py.metrics import exposition
 
 HERE = Path(__file__).resolve().parent
 DASHBOARD = HERE.parents[1] / "config" / "grafana" / "conntrackd-py-dashboard.json"
 
-# The STATS fixture and flow helpers live in test_accounting (tests/ is not a package; pytest's
+# A real Daemon's snapshot comes from test_daemon_shell (tests/ is not a package; pytest's
 # default import mode puts this directory on sys.path, but do it here too for other modes).
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
-_acc = importlib.import_module("test_accounting")
+_shell = importlib.import_module("test_daemon_shell")
 
 METRIC = re.compile(r"(?<![\w:])conntrackd_py_[A-Za-z0-9_]*")
 COUNTER_FUNCS = re.compile(r"\b(?:rate|irate|increase)\(\s*$")
@@ -32,16 +31,17 @@ COUNTER_FUNCS = re.compile(r"\b(?:rate|irate|increase)\(\s*$")
 
 @functools.cache
 def exposed() -> dict[str, str]:
-    """Sample name -> family type, for a stats dict that has every section filled in."""
-    acc = Accounting(_acc.cfg())
-    acc.on_flow_event(EventType.DESTROY, _acc.mkflow())
-    stats = {**_acc.STATS, "accounting": acc.snapshot(),
-             "direct": {"created": 1, "updated": 2, "deleted": 3, "failed": 0}}
-    text = exposition(lambda: stats)().decode()
+    """Sample name -> family type, over real Daemon snapshots: one with the external cache
+    (and every other section), one in direct mode (the direct writes section)."""
     out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[s.name] = fam.type
+    with tempfile.TemporaryDirectory() as tmp:
+        snaps = [_shell.daemon_snapshot(Path(tmp) / "ext"),
+                 _shell.daemon_snapshot(Path(tmp) / "direct", external=False)]
+    for snap in snaps:
+        text = exposition(lambda snap=snap: snap)().decode()
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                out[s.name] = fam.type
     return out
 
 

@@ -1,0 +1,174 @@
+"""Peers' flows into this node: the engine's events applied to the external cache, or queued
+for the kernel when the external cache is off (direct mode).
+
+This module owns what the shell does with each engine event (one `match`, `assert_never` for
+the ones forgotten), the validation of every peer flow before anything stores it
+(`flow.filter_untrusted`; refusals counted by reason), the direct writer's queue and its
+planning (latest state per flow, creates and deletes), and rate-limited log lines for events
+that can repeat (a duplicate node id, a peer forgotten). It is pure: no trio, no socket, no
+clock (time is an argument); the daemon does the kernel writes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import assert_never
+
+from . import sync as sync_engine
+from .cache import ExternalCache
+from .flow import Flow, PackError, Tuple, unpack_flow, unpack_key
+
+log = logging.getLogger(__name__)
+
+Pair = tuple[bytes, bytes | None]
+Validate = Callable[[Sequence[Pair]], tuple[list[Pair], dict[str, int]]]
+#: where ("external node 2"), key, value or None: a watcher's line
+Watch = Callable[[str, bytes, bytes | None], None]
+
+def default_validate() -> Validate:
+    """flow.filter_untrusted: every field of a peer's flow in the kernel's range."""
+    from .flow import filter_untrusted
+    return filter_untrusted
+
+
+class LogLimiter:
+    """At most one log line per kind per `interval` seconds of the caller's clock; the lines
+    held back are counted and named in the next one."""
+
+    def __init__(self, interval: float = 60.0) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._held: Counter[str] = Counter()
+
+    def allow(self, kind: str, now: float) -> int | None:
+        """None: stay quiet; else log now, and the int is how many were held back."""
+        last = self._last.get(kind)
+        if last is not None and now - last < self.interval:
+            self._held[kind] += 1
+            return None
+        self._last[kind] = now
+        return self._held.pop(kind, 0)
+
+
+@dataclass
+class DirectCounts:
+    created: int = 0
+    updated: int = 0
+    deleted: int = 0
+    failed: int = 0
+    undecodable: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DirectPlan:
+    """One turn of the direct writer: flows to create or update, keys to delete."""
+
+    updates: list[Flow]
+    deletes: list[tuple[int, Tuple]]
+    undecodable: int
+
+
+def plan_direct(batch: Sequence[Pair]) -> DirectPlan:
+    """The latest state per flow wins; entries whose bytes do not describe a flow are counted."""
+    latest: dict[bytes, bytes | None] = dict(batch)
+    ups: list[Flow] = []
+    dels: list[tuple[int, Tuple]] = []
+    bad = 0
+    for k, v in latest.items():
+        try:
+            if v is None:
+                dels.append(unpack_key(k))
+            else:
+                ups.append(unpack_flow(k, v))
+        except PackError:
+            bad += 1
+    return DirectPlan(ups, dels, bad)
+
+
+@dataclass
+class Remote:
+    """Applies the engine's events. `direct`: flows go to `pending` for the kernel writer
+    (which `take()`s them) instead of the external cache."""
+
+    external: ExternalCache
+    direct: bool = False
+    peer_timeout: float = 3.0
+    validate: Validate = field(default_factory=default_validate)
+    #: peers' flows refused by validation, by reason
+    invalid: Counter[str] = field(default_factory=Counter)
+    pending: list[Pair] = field(default_factory=list)
+    direct_counts: DirectCounts = field(default_factory=DirectCounts)
+    duplicate_node: int = 0
+    peers_forgotten: int = 0
+    limiter: LogLimiter = field(default_factory=LogLimiter)
+
+    def take(self) -> list[Pair]:
+        """The direct writer's queue, emptied."""
+        batch, self.pending = self.pending, []
+        return batch
+
+    def apply(self, ev: sync_engine.Event, now: float, watch: Watch | None = None) -> bool:
+        """Apply one event; True when the direct writer has new work."""
+        ext = self.external
+        match ev:
+            case sync_engine.RemoteFlows(origin=origin, flows=flows):
+                good, refused = self.validate(flows)
+                if refused:
+                    self._refused(origin, refused, now)
+                if self.direct:
+                    self.pending.extend(good)
+                else:
+                    ext.apply(origin, good, now)
+                if watch is not None:
+                    where = f"external node {origin}"
+                    for k, v in good:
+                        watch(where, k, v)
+                return self.direct and bool(good)
+            case sync_engine.ResyncAborted(origin=origin):
+                log.warning("full resync from node %d aborted; its stale entries stay until the "
+                            "next one", origin)
+            case sync_engine.ResyncStarted(origin=origin):
+                ext.begin_sweep(origin, now)
+                log.info("full resync from node %d started", origin)
+            case sync_engine.ResyncDone(origin=origin):
+                if ext.sweeping(origin) is not None:
+                    n = ext.end_sweep(origin)
+                    log.info("full resync from node %d done; %d stale entries removed", origin, n)
+            case sync_engine.PeerUp(node=node, epoch=epoch):
+                log.info("peer node %d is up (epoch %08x)", node, epoch)
+            case sync_engine.PeerRestarted(node=node, epoch=epoch):
+                log.warning("peer node %d restarted (new epoch %08x)", node, epoch)
+            case sync_engine.PeerDown(node=node):
+                log.warning("peer node %d is down: silent for %.1f s; its %d flows are kept",
+                            node, self.peer_timeout, ext.count(node))
+            case sync_engine.PeerForgotten(node=node):
+                self.peers_forgotten += 1
+                held = self.limiter.allow("peer_forgotten", now)
+                if held is not None:
+                    log.info("peer node %d was down longer than sync.limits.peer_expire: "
+                             "forgotten%s", node,
+                             f" ({held} more peers forgotten since the last line)" if held
+                             else "")
+            case sync_engine.DuplicateNode(node=node, epoch=epoch, source=source):
+                self.duplicate_node += 1
+                held = self.limiter.allow("duplicate_node", now)
+                if held is not None:
+                    log.error("another host%s sends with our node id %d (epoch %08x): node ids "
+                              "must be unique; not in sync until it stops%s",
+                              f" ({source})" if source else "", node, epoch,
+                              f" ({held} more such datagrams since the last line)" if held
+                              else "")
+            case _:
+                assert_never(ev)
+        return False
+
+    def _refused(self, origin: int, refused: dict[str, int], now: float) -> None:
+        self.invalid.update(refused)
+        held = self.limiter.allow("invalid_flows", now)
+        if held is not None:
+            log.warning("node %d sent flows out of the kernel's range, refused: %s%s", origin,
+                        ", ".join(f"{n} {r}" for r, n in sorted(refused.items())),
+                        f" ({held} similar batches not logged)" if held else "")

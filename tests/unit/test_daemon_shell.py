@@ -1,0 +1,486 @@
+"""The whole daemon on trio's MockClock, with a fake tracker and a fake transport (no root).
+
+A real `Engine` plays the peer (node 2): what the daemon sends reaches it, what it sends
+reaches the daemon's fake channel, all in virtual time, so the tests assert exact times.
+`daemon_snapshot()` is also what the metrics and Grafana tests read: a real Daemon's stats.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from conntrackd_py import config as config_mod
+from conntrackd_py import sync as sync_engine
+from conntrackd_py.accounting import Accounting
+from conntrackd_py.cache import InternalCache
+from conntrackd_py.commit import CommitJob
+from conntrackd_py.config import Config
+from conntrackd_py.ctlclient import ControlError
+from conntrackd_py.daemon import Daemon
+from conntrackd_py.flow import Flow, Tuple, pack_flow
+from conntrackd_py.kernel.codec import EventType
+from conntrackd_py.kernel.events import EventBatch, EventStats
+from conntrackd_py.kernel.table import CommitResult
+from conntrackd_py.stats import CommitReport, Snapshot
+from conntrackd_py.sync.config import config_from
+from conntrackd_py.tracker import Tracker, TrackerStats
+from conntrackd_py.transport import Channel, ChannelSpec, Transport
+
+
+def mkflow(i: int, proto: int = 6) -> Flow:
+    t = Tuple(bytes([10, 0, i >> 8 & 255, i & 255]), b"\x0a\x01\x00\x01", proto, 1000 + i, 80)
+    return Flow(t, t.invert(), timeout=300)
+
+
+# --- fakes ---------------------------------------------------------------------------------------
+
+class FakeEvents:
+    """The tracker's event source: batches pushed by the test."""
+
+    def __init__(self) -> None:
+        self.stats = EventStats()
+        self.new_subscribed = True
+        self.send, self.recv = trio.open_memory_channel[EventBatch](100)
+
+    def subscribe_new(self, on: bool) -> None:
+        self.new_subscribed = on
+
+    async def run(self, on_events: Callable[[EventBatch], None],
+                  on_overrun: Callable[[], Awaitable[None]],
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        async for batch in self.recv:
+            self.stats.events += len(batch)
+            on_events(batch)
+
+    def close(self) -> None:
+        pass
+
+
+class FakeTracker(Tracker):
+    """The real Tracker's logic (cache, deltas, reconcile) over a dict standing for the kernel."""
+
+    def __init__(self, **kw: Any) -> None:  # no super().__init__: no netlink socket
+        self.netns_name = None
+        self.cache = InternalCache()
+        self.accept = kw["accept"]
+        self.on_delta = kw["on_delta"]
+        self.on_flow_event = kw["on_flow_event"]
+        self.stats = TrackerStats()
+        self.events = FakeEvents()  # type: ignore[assignment]
+        self.ready = trio.Event()
+        self.kernel: dict[bytes, bytes] = {}
+
+    async def _dump_pairs(self) -> list[tuple[bytes, bytes]]:
+        await trio.lowlevel.checkpoint()
+        self.stats.dumps += 1
+        return list(self.kernel.items())
+
+    def close(self) -> None:
+        pass
+
+
+class FakeTransport(Transport):
+    """One channel; sends are recorded with their virtual time and handed to `peer`."""
+
+    def __init__(self, specs: list[ChannelSpec], **kw: Any) -> None:
+        self.netns_name = None
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.channels = [Channel(specs[0], self.sock, [])]
+        self.active = 0
+        self.silence_timeout = kw["silence_timeout"]
+        self.failback = True
+        self.switches = 0
+        self.sent: list[tuple[float, bytes]] = []
+        self.inbox_send, self.inbox = trio.open_memory_channel[list[bytes]](1000)
+        self.on_send: Callable[[list[bytes]], None] | None = None
+
+    def send(self, datagrams: list[bytes]) -> None:
+        now = trio.current_time()
+        self.sent += [(now, d) for d in datagrams]
+        self.channels[0].stats.sent += len(datagrams)
+        if self.on_send is not None and datagrams:
+            self.on_send(datagrams)
+
+    async def receive_loop(self, index: int,
+                           on_datagrams: Callable[[list[bytes], list[str | None]], None],
+                           clock: Callable[[], float]) -> None:
+        async for burst in self.inbox:
+            self.channels[0].stats.received += len(burst)
+            self.channels[0].stats.last_rx = clock()
+            on_datagrams(burst, ["192.0.2.2"] * len(burst))
+
+    async def watch_links(self, clock: Callable[[], float]) -> None:
+        pass
+
+    def reevaluate(self, now: float) -> None:
+        pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class FakeTable:
+    """The kernel table for the direct writer: records what it was asked to write."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        self.written: list[Flow] = []
+        self.deleted: list[tuple[int, Tuple]] = []
+        TABLES.append(self)
+
+    async def commit(self, flows: list[Flow], **kw: Any) -> CommitResult:
+        await trio.lowlevel.checkpoint()
+        self.written.extend(flows)
+        return CommitResult(created=len(flows))
+
+    async def delete(self, zone: int, orig: Tuple) -> bool:
+        await trio.lowlevel.checkpoint()
+        self.deleted.append((zone, orig))
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+TABLES: list[FakeTable] = []
+
+
+async def fake_commit(job: CommitJob, now: float) -> CommitReport:
+    """In-process and without a kernel: 'creates' every entry the real plan would commit."""
+    await trio.sleep(0.01)
+    n = sum(1 for _ in job.external.commit_entries(now, commit_timeout=job.commit_timeout))
+    return CommitReport(created=n, updated=0, failed=0, errors={}, seconds=0.01,
+                        encode_seconds=0.0, plan_seconds=0.0, undecodable=0)
+
+
+YAML = """\
+node: {{id: 1}}
+general: {{lock_file: {d}/lock, control_socket: {d}/ctl.sock}}
+sync:
+  mode: ftfw
+  external_cache: {external}
+  auth: {{required: false}}
+  channels:
+    - udp: {{peers: [192.0.2.2], bind: 192.0.2.1, port: 3780}}
+"""
+
+
+def make_config(tmp: Path, external: bool = True) -> Config:
+    return config_mod.loads(YAML.format(d=tmp, external=str(external).lower()))
+
+
+class Peer:
+    """Node 2: a real engine wired to the daemon's fake transport."""
+
+    def __init__(self, cfg: Config, transport: FakeTransport) -> None:
+        peer_cfg = dataclasses.replace(cfg, node=dataclasses.replace(cfg.node, id=2))
+        self.cache: dict[bytes, bytes] = {}
+        self.engine = sync_engine.Engine(config_from(peer_cfg, ()), epoch=7,
+                                         source=lambda: self.cache, now=trio.current_time())
+        self.transport = transport
+        self.received: list[sync_engine.Event] = []
+        transport.on_send = self.receive
+
+    def receive(self, datagrams: list[bytes]) -> None:
+        now = trio.current_time()
+        for d in datagrams:
+            self.engine.receive_datagram(d, now)
+        self.pump()
+
+    def pump(self) -> None:
+        now = trio.current_time()
+        out = self.engine.datagrams_to_send(now)
+        self.received += self.engine.events()
+        if out:
+            self.transport.inbox_send.send_nowait(out)
+
+    def update(self, flows: list[Flow]) -> None:
+        now = trio.current_time()
+        for f in flows:
+            k, v = pack_flow(f)
+            self.cache[k] = v
+            self.engine.local_update(k, v, now)
+        self.pump()
+
+    async def run(self) -> None:
+        """The peer's timer task."""
+        while True:
+            t = self.engine.get_timer()
+            await trio.sleep_until(t if t is not None else trio.current_time() + 1.0)
+            self.engine.handle_timer(trio.current_time())
+            self.pump()
+
+
+@contextlib.asynccontextmanager
+async def running(tmp: Path, external: bool = True) -> AsyncIterator[tuple[Daemon, Peer]]:
+    cfg = make_config(tmp, external)
+    transports: list[FakeTransport] = []
+
+    def transport(*a: Any, **kw: Any) -> Transport:
+        transports.append(FakeTransport(*a, **kw))
+        return transports[-1]
+
+    d = Daemon(cfg, tracker=FakeTracker, transport=transport, table=FakeTable,
+               commit=fake_commit, wall=lambda: 1000.0 + trio.current_time())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(d.run)
+        peer = Peer(cfg, transports[0])
+        nursery.start_soon(peer.run)
+        peer.pump()
+        yield d, peer
+        nursery.cancel_scope.cancel()
+
+
+def tracker_of(d: Daemon) -> FakeTracker:
+    assert isinstance(d.tracker, FakeTracker)
+    return d.tracker
+
+
+def transport_of(d: Daemon) -> FakeTransport:
+    assert isinstance(d.transport, FakeTransport)
+    return d.transport
+
+
+async def wait_for(cond: Callable[[], bool], limit: float = 30.0) -> float:
+    """Virtual seconds until `cond` holds (polled every 10 ms of virtual time)."""
+    t0 = trio.current_time()
+    with trio.fail_after(limit):
+        while not cond():  # noqa: ASYNC110 (a condition on plain state, polled)
+            await trio.sleep(0.01)
+    return trio.current_time() - t0
+
+
+# --- the tests -----------------------------------------------------------------------------------
+
+async def test_peer_datagrams_fill_the_external_cache(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    async with running(tmp_path) as (d, peer):
+        await wait_for(d.in_sync)
+        peer.update([mkflow(i) for i in range(50)])
+        await wait_for(lambda: d.external.count(2) == 50)
+        snap = d.stats(None)
+        assert snap.cache is not None
+        assert snap.cache.external_by_node == {2: 50}
+        assert snap.runtime is not None
+        assert snap.runtime.in_sync
+        assert snap.runtime.auth_enabled is False
+        assert snap.sync is not None
+        assert {p.node for p in snap.sync.peers} == {2}
+
+
+async def test_kernel_events_are_pumped_to_the_peer(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    async with running(tmp_path) as (d, peer):
+        await wait_for(d.in_sync)
+        tr = tracker_of(d)
+        sent_before = len(transport_of(d).sent)
+        t_event = trio.current_time()
+        await tr.events.send.send([(EventType.NEW, mkflow(i)) for i in range(5)])  # type: ignore[attr-defined]
+        await wait_for(lambda: sum(1 for e in peer.received
+                                   if isinstance(e, sync_engine.RemoteFlows)) > 0)
+        assert len(d.tracker.cache) == 5 if d.tracker else False
+        # the pump sent at the event's own (virtual) time: no timer in between
+        first = transport_of(d).sent[sent_before]
+        assert first[0] == t_event
+        flows = [kv for e in peer.received if isinstance(e, sync_engine.RemoteFlows)
+                 for kv in e.flows]
+        assert {k for k, _ in flows} == set(d.tracker.cache.mapping())
+
+
+async def test_the_protocol_timer_fires_at_its_exact_virtual_time(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    async with running(tmp_path) as (d, _peer):
+        await wait_for(d.in_sync)
+        eng = d.engine
+        assert eng is not None
+        await trio.sleep(0.5)  # everything settled: only the periodic timer is left
+        t = eng.get_timer()
+        assert t is not None
+        assert t > trio.current_time()
+        n = len(transport_of(d).sent)
+        await trio.sleep_until(t + 0.001)
+        later = [when for when, _ in transport_of(d).sent[n:]]
+        assert later
+        assert later[0] == t
+
+
+async def test_commit_reports_and_reconciles(tmp_path: Path,
+                                             autojump_clock: trio.testing.MockClock) -> None:
+    async with running(tmp_path) as (d, peer):
+        peer.update([mkflow(i) for i in range(20)])
+        await wait_for(lambda: d.external.count(2) == 20)
+        tr = tracker_of(d)
+        dumps = tr.stats.dumps
+        report = await d.commit()
+        assert report.created == 20
+        assert tr.events.new_subscribed  # type: ignore[attr-defined]
+        await wait_for(lambda: tr.stats.dumps == dumps + 1)  # learnt by a dump after
+        snap = d.stats("runtime")
+        assert snap.runtime is not None
+        assert snap.runtime.commits == 1
+        assert snap.runtime.last_commit == report
+        assert snap.cache is None  # only what was asked
+
+
+async def test_invalid_peer_flows_are_refused_and_counted(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    async with running(tmp_path) as (d, peer):
+        await wait_for(d.in_sync)
+        k, v = pack_flow(mkflow(1))
+        import msgpack
+        bad_zone = msgpack.packb([70000, *msgpack.unpackb(k)[1:]])
+        now = trio.current_time()
+        peer.cache[bad_zone] = v
+        peer.engine.local_update(bad_zone, v, now)
+        peer.update([mkflow(2)])
+        await wait_for(lambda: d.external.count(2) == 1)
+        snap = d.stats("cache")
+        assert snap.cache is not None
+        assert sum(snap.cache.invalid_flows.values()) == 1
+
+
+async def test_direct_mode_writes_peer_flows_through_the_table(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    async with running(tmp_path, external=False) as (d, peer):
+        table = TABLES[-1]
+        peer.update([mkflow(i) for i in range(7)])
+        await wait_for(lambda: len(table.written) == 7)
+        peer.cache.clear()
+        now = trio.current_time()
+        for i in range(3):
+            peer.engine.local_destroy(pack_flow(mkflow(i))[0], now)
+        peer.pump()
+        await wait_for(lambda: len(table.deleted) == 3)
+        snap = d.stats(None)
+        assert snap.direct is not None
+        assert (snap.direct.created, snap.direct.deleted) == (7, 3)
+        assert len(d.external) == 0
+
+
+async def test_a_failing_input_is_contained_and_counted(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    """A bug triggered by one datagram (here: the engine raising) never stops the daemon."""
+    async with running(tmp_path) as (d, peer):
+        await wait_for(d.in_sync)
+        eng = d.engine
+        assert eng is not None
+        real = eng.receive_datagram
+        calls = {"n": 0}
+
+        def flaky(data: bytes, now: float, *a: Any) -> None:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise KeyError("a bug")
+            real(data, now, *a)
+
+        eng.receive_datagram = flaky  # type: ignore[method-assign]
+        peer.update([mkflow(1)])
+        peer.update([mkflow(2)])
+        await wait_for(lambda: d.external.count(2) >= 1)
+        rt = d.stats("runtime").runtime
+        assert rt is not None
+        assert rt.internal_errors == 1
+        assert list(rt.internal_errors_by_kind) == ["receiving a sync datagram: KeyError"]
+
+
+async def test_a_supervised_task_that_fails_is_restarted(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    async with running(tmp_path) as (d, _peer):
+        tr = tracker_of(d)
+        tr.accept = lambda f: 1 / 0 > 0  # type: ignore[assignment, operator]
+        await tr.events.send.send([(EventType.NEW, mkflow(1))])  # type: ignore[attr-defined]
+        await wait_for(lambda: sum(d.internal_errors.values()) == 1)
+        tr.accept = lambda f: True
+        await trio.sleep(1.5)  # RESTART_DELAY: the event task runs again
+        await tr.events.send.send([(EventType.NEW, mkflow(2))])  # type: ignore[attr-defined]
+        await wait_for(lambda: len(tr.cache) == 1)
+
+
+async def test_reload_failure_of_any_kind_keeps_the_running_config(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    async with running(tmp_path) as (d, _peer):
+        cfg_file = tmp_path / "c.yaml"
+        cfg_file.write_text(YAML.format(d=tmp_path, external="true"))
+        d.cfg = dataclasses.replace(d.cfg, path=str(cfg_file))
+        before = d.cfg
+
+        def boom(path: str) -> Config:
+            raise RecursionError("maximum recursion depth exceeded")
+
+        monkeypatch.setattr("conntrackd_py.daemon.load", boom)
+        d.reload()
+        cfg_file.write_text("node: [")
+        monkeypatch.undo()
+        d.reload()
+        assert d.cfg is before
+        rt = d.stats("runtime").runtime
+        assert rt is not None
+        assert rt.reload_failures == 2
+        assert rt.reloads == 0
+
+
+async def test_ops_refuse_with_control_errors(tmp_path: Path,
+                                              autojump_clock: trio.testing.MockClock) -> None:
+    async with running(tmp_path) as (d, _peer):
+        d.engine = None
+        with pytest.raises(ControlError, match="replication is off"):
+            d.request_resync(None)
+        with pytest.raises(ControlError, match="replication is off"):
+            d.bulk_send()
+
+
+# --- a real Daemon's snapshot, for the metrics and dashboard tests ------------------------------
+
+def daemon_snapshot(tmp: Path, external: bool = True) -> Snapshot:
+    """A running Daemon's `stats(None)` after some replication, a commit and contained errors;
+    with the accounting section of a real `Accounting` (the daemon's needs root)."""
+    out: list[Snapshot] = []
+
+    async def main() -> None:
+        async with running(tmp, external) as (d, peer):
+            await wait_for(d.in_sync)
+            peer.update([mkflow(i) for i in range(10)])
+            await tracker_of(d).events.send.send(  # type: ignore[attr-defined]
+                [(EventType.NEW, mkflow(100 + i)) for i in range(3)])
+            await wait_for(lambda: len(d.external) + len(d.remote.pending) == 10
+                           or d.remote.direct_counts.created == 10)
+            eng = d.engine
+            assert eng is not None
+            await wait_for(lambda: all(p.lag is not None for p in eng.stats().peers))
+            if external:
+                await d.commit()
+            d.remote.invalid["zone"] += 1
+            out.append(d.stats(None))
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    snap = out[0]
+    from test_accounting import cfg as acc_cfg
+    from test_accounting import mkflow as acc_flow
+    acc = Accounting(acc_cfg())
+    acc.on_flow_event(EventType.DESTROY, acc_flow())
+    return dataclasses.replace(snap, accounting=acc.snapshot())
+
+
+def test_snapshot_has_every_section(tmp_path: Path) -> None:
+    snap = daemon_snapshot(tmp_path)
+    for f in dataclasses.fields(Snapshot):
+        if f.name != "direct":
+            assert getattr(snap, f.name) is not None, f.name
+    assert snap.runtime is not None
+    assert snap.runtime.commits == 1
+    js = snap.as_dict()
+    assert js["sync"]["peers"]["2"]["up"] is True
+    assert js["cache"]["external_by_node"] == {2: 10}
+    direct = daemon_snapshot(tmp_path / "direct", external=False)
+    assert direct.direct is not None
+    assert direct.direct.created == 10
