@@ -13,8 +13,10 @@ from __future__ import annotations
 from .config import Counters, Mode, SyncConfig, config_from
 from .engine import Engine
 from .events import (
+    DuplicateNode,
     Event,
     PeerDown,
+    PeerForgotten,
     PeerRestarted,
     PeerUp,
     RemoteFlows,
@@ -22,6 +24,7 @@ from .events import (
     ResyncDone,
     ResyncStarted,
 )
+from .peer import PeerState
 from .seqnum import MASK, add, after
 from .stats import PeerStats, ResyncStats, SyncStats
 from .wire import BadDatagram, Datagram, KeyRing, Reason, decode_untrusted
@@ -41,8 +44,8 @@ def new_epoch(wall_clock: float, previous: int | None = None) -> int:
 
 
 __all__ = [
-    "BadDatagram", "Counters", "Datagram", "Engine", "Event", "KeyRing", "Mode", "PeerDown",
-    "PeerRestarted", "PeerUp", "Reason", "RemoteFlows", "ResyncAborted", "ResyncDone",
-    "PeerStats", "ResyncStarted", "ResyncStats", "SyncConfig", "SyncStats", "config_from",
-    "decode_untrusted", "new_epoch",
+    "BadDatagram", "Counters", "Datagram", "DuplicateNode", "Engine", "Event", "KeyRing", "Mode",
+    "PeerDown", "PeerForgotten", "PeerRestarted", "PeerState", "PeerStats", "PeerUp", "Reason",
+    "RemoteFlows", "ResyncAborted", "ResyncDone", "ResyncStarted", "ResyncStats", "SyncConfig",
+    "SyncStats", "config_from", "decode_untrusted", "new_epoch",
 ]

@@ -47,24 +47,38 @@ class SyncConfig:
     `allowed_peers`: node ids accepted (None: any node that passes authentication).
     `control_replay_window`: an unsequenced datagram whose header seq is further than this
     behind the newest seq seen from its sender is dropped as a replay.
+
+    Limits against hostile or broken peers (proto/PROTOCOL.md, "Limits"):
+    `seq_window`: a sequence number further than this ahead of the newest one seen from a live
+    peer is not believed (the datagram is dropped and a full resync of the peer requested);
+    `latest_window` bounds likewise what a control datagram's header may claim.
+    `stall_timeout`: a live peer's stream whose backlog (or, without auth, whose datagrams
+    heard behind its last resync) has not been resolved for that long is doubted: a full
+    resync is requested and `in_sync()` is false meanwhile.
+    `max_peers`: peer nodes tracked at once (datagrams from more are dropped and counted);
+    `peer_expire`: a peer down that long is forgotten. `resync_min_interval`: we send a full
+    resync at most once per this (requests meanwhile coalesce). `resend_ratio`: per peer, the
+    bytes we retransmit for its NACKs are at most this times the bytes received from it
+    (a token bucket holding at most `resend_burst` received bytes' worth).
+    `oversize_slack`: a datagram longer than `mtu` plus this is dropped before decoding.
     """
 
     node_id: int
     mode: Mode = Mode.FTFW
     mtu: int = 1400
     keys: tuple[bytes, ...] = ()
-    ack_every: int = 16
+    ack_every: int = 64
     ack_interval: float = 0.05
     nack_interval: float = 0.1
     reorder_delay: float = 0.002
     retransmit_holdoff: float = 0.02
     alive_interval: float = 1.0
-    resend_queue_max: int = 4096
+    resend_queue_max: int = 131072
     resend_queue_bytes: int = 8 << 20
     resync_window: int = 1024
     reorder_max: int = 1024
     burst: int = 64
-    peer_timeout: float = 3.0
+    peer_timeout: float = 5.0
     startup_resync: bool = True
     startup_wait: float = 2.0
     resync_retry: float = 1.0
@@ -73,6 +87,15 @@ class SyncConfig:
     cache_timeout: float = 180.0
     allowed_peers: frozenset[int] | None = None
     control_replay_window: int = 64
+    seq_window: int = 1 << 20
+    latest_window: int = 1024
+    stall_timeout: float = 15.0
+    max_peers: int = 32
+    peer_expire: float = 3600.0
+    resync_min_interval: float = 5.0
+    resend_ratio: float = 10.0
+    resend_burst: int = 64 << 10
+    oversize_slack: int = 256
 
     def __post_init__(self) -> None:
         if not 1 <= self.node_id <= 0xFFFFFFFF:
@@ -82,15 +105,18 @@ class SyncConfig:
             raise ValueError(f"mtu must be 512..{wire.MAX_DATAGRAM}")
         wire.KeyRing(self.keys)  # validates lengths and duplicates
         for name in ("ack_every", "resend_queue_max", "resend_queue_bytes", "resync_window",
-                     "reorder_max", "burst", "control_replay_window"):
+                     "reorder_max", "burst", "control_replay_window", "seq_window",
+                     "latest_window", "max_peers", "resend_burst"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         for name in ("ack_interval", "nack_interval", "alive_interval", "peer_timeout",
-                     "resync_retry", "alarm_refresh", "cache_timeout"):
+                     "resync_retry", "alarm_refresh", "cache_timeout", "stall_timeout",
+                     "peer_expire"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a positive number of seconds")
-        for name in ("retransmit_holdoff", "startup_wait", "reorder_delay"):
+        for name in ("retransmit_holdoff", "startup_wait", "reorder_delay",
+                     "resync_min_interval", "resend_ratio", "oversize_slack"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be >= 0")
         if self.periodic_resync is not None and not self.periodic_resync > 0:
@@ -101,6 +127,14 @@ class SyncConfig:
             raise ValueError("cache_timeout must be longer than alarm_refresh")
         if self.peer_timeout <= self.alive_interval:
             raise ValueError("peer_timeout must be longer than alive_interval")
+        if self.seq_window >= 1 << 30 or self.latest_window > self.seq_window:
+            raise ValueError("seq_window must be < 2**30 and >= latest_window")
+        if self.stall_timeout <= self.resync_min_interval + self.resync_retry:
+            # a gap filled by a full resync may legitimately wait that long for its BEGIN
+            raise ValueError("stall_timeout must be longer than resync_min_interval + "
+                             "resync_retry")
+        if self.peer_expire < self.peer_timeout:
+            raise ValueError("peer_expire must not be shorter than peer_timeout")
 
 
 def config_from(cfg: Any, keys: tuple[bytes, ...]) -> SyncConfig:
@@ -110,6 +144,13 @@ def config_from(cfg: Any, keys: tuple[bytes, ...]) -> SyncConfig:
     s = cfg.sync
     ftfw, notrack, alarm = s.ftfw, s.notrack, s.alarm
     queue = int(ftfw.resend_queue)
+    # sync.limits arrives with the config layer's Limits section; until then: our defaults
+    limits = getattr(s, "limits", None)
+    d = SyncConfig.__dataclass_fields__
+
+    def limit(name: str) -> Any:
+        return getattr(limits, name, d[name].default)
+
     return SyncConfig(
         node_id=int(cfg.node.id), mode=Mode(s.mode), mtu=int(s.mtu), keys=tuple(keys),
         ack_every=int(ftfw.ack_every), ack_interval=float(ftfw.ack_interval),
@@ -119,6 +160,9 @@ def config_from(cfg: Any, keys: tuple[bytes, ...]) -> SyncConfig:
         periodic_resync=float(notrack.resync_interval) or None,
         alarm_refresh=float(alarm.refresh), cache_timeout=float(alarm.cache_timeout),
         allowed_peers=frozenset(s.peers) if s.peers else None,
+        max_peers=int(limit("max_peers")), peer_expire=float(limit("peer_expire")),
+        resync_min_interval=float(limit("resync_min_interval")),
+        resend_ratio=float(limit("resend_ratio")),
     )
 
 

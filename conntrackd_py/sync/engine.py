@@ -10,7 +10,7 @@ monotonic clock), opens no socket and imports no trio.
     engine = Engine(config, epoch, source=cache.mapping, now=now)
     engine.local_update(key, value, now)          # my flow changed (packed key/value bytes)
     engine.local_destroy(key, now)
-    engine.receive_datagram(data, now)            # bytes from the sync link
+    engine.receive_datagram(data, now, source)    # bytes from the sync link (source: its IP)
     engine.handle_timer(now)                      # when now >= engine.get_timer()
     for d in engine.datagrams_to_send(now): send(d)   # multicast: every datagram to all peers
     for ev in engine.events(): apply(ev)          # see events.py
@@ -33,6 +33,7 @@ period), so the cache may change freely afterwards.
 and `stats()` are for metrics; `in_sync()` is what keepalived's track script asks.
 """
 
+
 from __future__ import annotations
 
 from collections import deque
@@ -43,8 +44,10 @@ from . import wire
 from .alarm import ExpiryTracker
 from .config import Counters, Mode, SyncConfig, config_from
 from .events import (
+    DuplicateNode,
     Event,
     PeerDown,
+    PeerForgotten,
     PeerRestarted,
     PeerUp,
     RemoteFlows,
@@ -54,35 +57,20 @@ from .events import (
 )
 from .ftfw import ReliableStream
 from .notrack import BestEffortStream
+from .peer import Peer, PeerInput, PeerState, Stream
 from .sender import Sender, Source
-from .stats import PeerStats, ResyncStats, SyncStats
 from .seqnum import add, after, diff
+from .stats import PeerStats, ResyncStats, SyncStats
 from .wire import Ack, Datagram, FlowMessage, Kind, Message, Nack, ResyncRequest
 
-Stream = ReliableStream[Datagram] | BestEffortStream[Datagram]
-
 _BEGIN_BIT = 1 << Kind.RESYNC_BEGIN
+_BRACKET = (PeerState.IN_RESYNC, PeerState.REFRESHING)
+_SYNCED = (PeerState.SYNCED, PeerState.REFRESHING)
+_ASKING = (PeerState.NEED_RESYNC, PeerState.DOUBTFUL)
+_DUP_HOLDDOWN = 60.0  # DuplicateNode reported at most once per this
 
 __all__ = ["Engine", "Event", "PeerDown", "PeerRestarted", "PeerUp", "RemoteFlows",
            "ResyncAborted", "ResyncDone", "ResyncStarted", "SyncConfig", "config_from"]
-
-
-class _Peer:
-    """What we know of one other node (and of its current epoch's stream)."""
-
-    __slots__ = ("acked", "epoch", "in_bracket", "last_seen", "need_bracket", "node",
-                 "request_due", "stream", "up")
-
-    def __init__(self, node: int, epoch: int, stream: Stream, now: float) -> None:
-        self.node = node
-        self.epoch = epoch
-        self.stream = stream
-        self.last_seen = now
-        self.up = True
-        self.acked: int | None = None  # our seq it has acked (our current epoch)
-        self.need_bracket = True  # we want a complete full resync of its flows
-        self.in_bracket = False  # between its RESYNC_BEGIN and RESYNC_END, in order
-        self.request_due: float | None = None  # when to (re)send it a RESYNC_REQUEST
 
 
 class Engine:
@@ -94,19 +82,24 @@ class Engine:
         self.node_id = cfg.node_id
         self.epoch = epoch
         self.counters = Counters()
-        self.rejected: dict[str, int] = {}  # BadDatagram reasons
+        self.rejected: dict[str, int] = {}  # BadDatagram reasons (and "oversize")
         self._ftfw = cfg.mode is Mode.FTFW
         self._tx = Sender(cfg, epoch, source, self.counters, now)
         self._keys = self._tx.keys
+        self._authenticated = bool(cfg.keys)
+        self._max_len = cfg.mtu + cfg.oversize_slack
         # a NACK must fit one datagram: a range costs at most 10 bytes, the rest 20
         self._max_ranges = min(wire.MAX_NACK_RANGES, (self._tx.body_limit - 20) // 10)
         self._expiry = ExpiryTracker(cfg.cache_timeout) if cfg.mode is Mode.ALARM else None
-        self._peers: dict[int, _Peer] = {}
+        self._peers: dict[int, Peer] = {}
         self._events: deque[Event] = deque()
         self._control: list[Message] = []
         self._dropped_before = 0  # reorder drops of streams replaced by a peer restart
         self._start = self._now = now
-        self._periodic_due = None if cfg.periodic_resync is None else now + cfg.periodic_resync
+        self._dup_seen: float | None = None  # last datagram of another host with our id
+        self._dup_reported: float | None = None
+        self._own_sources: set[str] = set()  # addresses our own datagrams came back from
+        self._token_cap = cfg.resend_ratio * cfg.resend_burst
         if cfg.startup_resync:
             self._control.append(ResyncRequest(wire.ALL_NODES, 0, 0))
             self.counters.resync_requests_sent += 1
@@ -135,20 +128,26 @@ class Engine:
             self._control.append(ResyncRequest(node or wire.ALL_NODES, 0, 0))
             self.counters.resync_requests_sent += 1
         for p in targets:
-            p.need_bracket = True
-            p.request_due = now
+            self._input(p, PeerInput.ASK, now)
 
     def bulk_send(self, now: float) -> None:
-        """Send our whole internal cache to every peer, bracketed as a full resync."""
+        """Send our whole internal cache to every peer, bracketed as a full resync (now: the
+        operator asks; peers' requests are the ones held to `resync_min_interval`)."""
         self._now = now
-        self._tx.resync_pending = True
+        self._tx.want_resync(now, limited=False)
 
     # --- receiving ---------------------------------------------------------------------------
-    def receive_datagram(self, data: bytes, now: float) -> None:
+    def receive_datagram(self, data: bytes, now: float, source: str | None = None) -> None:
+        """One datagram from the sync link; `source`: the sender's address, if known (it
+        tells another host using our node id from our own looped-back datagrams)."""
         self._now = now
         c = self.counters
         c.datagrams_received += 1
         c.bytes_received += len(data)
+        if len(data) > self._max_len:  # refused before any parsing: no cost beyond a length
+            c.oversize_received += 1
+            self.rejected["oversize"] = self.rejected.get("oversize", 0) + 1
+            return
         try:
             dg = wire.decode_untrusted(data, self._keys)
         except wire.BadDatagram as e:
@@ -160,7 +159,7 @@ class Engine:
             return
         node = dg.node
         if node == self.node_id:
-            c.own += 1
+            self._own(dg, data, now, source)
             return
         allowed = self.config.allowed_peers
         if allowed is not None and node not in allowed:
@@ -168,82 +167,194 @@ class Engine:
             return
         peer = self._peers.get(node)
         if peer is None:
-            peer = self._peers[node] = _Peer(node, dg.epoch, self._open_stream(dg, now), now)
-            self._first_contact(peer, dg, now)
+            if not self._room_for_peer():
+                c.peers_refused += 1
+                return
+            peer = self._peers[node] = Peer(node, dg.epoch, self._open_stream(dg), now)
             self._events.append(PeerUp(node, dg.epoch))
         elif dg.epoch != peer.epoch:
-            # an older epoch is a replay, unless the peer went silent: then it is a restart
-            # with an epoch that did not increase (accepted so a clock step cannot lock it out)
-            if not after(dg.epoch, peer.epoch) and peer.up:
-                c.stale_epoch += 1
-                return
+            if peer.up:
+                if not after(dg.epoch, peer.epoch):
+                    c.stale_epoch += 1  # an older epoch while the newer is alive: a replay
+                    return
+                # a newer epoch replaces a live stream only with its first stream datagrams
+                # (a restart's stream begins at 1): one control datagram proves nothing
+                if not (dg.sequenced and dg.first_lap
+                        and 0 < dg.seq <= self.config.seq_window):
+                    c.unconfirmed_epoch += 1
+                    return
+            # (a silent peer may come back with any epoch: a clock step must not lock it out)
             self._restart(peer, dg, now)
+        peer.last_heard = now
+        t = peer.tokens + self.config.resend_ratio * len(data)
+        peer.tokens = t if t < self._token_cap else self._token_cap
         c.unknown_kind += dg.unknown
         if dg.sequenced:
-            stream = peer.stream
-            ready, skipped = stream.receive(dg.seq, dg, bool(dg.markers & _BEGIN_BIT), now)
-            if ready is None:
-                c.replayed += 1
-                return
-            self._alive(peer, now)
-            if skipped:
-                c.lost += skipped
-                self._abort_bracket(peer)
-            for item in ready:
-                self._deliver(peer, item, now)
+            self._on_stream(peer, dg, data, now)
         else:
-            if diff(dg.seq, peer.stream.highest) < -self.config.control_replay_window:
+            self._on_control_datagram(peer, dg, now)
+
+    def _own(self, dg: Datagram, data: bytes, now: float, source: str | None) -> None:
+        """Our node id: our own datagram looped back, or another host using our id."""
+        if dg.epoch == self.epoch and not (dg.sequenced and after(dg.seq, self._tx.seq)):
+            if source is None or source in self._own_sources:
+                self.counters.own += 1
+                return
+            if self._tx.sent(dg.seq, data) or not self._own_sources:
+                if len(self._own_sources) < 16:  # one per channel: a handful at most
+                    self._own_sources.add(source)
+                self.counters.own += 1
+                return
+        self.counters.duplicate_node += 1
+        self._dup_seen = now
+        if self._dup_reported is None or now - self._dup_reported >= _DUP_HOLDDOWN:
+            self._dup_reported = now
+            self._events.append(DuplicateNode(dg.node, dg.epoch, source))
+
+    def _room_for_peer(self) -> bool:
+        """A new node fits the table, if need be in place of the longest-silent peer down."""
+        if len(self._peers) < self.config.max_peers:
+            return True
+        down = [p for p in self._peers.values() if not p.up]
+        if not down:
+            return False
+        oldest = min(down, key=lambda p: p.last_seen)
+        self._forget(oldest)
+        return True
+
+    def _forget(self, peer: Peer) -> None:
+        self._dropped_before += peer.stream.reorder_dropped
+        del self._peers[peer.node]
+        self.counters.peers_forgotten += 1
+        self._events.append(PeerForgotten(peer.node))
+
+    def _on_stream(self, peer: Peer, dg: Datagram, data: bytes, now: float) -> None:
+        c = self.counters
+        seq = dg.seq
+        is_begin = bool(dg.markers & _BEGIN_BIT)
+        if peer.state is PeerState.DOUBTFUL:
+            if not is_begin:
+                self._alive(peer, now)  # heard, but nothing is delivered until a BEGIN
+                return
+            self._dropped_before += peer.stream.reorder_dropped
+            peer.stream = self._new_stream(seq)  # re-anchored at a full resync's start
+        stream = peer.stream
+        if diff(seq, stream.highest) > self.config.seq_window:
+            # far ahead of anything it sent before: not believed, and continuity is doubtful
+            c.implausible += 1
+            self._doubt(peer, now)
+            return
+        ready, skipped = stream.receive(seq, dg, is_begin, now)
+        if ready is None:
+            c.replayed += 1
+            if not self._authenticated:
+                b = diff(seq, stream.anchor)
+                if -self.config.seq_window <= b < 0:
+                    # unauthenticated, below where the stream last jumped: it may be the real
+                    # stream beneath a forged RESYNC_BEGIN (a healthy one delivers too)
+                    if peer.behind_since is None:
+                        peer.behind_since = now
+                    self._alive(peer, now)
+            return
+        self._alive(peer, now)
+        if ready:
+            peer.behind_since = None
+        if skipped:
+            c.lost += skipped
+            self._input(peer, PeerInput.GAP, now)
+        for item in ready:
+            self._deliver(peer, item, now)
+        self._watch_backlog(peer, now)
+
+    def _on_control_datagram(self, peer: Peer, dg: Datagram, now: float) -> None:
+        c = self.counters
+        stream = peer.stream
+        if peer.state is not PeerState.DOUBTFUL:  # (a doubted stream's numbers are no guide)
+            d = diff(dg.seq, stream.highest)
+            if d < -self.config.control_replay_window:
                 c.replayed += 1
                 return
-            self._alive(peer, now)
-            peer.stream.note_latest(dg.seq, now)
-            for m in dg.messages:
-                self._on_control(peer, m, now)
+            if d > self.config.latest_window:
+                c.implausible += 1  # claims a stream position we cannot believe: ignored
+                return
+            if d > 0:
+                stream.note_latest(dg.seq, now)
+                self._watch_backlog(peer, now)
+        self._alive(peer, now)
+        for m in dg.messages:
+            self._on_control(peer, m, now)
 
-    def _open_stream(self, dg: Datagram, now: float) -> Stream:
-        # a stream still on its first lap began at 1: we will ask for what we missed of it
-        start = 1 if dg.first_lap else dg.seq if dg.sequenced else add(dg.seq, 1)
+    def _new_stream(self, start: int) -> Stream:
         if self._ftfw:
             return ReliableStream(self.config, start)
         return BestEffortStream(self.config, start)
 
-    def _first_contact(self, peer: _Peer, dg: Datagram, now: float) -> None:
-        """A new (node, epoch): make sure we get all its flows, bracketed. In FTFW a stream
-        that began at seq 1 begins with a full resync, and NACKs fetch what we missed of it
-        (a sender that no longer has it answers with a new full resync). Otherwise ask."""
-        peer.need_bracket = True
-        peer.in_bracket = False
-        peer.acked = None
-        from_start = dg.first_lap and (self._ftfw or (dg.sequenced and dg.seq == 1))
-        peer.request_due = None if from_start else now
+    def _open_stream(self, dg: Datagram) -> Stream:
+        # a stream still on its first lap began at 1: we will ask for what we missed of it
+        return self._new_stream(1 if dg.first_lap else dg.seq if dg.sequenced
+                                else add(dg.seq, 1))
 
-    def _restart(self, peer: _Peer, dg: Datagram, now: float) -> None:
-        self._abort_bracket(peer)
+    def _restart(self, peer: Peer, dg: Datagram, now: float) -> None:
         self._dropped_before += peer.stream.reorder_dropped
         peer.epoch = dg.epoch
-        peer.stream = self._open_stream(dg, now)
-        self._first_contact(peer, dg, now)
+        peer.stream = self._open_stream(dg)
+        peer.acked = None
+        peer.stall_since = peer.behind_since = None
         peer.up = True
-        peer.last_seen = now
+        peer.last_seen = peer.last_heard = now
+        self._input(peer, PeerInput.CONTACT, now)  # a restart always asks for a resync
         self.counters.peer_restarts += 1
         self._events.append(PeerRestarted(peer.node, dg.epoch))
         self._release()
 
-    def _alive(self, peer: _Peer, now: float) -> None:
+    def _alive(self, peer: Peer, now: float) -> None:
         peer.last_seen = now
         if not peer.up:
             peer.up = True
             self._events.append(PeerUp(peer.node, peer.epoch))
 
-    def _abort_bracket(self, peer: _Peer) -> None:
-        if peer.in_bracket:
-            peer.in_bracket = False
-            self.counters.resyncs_aborted += 1
-            self._events.append(ResyncAborted(peer.node))
-            if not self._ftfw:
-                peer.request_due = self._now  # best effort: ask for another one
+    def _input(self, peer: Peer, inp: PeerInput, now: float) -> None:
+        """Feed the peer's state machine (peer.py) and perform what the transition means."""
+        old, new = peer.handle(inp)
+        c = self.counters
+        if old in _BRACKET and (new not in _BRACKET or inp is PeerInput.BEGIN):
+            if inp is PeerInput.END:
+                c.resyncs_received += 1
+                self._events.append(ResyncDone(peer.node))
+            else:
+                c.resyncs_aborted += 1
+                if inp is not PeerInput.BEGIN:  # (a newer BEGIN restarts the marking)
+                    self._events.append(ResyncAborted(peer.node))
+        if inp is PeerInput.BEGIN and new in _BRACKET:
+            self._events.append(ResyncStarted(peer.node))
+        if new in _ASKING and (old is not new or inp in (PeerInput.ASK, PeerInput.CONTACT)):
+            if peer.request_due is None or peer.request_due > now:
+                peer.request_due = now
+        elif new is PeerState.SYNCED:
+            peer.request_due = None
 
-    def _deliver(self, peer: _Peer, dg: Datagram, now: float) -> None:
+    def _doubt(self, peer: Peer, now: float) -> None:
+        if peer.state is not PeerState.DOUBTFUL:
+            self.counters.doubts += 1
+        peer.stall_since = peer.behind_since = None
+        self._input(peer, PeerInput.DOUBT, now)
+
+    def _watch_backlog(self, peer: Peer, now: float) -> None:
+        """Stuck-stream detection, O(1) per datagram: the backlog known when it appeared
+        must be resolved (delivered or jumped over) within `stall_timeout`."""
+        st = peer.stream
+        if st.complete:
+            peer.stall_since = None
+        elif peer.stall_since is None or after(st.expected, peer.stall_target):
+            peer.stall_since = now
+            peer.stall_target = st.highest
+
+    def _stuck(self, p: Peer, now: float) -> bool:
+        cfg = self.config
+        return ((p.stall_since is not None and now - p.stall_since >= cfg.stall_timeout)
+                or (p.behind_since is not None and now - p.behind_since >= cfg.peer_timeout))
+
+    def _deliver(self, peer: Peer, dg: Datagram, now: float) -> None:
         msgs = dg.messages
         if dg.n_flows == len(msgs):  # the common case: flows only, handed over as they are
             if msgs:
@@ -258,16 +369,9 @@ class Engine:
                 self._flows(peer.node, batch, now)
                 batch = []
             if m is Kind.RESYNC_BEGIN:
-                if peer.in_bracket:
-                    self.counters.resyncs_aborted += 1  # a newer one restarts the marking
-                peer.in_bracket = True
-                self._events.append(ResyncStarted(peer.node))
-            elif m is Kind.RESYNC_END and peer.in_bracket:
-                peer.in_bracket = False
-                peer.need_bracket = False
-                peer.request_due = None
-                self.counters.resyncs_received += 1
-                self._events.append(ResyncDone(peer.node))
+                self._input(peer, PeerInput.BEGIN, now)
+            elif m is Kind.RESYNC_END:
+                self._input(peer, PeerInput.END, now)
         if batch:
             self._flows(peer.node, batch, now)
 
@@ -277,12 +381,12 @@ class Engine:
         if self._expiry is not None:
             self._expiry.refresh(origin, flows, now)
 
-    def _on_control(self, peer: _Peer, m: Message, now: float) -> None:
+    def _on_control(self, peer: Peer, m: Message, now: float) -> None:
         c = self.counters
         if isinstance(m, ResyncRequest):
             if m.target in (wire.ALL_NODES, self.node_id):
                 c.resync_requests_received += 1
-                self._tx.on_resync_request(m)
+                self._tx.on_resync_request(m, now)
             return
         if not isinstance(m, Ack | Nack) or m.target != self.node_id or m.epoch != self.epoch:
             return  # addressed to another node or to an earlier epoch of ours
@@ -295,7 +399,7 @@ class Engine:
                 self._release()
             return
         c.nacks_received += 1
-        self._tx.on_nack(m.ranges, peer.acked, now)
+        peer.tokens -= self._tx.on_nack(m.ranges, peer.acked, now, peer.tokens)
 
     def _acks(self) -> Iterator[int]:
         """Our seq each live peer has acked (for the resend queue and the resync window)."""
@@ -324,9 +428,8 @@ class Engine:
         c = self.counters
         c.datagrams_sent += len(out)
         c.bytes_sent += sum(map(len, out))
-        if tx.resend is not None:
-            c.resend_queue_depth = len(tx.resend)
-            c.evicted = tx.resend.evicted
+        c.resend_queue_depth = tx.queue_depth
+        c.evicted = tx.evicted
         return out
 
     def _control_messages(self, now: float) -> list[Message]:
@@ -336,18 +439,22 @@ class Engine:
         for p in self._peers.values():
             if not p.up:
                 continue  # its timers wait until it is heard again
-            ack, ranges = p.stream.control(now, self._max_ranges)
-            if ack is not None:
-                msgs.append(Ack(p.node, p.epoch, ack))
-                c.acks_sent += 1
-            if ranges:
-                msgs.append(Nack(p.node, p.epoch, tuple(ranges)))
-                c.nacks_sent += 1
+            state = p.state
+            if state is not PeerState.DOUBTFUL:  # (no ACK or NACK of numbers not believed)
+                ack, ranges = p.stream.control(now, self._max_ranges)
+                if ack is not None:
+                    msgs.append(Ack(p.node, p.epoch, ack))
+                    c.acks_sent += 1
+                if ranges:
+                    msgs.append(Nack(p.node, p.epoch, tuple(ranges)))
+                    c.nacks_sent += 1
             if p.request_due is not None and now >= p.request_due:
-                if p.in_bracket:  # one is arriving: its end will do
+                if state in _BRACKET:  # one is arriving: its end will do
                     p.request_due = now + retry
-                elif p.need_bracket:
-                    msgs.append(ResyncRequest(p.node, p.epoch, p.stream.expected))
+                elif state in _ASKING:
+                    # from seq 0: "continuity lost, start a new one" (PROTOCOL.md)
+                    frm = 0 if state is PeerState.DOUBTFUL else p.stream.expected
+                    msgs.append(ResyncRequest(p.node, p.epoch, frm))
                     c.resync_requests_sent += 1
                     p.request_due = now + retry
                 else:
@@ -360,23 +467,28 @@ class Engine:
         now = self._now
         tx = self._tx
         window = tx.window_open(self._acks(), now)
-        if self._control or tx.more_to_send(window):
+        if self._control:
             return now
-        t = tx.last_stream + self.config.alive_interval
+        t = tx.get_timer(now, window)
+        if t <= now:
+            return now
+        cfg = self.config
         for p in self._peers.values():
             if not p.up:
+                if p.last_seen + cfg.peer_expire < t:
+                    t = p.last_seen + cfg.peer_expire
                 continue
             d = p.stream.deadline()
             if d is not None and d < t:
                 t = d
-            if p.last_seen + self.config.peer_timeout < t:
-                t = p.last_seen + self.config.peer_timeout
+            if p.last_seen + cfg.peer_timeout < t:
+                t = p.last_seen + cfg.peer_timeout
             if p.request_due is not None and p.request_due < t:
                 t = p.request_due
-        if self._periodic_due is not None and self._periodic_due < t:
-            t = self._periodic_due
-        if tx.pacer is not None and window:
-            t = min(t, tx.pacer.deadline(now))
+            if p.stall_since is not None and p.stall_since + cfg.stall_timeout < t:
+                t = p.stall_since + cfg.stall_timeout
+            if p.behind_since is not None and p.behind_since + cfg.peer_timeout < t:
+                t = p.behind_since + cfg.peer_timeout
         if self._expiry is not None:
             d = self._expiry.deadline()
             if d is not None and d < t:
@@ -387,11 +499,20 @@ class Engine:
         self._now = now
         cfg = self.config
         went_down = False
-        for p in self._peers.values():
-            if p.up and now >= p.last_seen + cfg.peer_timeout:
+        for p in list(self._peers.values()):
+            if not p.up:
+                if now >= p.last_seen + cfg.peer_expire:
+                    self._forget(p)
+                continue
+            if now >= p.last_seen + cfg.peer_timeout:
                 p.up = False
+                p.stall_since = p.behind_since = None
                 went_down = True
                 self._events.append(PeerDown(p.node))
+                continue
+            if self._stuck(p, now):
+                self.counters.stalls += 1
+                self._doubt(p, now)
         if went_down:
             self._release()
         for p in self._peers.values():
@@ -400,15 +521,10 @@ class Engine:
                 ready, skipped = p.stream.expire(now)  # best effort: give up a gap
                 if skipped:
                     self.counters.lost += skipped
-                    self._abort_bracket(p)
+                    self._input(p, PeerInput.GAP, now)
                 for item in ready:
                     self._deliver(p, item, now)
-        if self._periodic_due is not None and now >= self._periodic_due:
-            self._tx.resync_pending = True
-            self._periodic_due = now + (cfg.periodic_resync or 0.0)
-        pacer = self._tx.pacer
-        if pacer is not None and now >= pacer.next_period:
-            pacer.begin(self._tx.source(), now)
+        self._tx.handle_timer(now)
         if self._expiry is not None:
             for origin, keys in self._expiry.expire(now):
                 self.counters.expired += len(keys)
@@ -424,35 +540,44 @@ class Engine:
         return out
 
     def in_sync(self) -> bool:
-        """True when every live peer's stream has no known gap and has delivered a complete
-        full resync since we first heard it (or since its restart, or since we asked). A node
-        that has heard no peer counts as in sync once `startup_wait` has passed (as of the
-        latest `now` given to any method; the ALIVE timer refreshes it every second)."""
+        """True when every live peer is SYNCED (a complete full resync delivered since we
+        first heard it, its restart or our request, continuous since), its stream has no
+        known gap and is not stuck, and no other host uses our node id (seen within
+        `peer_timeout`). A node that has heard no peer counts as in sync once `startup_wait`
+        has passed (as of the latest `now` given to any method; the ALIVE timer refreshes
+        it every second)."""
+        now = self._now
+        cfg = self.config
+        if self._dup_seen is not None and now - self._dup_seen < cfg.peer_timeout:
+            return False
         live = [p for p in self._peers.values() if p.up]
         if not live:
-            return self._now - self._start >= self.config.startup_wait
-        return all(not p.need_bracket and p.stream.complete for p in live)
+            return now - self._start >= cfg.startup_wait
+        return all(p.state in _SYNCED and p.stream.complete and not self._stuck(p, now)
+                   for p in live)
 
     def stats(self) -> SyncStats:
         """Counters, rejections by reason and per-peer state, as one frozen snapshot."""
         c = self.counters
         tx = self._tx
-        if tx.resend is not None:
-            c.resend_queue_depth = len(tx.resend)
-            c.evicted = tx.resend.evicted
+        c.resend_queue_depth = tx.queue_depth
+        c.evicted = tx.evicted
         c.reorder_dropped = self._dropped_before + sum(
             p.stream.reorder_dropped for p in self._peers.values())
+        now = self._now
         return SyncStats(
             node=self.node_id, epoch=self.epoch, mode=self.config.mode.value, seq=tx.seq,
             in_sync=self.in_sync(), counters=replace(c), rejected=dict(self.rejected),
-            resync=ResyncStats(pending=tx.resync_pending, active=tx.resync_box is not None,
-                               remaining=len(tx.resync_box or ())),
-            resend_queue_bytes=tx.resend.nbytes if tx.resend is not None else 0,
+            resync=ResyncStats(pending=tx.resync_pending, active=tx.resync_active,
+                               remaining=tx.resync_remaining),
+            resend_queue_bytes=tx.queue_bytes,
+            duplicate_node=(self._dup_seen is not None
+                            and now - self._dup_seen < self.config.peer_timeout),
             peers=tuple(PeerStats(
-                node=p.node, epoch=p.epoch, up=p.up, state="synced", last_seen=p.last_seen,
-                silent_s=round(self._now - p.last_seen, 3),
+                node=p.node, epoch=p.epoch, up=p.up, state=p.state.value,
+                last_seen=p.last_seen, silent_s=round(now - p.last_seen, 3),
                 lag=None if p.acked is None else diff(tx.seq, p.acked),
-                backlog=p.stream.backlog, in_bracket=p.in_bracket,
-                need_resync=p.need_bracket, stuck=False,
+                backlog=p.stream.backlog, in_bracket=p.state in _BRACKET,
+                need_resync=p.state not in _SYNCED, stuck=self._stuck(p, now),
             ) for p in self._peers.values()),
         )

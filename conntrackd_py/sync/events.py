@@ -12,6 +12,11 @@ This module owns the event types only. Apply them in the order they come:
   A `ResyncStarted` while one is running restarts the marking.
 - `PeerUp`, `PeerDown`, `PeerRestarted` (a new epoch; implies up): information only, entries
   are kept (a restarted peer's stream starts with a full resync that sweeps its old ones).
+- `PeerForgotten(node)`: a peer down longer than `peer_expire` left the engine's table
+  (information: its entries stay until a commit or purge decides).
+- `DuplicateNode(node, epoch, source)`: a datagram carrying our own node id from another
+  epoch (or another host): two nodes share an id and cannot replicate; log it as an error.
+  Reported once per episode; `in_sync()` is false while it lasts.
 """
 
 from __future__ import annotations
@@ -59,5 +64,17 @@ class PeerRestarted:
     epoch: int
 
 
+@dataclass(frozen=True, slots=True)
+class PeerForgotten:
+    node: int
+
+
+@dataclass(frozen=True, slots=True)
+class DuplicateNode:
+    node: int  # our node id, used by another host
+    epoch: int  # the epoch in its datagram
+    source: str | None  # its address, when the transport told us
+
+
 Event = (RemoteFlows | ResyncStarted | ResyncDone | ResyncAborted | PeerUp | PeerDown
-         | PeerRestarted)
+         | PeerRestarted | PeerForgotten | DuplicateNode)

@@ -52,6 +52,10 @@ class ResendQueue:
     def contains(self, seq: int) -> bool:
         return seq in self._entries
 
+    def get(self, seq: int) -> bytes | None:
+        e = self._entries.get(seq)
+        return None if e is None else e[0]  # type: ignore[return-value]
+
     def first_sent(self, seq: int) -> float | None:
         e = self._entries.get(seq)
         return None if e is None else e[2]  # type: ignore[return-value]
@@ -77,22 +81,29 @@ class ResendQueue:
         while self._entries and diff(self._lo, seq) <= 0:
             self._drop_front()
 
-    def nack(self, first: int, last: int, now: float, holdoff: float) -> int | None:
-        """Queue `[first, last]` for retransmission (`last` must not be after the newest seq
-        sent). Returns the last seq of the part no longer here, or None if all of it is."""
-        if not self._entries:
-            return last
-        gone: int | None = None
-        if diff(first, self._lo) < 0:
-            gone = last if diff(last, self._lo) < 0 else add(self._lo, -1)
-            first = self._lo
-        entries = self._entries
-        for i in range(max(0, diff(last, first) + 1)):
+    def nack(self, first: int, count: int, now: float, holdoff: float,
+             budget: float) -> tuple[float, bool]:
+        """Queue `count` datagrams from `first` (all still here, the caller checked) for
+        retransmission, oldest first, while `budget` bytes last: one sent costs its length,
+        one skipped because it was resent within `holdoff` (several receivers NACK the same
+        loss) or is already queued costs a sixteenth. Returns (bytes of budget used, True if
+        the budget ran out first)."""
+        entries, want = self._entries, self._want
+        used = 0.0
+        for i in range(count):
             s = add(first, i)
             e = entries.get(s)
-            if e is not None and now - e[1] >= holdoff:  # type: ignore[operator]
-                self._want[s] = None
-        return gone
+            if e is None:
+                continue
+            n = len(e[0])  # type: ignore[arg-type]
+            skip = s in want or now - e[1] < holdoff  # type: ignore[operator]
+            cost = (n >> 4) + 1 if skip else n
+            if used + cost > budget:
+                return used, True
+            used += cost
+            if not skip:
+                want[s] = None
+        return used, False
 
     @property
     def wants(self) -> bool:
@@ -118,7 +129,7 @@ class ReliableStream(Generic[T]):
 
     __slots__ = ("_ack_every", "_ack_interval", "_buf", "_nack_interval", "_reorder_delay",
                  "_reorder_max",
-                 "ack_due", "expected", "highest", "nack_due", "nack_from", "nacked_upto",
+                 "ack_due", "anchor", "expected", "highest", "nack_due", "nack_from", "nacked_upto",
                  "reorder_dropped", "unacked")
 
     def __init__(self, cfg: SyncConfig, expected: int) -> None:
@@ -129,6 +140,7 @@ class ReliableStream(Generic[T]):
         self._reorder_delay = cfg.reorder_delay
         self._buf: dict[int, T] = {}
         self.expected = expected  # next seq to deliver
+        self.anchor = expected  # where delivery began or last jumped (a RESYNC_BEGIN)
         self.highest = add(expected, -1)  # newest seq known to exist
         self.unacked = 0
         self.ack_due: float | None = None
@@ -198,6 +210,7 @@ class ReliableStream(Generic[T]):
             for s in older:
                 del buf[s]
             skipped = d - len(older)
+            self.anchor = seq
         out = [item]
         e = add(seq, 1)
         while buf and e in buf:

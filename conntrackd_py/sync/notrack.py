@@ -24,7 +24,7 @@ T = TypeVar("T")
 
 
 class BestEffortStream(Generic[T]):
-    __slots__ = ("_buf", "_reorder_delay", "_reorder_max", "expected", "give_up_at",
+    __slots__ = ("_buf", "_reorder_delay", "_reorder_max", "anchor", "expected", "give_up_at",
                  "highest", "reorder_dropped")
 
     def __init__(self, cfg: SyncConfig, expected: int) -> None:
@@ -32,6 +32,7 @@ class BestEffortStream(Generic[T]):
         self._reorder_max = cfg.reorder_max
         self._buf: dict[int, T] = {}
         self.expected = expected
+        self.anchor = expected  # where delivery began (gaps are given up, never jumped)
         self.highest = add(expected, -1)
         self.give_up_at: float | None = None  # when the current gap is given up
         self.reorder_dropped = 0

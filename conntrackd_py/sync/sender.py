@@ -4,8 +4,12 @@ This module owns what we put on the wire and in which order: the coalescing queu
 changes, full resyncs (snapshot, RESYNC_BEGIN ... RESYNC_END, emitted lazily and paced by the
 resend window), the ALARM refresh allowance, ALIVEs, sequence numbers and the FIRST_LAP flag,
 and in FTFW the resend queue with the NACK and RESYNC_REQUEST rules that decide between a
-retransmission and a full resync. It knows peers only through the ACK positions the engine
-passes in (`acks`: our seq each live peer has acked). No clock, no socket.
+retransmission and a full resync. It owns its timers (`get_timer`/`handle_timer`: ALIVE, the
+ALARM refresh, periodic resyncs, a full resync held back by `resync_min_interval`) and the
+cost limits of what peers ask of it: a full resync at most once per `resync_min_interval`
+(requests coalesce), and retransmissions within the byte budget the engine passes per NACK.
+It knows peers only through the ACK positions the engine passes in (`acks`: our seq each live
+peer has acked). Framing is the builder's (`builder.py`). No clock, no socket.
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ from collections.abc import Callable, Iterable, Mapping
 
 from . import wire
 from .alarm import RefreshPacer
+from .builder import DatagramBuilder
 from .config import Counters, Mode, SyncConfig
 from .ftfw import ResendQueue
 from .outbox import Outbox, Snapshot
-from .seqnum import add, after, diff
+from .seqnum import HALF, add, after, diff
 from .wire import Message, ResyncRequest
 
 #: the internal flows: a mapping (fastest to snapshot) or (key, value) pairs
@@ -36,7 +41,8 @@ class Sender:
         self.keys = wire.KeyRing(cfg.keys)
         self.source = source
         self.c = counters
-        self.body_limit = cfg.mtu - wire.HEADER_SIZE - (wire.TAG_SIZE if cfg.keys else 0)
+        self.builder = DatagramBuilder(cfg.node_id, epoch, cfg.mtu, self.keys)
+        self.body_limit = self.builder.body_limit
         self.resend = ResendQueue(cfg.resend_queue_max, cfg.resend_queue_bytes) \
             if cfg.mode is Mode.FTFW else None
         self.pacer = RefreshPacer(cfg.alarm_refresh, now) if cfg.mode is Mode.ALARM else None
@@ -46,7 +52,9 @@ class Sender:
         self.resync_box: Snapshot | None = None
         self.resync_pending = True  # every epoch's stream begins with a full resync
         self.resync_begin: int | None = None  # seq of the newest RESYNC_BEGIN sent
+        self.resync_not_before = now  # a full resync starts at most once per min interval
         self.last_stream = now
+        self.periodic_due = None if cfg.periodic_resync is None else now + cfg.periodic_resync
 
     # --- local changes -------------------------------------------------------------------
     def put(self, key: bytes, value: bytes | None) -> None:
@@ -111,24 +119,68 @@ class Sender:
         return lag is None or lag < self.cfg.resync_window
 
     # --- NACKs and resync requests -----------------------------------------------------
-    def on_nack(self, ranges: Iterable[tuple[int, int]], acked: int | None,
-                now: float) -> None:
-        """Retransmit what is still queued; what is gone is replaced by a full resync."""
-        if self.resend is None:
-            return
-        gone: int | None = None
+    def on_nack(self, ranges: Iterable[tuple[int, int]], acked: int | None, now: float,
+                budget: float) -> float:
+        """Retransmit what is still queued, within `budget` bytes; what is gone is replaced by
+        a full resync. Ranges are clamped to what the peer has not acked and we did send,
+        sorted and merged: the work is one step per range plus one per datagram queued (or
+        skipped as just resent), never the width asked. Returns the budget used; what did not
+        fit is counted in `resends_limited` and served when the peer asks again."""
+        resend = self.resend
+        if resend is None:
+            return 0.0
+        seq = self.seq
+        floor = -HALF if acked is None else diff(add(acked, 1), seq)  # offsets from our seq
+        spans: list[tuple[int, int]] = []
         for a, b in ranges:
-            if after(b, self.seq):
-                b = self.seq
-            if acked is not None and not after(a, acked):
-                a = add(acked, 1)
-            if diff(b, a) < 0:
+            width = diff(b, a)
+            if width < 0:
                 continue
-            g = self.resend.nack(a, b, now, self.cfg.retransmit_holdoff)
-            if g is not None and (gone is None or after(g, gone)):
-                gone = g
-        if gone is not None and not self.resync_covers(gone):
-            self.resync_pending = True
+            lo = diff(a, seq)
+            hi = min(lo + width, 0)
+            lo = max(lo, floor)
+            if lo <= hi:
+                spans.append((lo, hi))
+        if not spans:
+            return 0.0
+        spans.sort()
+        merged = [spans[0]]
+        for lo, hi in spans[1:]:
+            plo, phi = merged[-1]
+            if lo <= phi + 1:
+                if hi > phi:
+                    merged[-1] = (plo, hi)
+            else:
+                merged.append((lo, hi))
+        first = resend.lowest
+        q_lo = 1 if first is None else diff(first, seq)  # offset of the oldest still queued
+        gone: int | None = None
+        used = 0.0
+        limited = False
+        for lo, hi in merged:
+            if lo < q_lo:
+                gone = min(hi, q_lo - 1)
+                lo = q_lo
+            if lo > hi or limited:
+                continue
+            spent, limited = resend.nack(add(seq, lo), hi - lo + 1, now,
+                                         self.cfg.retransmit_holdoff, budget - used)
+            used += spent
+        if limited:
+            self.c.resends_limited += 1
+        if gone is not None and not self.resync_covers(add(seq, gone)):
+            self.want_resync(now)
+        return used
+
+    def want_resync(self, now: float, limited: bool = True) -> None:
+        """A full resync is wanted: it starts when `resync_min_interval` since the last one
+        has passed (and the resend window is open); requests meanwhile coalesce into it.
+        `limited=False` (the local operator's bulk send, not a peer's request): start now."""
+        if self.resync_pending:
+            self.c.resync_requests_coalesced += 1
+        self.resync_pending = True
+        if not limited:
+            self.resync_not_before = now
 
     def resync_covers(self, seq: int) -> bool:
         """Will a receiver missing `seq` (and everything before) get a complete resync anyway?
@@ -140,21 +192,73 @@ class Sender:
         return (b is not None and self.resend is not None and self.resend.contains(b)
                 and after(b, seq))
 
-    def on_resync_request(self, m: ResyncRequest) -> None:
+    def on_resync_request(self, m: ResyncRequest, now: float) -> None:
         if m.epoch == 0:
             # the requester has not heard this epoch yet: if our whole stream since seq 1 is
             # still queued, it will NACK it from 1 and get our initial full resync that way
             if self.resend is not None and self.first_lap and self.resend.lowest == 1:
                 return
-        elif m.epoch == self.epoch and self.resync_covers(add(m.from_seq, -1)):
-            return
-        self.resync_pending = True
+        elif m.epoch == self.epoch and m.from_seq != 0 and self.resync_covers(
+                add(m.from_seq, -1)):
+            return  # (from_seq 0: the requester lost our stream's continuity, wants a new one)
+        self.want_resync(now)
+
+    # --- timers ------------------------------------------------------------------------
+    def resync_startable(self, now: float) -> bool:
+        return self.resync_pending and now >= self.resync_not_before
+
+    def get_timer(self, now: float, window_open: bool) -> float:
+        """When `handle_timer`/`stream_datagram` next have something to do (the ALIVE at the
+        latest); `now` when something is waiting."""
+        if self.more_to_send(window_open, now):
+            return now
+        t = self.last_stream + self.cfg.alive_interval
+        if self.resync_pending and window_open and self.resync_not_before < t:
+            t = self.resync_not_before
+        if self.periodic_due is not None and self.periodic_due < t:
+            t = self.periodic_due
+        if self.pacer is not None and window_open:
+            t = min(t, self.pacer.deadline(now))
+        return t
+
+    def handle_timer(self, now: float) -> None:
+        if self.periodic_due is not None and now >= self.periodic_due:
+            self.want_resync(now)
+            self.periodic_due = now + (self.cfg.periodic_resync or 0.0)
+        pacer = self.pacer
+        if pacer is not None and now >= pacer.next_period:
+            pacer.begin(self.source(), now)
+
+    def sent(self, seq: int, data: bytes) -> bool:
+        """Is `data` our stream datagram `seq`, still queued (our own, looped back)?"""
+        return self.resend is not None and self.resend.get(seq) == data
+
+    # --- what the engine reports -------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        return len(self.resend) if self.resend is not None else 0
+
+    @property
+    def queue_bytes(self) -> int:
+        return self.resend.nbytes if self.resend is not None else 0
+
+    @property
+    def evicted(self) -> int:
+        return self.resend.evicted if self.resend is not None else 0
+
+    @property
+    def resync_active(self) -> bool:
+        return self.resync_box is not None
+
+    @property
+    def resync_remaining(self) -> int:
+        return len(self.resync_box or ())
 
     # --- building datagrams ------------------------------------------------------------
-    def more_to_send(self, window_open: bool) -> bool:
+    def more_to_send(self, window_open: bool, now: float) -> bool:
         if self.live or (self.resend is not None and self.resend.wants):
             return True
-        return (self.resync_pending or self.resync_box is not None) and window_open
+        return (self.resync_startable(now) or self.resync_box is not None) and window_open
 
     def retransmissions(self, limit: int, now: float) -> list[bytes]:
         if self.resend is None or not self.resend.wants:
@@ -164,28 +268,18 @@ class Sender:
         return out
 
     def control_datagrams(self, msgs: list[Message]) -> list[bytes]:
-        """Unsequenced datagrams for control messages; their header seq is our newest."""
-        out: list[bytes] = []
-        parts: list[bytes] = []
-        size = 0
-        flags = wire.FIRST_LAP if self.first_lap else 0
-        for m in msgs:
-            b = wire.encode_message(m)
-            if parts and size + len(b) > self.body_limit:
-                out.append(wire.seal(flags, self.node_id, self.epoch, self.seq, len(parts),
-                                     b"".join(parts), self.keys))
-                parts, size = [], 0
-            parts.append(b)
-            size += len(b)
-        if parts:
-            out.append(wire.seal(flags, self.node_id, self.epoch, self.seq, len(parts),
-                                 b"".join(parts), self.keys))
-        return out
+        """Unsequenced datagrams for control messages; their header seq is our newest. NACKs
+        are padded so the peer's byte budget covers what they ask (`resend_ratio`)."""
+        return self.builder.control(msgs, self.seq, self.first_lap, self.cfg.resend_ratio)
 
-    def _start_resync(self) -> None:
+    def _start_resync(self, now: float) -> None:
         """Snapshot the internal cache for a full resync. Waiting live updates are in the
         snapshot already (`source()` includes every change reported), so they are dropped;
         waiting destroys stay and leave right after RESYNC_BEGIN."""
+        # the epoch's initial resync is ours, not asked: it does not hold back the first
+        # one a peer asks for (a node that missed the start catches up at once)
+        if self.seq != 0:
+            self.resync_not_before = now + self.cfg.resync_min_interval
         self.resync_pending = False
         self.resync_box = Snapshot(self.source())
         if self.live:
@@ -228,8 +322,8 @@ class Sender:
         parts: list[bytes] = []
         size = count = 0
         begin = False
-        if self.resync_box is None and self.resync_pending and window_open:
-            self._start_resync()
+        if self.resync_box is None and window_open and self.resync_startable(now):
+            self._start_resync(now)
             parts.append(_BEGIN)
             size, count, begin = len(_BEGIN), 1, True
         size, n, full = self._fill(self.live, parts, size, limit)
@@ -262,18 +356,11 @@ class Sender:
             parts.append(_ALIVE)
             count = 1
         self.c.flows_sent += flows
-        if pad and size < limit:
-            parts.append(wire.PAD * (limit - size))
-        return self._seal(parts, count, begin, now)
-
-    def _seal(self, parts: list[bytes], count: int, begin: bool, now: float) -> bytes:
         seq = add(self.seq, 1)
         if seq == 0:
             self.first_lap = False  # wrapped: receivers can no longer assume a start at 1
         self.seq = seq
-        flags = wire.SEQUENCED | (wire.FIRST_LAP if self.first_lap else 0)
-        data = wire.seal(flags, self.node_id, self.epoch, seq, count, b"".join(parts),
-                         self.keys)
+        data = self.builder.stream(parts, size, count, seq, self.first_lap, pad)
         if begin:
             self.resync_begin = seq
         if self.resend is not None:

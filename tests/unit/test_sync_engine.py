@@ -279,7 +279,7 @@ def test_unknown_node_is_dropped_when_a_peer_list_is_configured() -> None:
     b = Engine(SyncConfig(node_id=2, allowed_peers=frozenset({1})), 7, dict().items, 0.0)
     b.receive_datagram(wire.encode_datagram(9, 5, 1, [Kind.ALIVE], sequenced=True,
                                             first_lap=True), 0.0)
-    b.receive_datagram(wire.encode_datagram(2, 5, 1, [Kind.ALIVE], sequenced=True,
+    b.receive_datagram(wire.encode_datagram(2, 7, 0, [wire.Ack(1, 5, 0)], sequenced=False,
                                             first_lap=True), 0.0)  # our own, looped back
     assert b.counters.unknown_node == 1
     assert b.counters.own == 1
@@ -636,6 +636,7 @@ def test_config_from_the_daemon_config() -> None:
     from conntrackd_py import config
 
     cfg = config.loads("node: {id: 3}\nsync:\n  mode: notrack\n  notrack: {resync_interval: 30}"
+                       "\n  auth: {required: false}"
                        "\n  peers: [1, 2]\n  channels:\n    - multicast: {group: 225.0.0.50, "
                        "interface: eth0}\n")
     sc = config_from(cfg, (K1,))

@@ -178,15 +178,19 @@ def test_snapshot_discard_after_drained_keeps_nothing() -> None:
 # --- the resend queue --------------------------------------------------------------------------
 
 
-def test_resend_queue_bound_evicts_oldest_and_reports_what_is_gone() -> None:
+def test_resend_queue_bound_evicts_oldest_and_resends_within_the_budget() -> None:
     q = ResendQueue(max_count=4, max_bytes=10_000)
     for s in range(1, 11):
-        q.add(s, bytes([s]), 0.0)
+        q.add(s, bytes([s]) * 100, 0.0)
     assert (len(q), q.lowest, q.evicted) == (4, 7, 6)
-    assert q.nack(5, 8, 1.0, 0.0) == 6  # 5-6 are gone: the caller resyncs
-    assert q.take(10, 1.0) == [b"\x07", b"\x08"]
-    assert q.nack(7, 7, 1.01, 0.02) is None  # just resent: the holdoff skips it
+    assert not q.contains(6) and q.contains(7)  # 5-6 are gone: the sender resyncs instead
+    assert q.nack(7, 2, 1.0, 0.0, budget=1000) == (200, False)
+    assert q.take(10, 1.0) == [bytes([7]) * 100, bytes([8]) * 100]
+    # just resent: the holdoff skips it, for a sixteenth of its cost
+    assert q.nack(7, 1, 1.01, 0.02, budget=1000) == (100 // 16 + 1, False)
     assert q.take(10, 1.01) == []
+    assert q.nack(9, 2, 1.01, 0.02, budget=150) == (100, True)  # the budget ran out: only 9
+    assert q.take(10, 1.01) == [bytes([9]) * 100]
     q.release_upto(8)
     assert (len(q), q.lowest) == (2, 9)
 
@@ -206,7 +210,7 @@ def test_resend_queue_across_wrap(start: int) -> None:
     for s in seqs:
         q.add(s, s.to_bytes(4, "big"), 0.0)
     assert q.lowest == seqs[-16]
-    assert q.nack(seqs[-20], seqs[-14], 1.0, 0.0) == seqs[-17]
+    assert q.nack(seqs[-16], 3, 1.0, 0.0, budget=1e9) == (12, False)
     assert q.take(99, 1.0) == [s.to_bytes(4, "big") for s in seqs[-16:-13]]
 
 
