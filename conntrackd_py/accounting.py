@@ -27,9 +27,9 @@ from collections.abc import Callable
 import msgpack
 import trio
 
-from .acctwriter import INFO, LOST, REOPENED, WRITTEN, json_line, proto_name, record, text_line
+from .acctwriter import INFO, LOST, REOPENED, WRITTEN, json_line, record, text_line
 from .config import Accounting as AccountingConfig
-from .flow import Flow, addr_text
+from .flow import Flow, addr_text, proto_name
 from .kernel import codec
 from .kernel.nl import set_sysctl
 from .stats import AccountingStats, Direction, ProtoTotals, TopTalker

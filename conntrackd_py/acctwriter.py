@@ -31,7 +31,7 @@ from typing import IO, Any
 
 import msgpack
 
-from .flow import Counters, Flow, Proto, TcpState, Tuple, addr_text
+from .flow import Counters, Flow, TcpState, Tuple, addr_text, proto_name
 
 #: report kinds (child -> parent)
 WRITTEN, LOST, INFO, REOPENED = 0, 1, 2, 3
@@ -51,12 +51,7 @@ def set_priority(priority: str) -> None:
         elif NICE.get(priority):
             os.nice(NICE[priority])
 
-_PROTO_NAMES = {p.value: p.name.lower() for p in Proto}
 _TCP_STATE_NAMES = {s.value: s.name for s in TcpState}
-
-
-def proto_name(p: int) -> str:
-    return _PROTO_NAMES.get(p, str(p))
 
 
 # --- formatting ---------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import resource
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -25,7 +27,7 @@ from conntrackd_py.cache import InternalCache
 from conntrackd_py.commit import CommitJob
 from conntrackd_py.config import Config
 from conntrackd_py.ctlclient import ControlError
-from conntrackd_py.daemon import Daemon
+from conntrackd_py.daemon import Daemon, LockError, PidLock, next_epoch, raise_nofile_limit
 from conntrackd_py.flow import Flow, Tuple, pack_flow
 from conntrackd_py.kernel.codec import EventType
 from conntrackd_py.kernel.events import EventBatch, EventStats
@@ -484,3 +486,50 @@ def test_snapshot_has_every_section(tmp_path: Path) -> None:
     direct = daemon_snapshot(tmp_path / "direct", external=False)
     assert direct.direct is not None
     assert direct.direct.created == 10
+
+
+# --- lock, epoch and descriptor limit -------------------------------------------------------------
+
+def test_lock_file_that_is_a_symlink_is_refused_and_its_target_untouched(tmp_path: Path) -> None:
+    """On main the lock was opened through the link and its target truncated."""
+    target = tmp_path / "precious"
+    target.write_text("root's data\n")
+    (tmp_path / "lock").symlink_to(target)
+    with pytest.raises(LockError, match="symbolic link"):
+        PidLock(str(tmp_path / "lock")).acquire()
+    assert target.read_text() == "root's data\n"
+
+
+def test_epoch_file_that_is_a_symlink_is_not_followed(tmp_path: Path) -> None:
+    target = tmp_path / "precious"
+    target.write_text("root's data\n")
+    (tmp_path / "lock.epoch").symlink_to(target)
+    epoch = next_epoch(str(tmp_path / "lock.epoch"), 1_700_000_000.0)
+    assert epoch == 1_700_000_000
+    assert target.read_text() == "root's data\n"
+
+
+def test_epoch_grows_across_restarts_even_if_the_clock_steps_back(tmp_path: Path) -> None:
+    path = str(tmp_path / "lock.epoch")
+    first = next_epoch(path, 1_700_000_000.0)
+    assert next_epoch(path, 1_600_000_000.0) == first + 1
+
+
+def test_lock_is_exclusive_and_names_the_holder(tmp_path: Path) -> None:
+    a = PidLock(str(tmp_path / "lock"))
+    a.acquire()
+    try:
+        with pytest.raises(LockError, match=f"pid {os.getpid()}"):
+            PidLock(str(tmp_path / "lock")).acquire()
+    finally:
+        a.release()
+
+
+def test_soft_descriptor_limit_is_raised_to_the_hard_one() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+        assert raise_nofile_limit() == (hard, hard)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

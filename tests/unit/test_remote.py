@@ -1,0 +1,105 @@
+"""remote.py: engine events applied to the external cache or the direct queue (pure)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import msgpack
+import pytest
+
+from conntrackd_py import sync as sync_engine
+from conntrackd_py.cache import ExternalCache
+from conntrackd_py.flow import Flow, Tuple, pack_flow, unpack_key
+from conntrackd_py.remote import LogLimiter, Pair, Remote, plan_direct
+
+
+def kv(i: int) -> tuple[bytes, bytes]:
+    t = Tuple(b"\x0a\x00\x00\x01", bytes([10, 0, 1, i]), 6, 1000 + i, 80)
+    return pack_flow(Flow(t, t.invert(), timeout=300))
+
+
+def bad_zone(i: int) -> tuple[bytes, bytes]:
+    k, v = kv(i)
+    return msgpack.packb([70000, *msgpack.unpackb(k)[1:]]), v
+
+
+def test_every_remote_flow_is_validated_before_the_cache_sees_it() -> None:
+    ext = ExternalCache()
+    r = Remote(ext)
+    r.apply(sync_engine.RemoteFlows(2, [kv(1), bad_zone(2), kv(3), (b"\xc1", None)]), 10.0)
+    assert ext.count(2) == 2
+    assert r.invalid["zone"] == 1
+    assert sum(r.invalid.values()) == 2  # and the undecodable key
+
+
+def test_direct_mode_queues_validated_flows_and_says_so() -> None:
+    r = Remote(ExternalCache(), direct=True)
+    assert r.apply(sync_engine.RemoteFlows(2, [kv(1), bad_zone(2)]), 1.0) is True
+    assert r.apply(sync_engine.RemoteFlows(2, [bad_zone(3)]), 1.0) is False
+    assert r.take() == [kv(1)]
+    assert r.take() == []
+    assert len(r.external) == 0
+
+
+def test_validation_is_the_injected_function() -> None:
+    seen: list[Sequence[Pair]] = []
+
+    def validate(flows: Sequence[Pair]) -> tuple[list[Pair], dict[str, int]]:
+        seen.append(flows)
+        return [], {"shape": len(flows)}
+
+    r = Remote(ExternalCache(), validate=validate)
+    r.apply(sync_engine.RemoteFlows(2, [kv(1)]), 1.0)
+    assert len(seen) == 1
+    assert r.invalid == {"shape": 1}
+
+
+def test_watch_sees_only_the_flows_kept() -> None:
+    lines: list[tuple[str, bytes]] = []
+    r = Remote(ExternalCache())
+    r.apply(sync_engine.RemoteFlows(4, [kv(1), bad_zone(2)]), 1.0,
+            lambda where, k, v: lines.append((where, k)))
+    assert lines == [("external node 4", kv(1)[0])]
+
+
+def test_resync_bracket_sweeps_stale_entries() -> None:
+    ext = ExternalCache()
+    r = Remote(ext)
+    r.apply(sync_engine.RemoteFlows(2, [kv(1), kv(2)]), 1.0)
+    r.apply(sync_engine.ResyncStarted(2), 2.0)
+    r.apply(sync_engine.RemoteFlows(2, [kv(2)]), 2.0)
+    r.apply(sync_engine.ResyncDone(2), 2.0)
+    assert [k for _, k, _, _ in ext.items(2)] == [kv(2)[0]]
+
+
+def test_repeating_events_are_counted_and_logged_rate_limited(
+        caplog: pytest.LogCaptureFixture) -> None:
+    r = Remote(ExternalCache())
+    with caplog.at_level(logging.INFO, logger="conntrackd_py.remote"):
+        for t in range(100):
+            r.apply(sync_engine.DuplicateNode(1, 5, "192.0.2.9"), float(t) / 10)
+        r.apply(sync_engine.PeerForgotten(3), 0.0)
+    assert r.duplicate_node == 100
+    assert r.peers_forgotten == 1
+    dup = [m for m in caplog.messages if "node id" in m]
+    assert len(dup) == 1
+    assert "192.0.2.9" in dup[0]
+
+
+def test_log_limiter_names_what_it_held_back() -> None:
+    lim = LogLimiter(interval=60.0)
+    assert lim.allow("x", 0.0) == 0
+    assert lim.allow("x", 1.0) is None
+    assert lim.allow("y", 1.0) == 0
+    assert lim.allow("x", 59.0) is None
+    assert lim.allow("x", 60.0) == 2
+
+
+def test_plan_direct_keeps_the_latest_state_per_flow() -> None:
+    k1, v1 = kv(1)
+    k2, v2 = kv(2)
+    plan = plan_direct([(k1, v1), (k2, v2), (k1, None), (b"\xc1", None), (k2, v2)])
+    assert [f.orig.dport for f in plan.updates] == [80]
+    assert plan.deletes == [unpack_key(k1)]
+    assert plan.undecodable == 1
