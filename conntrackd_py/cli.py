@@ -299,17 +299,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check_warnings(cfg: Any) -> list[str]:
-    """What `--check` points out in a valid config (today: sync without authentication)."""
-    from . import config
-    describe = getattr(config, "auth_warning", None)  # the config helper's wording, if any
-    if callable(describe):
-        w = describe(cfg)
-        return [w] if w else []
-    auth = getattr(getattr(cfg, "sync", None), "auth", None)
-    if (getattr(getattr(cfg, "general", None), "mode", "sync") == "sync" and auth is not None
-            and not getattr(auth, "key_files", ())):
-        return ["warning: sync.auth.key_files is empty: sync datagrams are not authenticated; "
-                "anyone who can reach the sync link can inject flows"]
+    """What `--check` points out in a valid config."""
+    from .config import auth_off
+    if auth_off(cfg):
+        return ["warning: authentication is off (sync.auth.required: false and no "
+                "sync.auth.key_files): anyone who can reach the sync link can put flows into "
+                "this node's kernel table"]
     return []
 
 

@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import socket
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,8 +45,6 @@ SEND_TIMEOUT = 10.0
 #: a connection with no complete request for this long is closed (between requests too)
 IDLE_TIMEOUT = 60.0
 _CHUNK = 64 << 10
-
-Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 
 class BadRequest(ControlError):
@@ -102,7 +99,7 @@ def _plain(obj: object, depth: int = 0) -> object:
         if d is not None:
             obj = d
     if isinstance(obj, dict):
-        return {k if isinstance(k, str) else str(_plain(k, depth + 1)): _plain(v, depth + 1)
+        return {k if isinstance(k, str) else str(k): _plain(v, depth + 1)
                 for k, v in obj.items()}
     if isinstance(obj, (list, tuple, set, frozenset)):
         return [_plain(v, depth + 1) for v in obj]
@@ -138,20 +135,10 @@ def encode_reply(obj: dict[str, Any]) -> bytes:
         return json.dumps(_plain(obj)).encode() + b"\n"
 
 
-class _Legacy:
-    """The daemon's former handler table, until daemon.py passes itself as `Ops`."""
-
-    def __init__(self, handlers: dict[str, Handler], streams: dict[str, Any]) -> None:
-        self.handlers = handlers
-        self.streams = streams
-
-
 class ControlServer:
-    def __init__(self, path: str, ops: Ops | dict[str, Handler],
-                 streams: dict[str, Any] | None = None) -> None:
+    def __init__(self, path: str, ops: Ops) -> None:
         self.path = path
-        self.ops: Ops | _Legacy = (_Legacy(ops, streams or {}) if isinstance(ops, dict)
-                                   else ops)
+        self.ops = ops
         self.max_clients = MAX_CLIENTS
         self.send_timeout = SEND_TIMEOUT
         self.idle_timeout = IDLE_TIMEOUT
@@ -252,9 +239,6 @@ class ControlServer:
         self.requests += 1
         try:
             name, args = decode_request_untrusted(line)
-            if isinstance(self.ops, _Legacy):
-                await self._dispatch_legacy(stream, name, args)
-                return
             cmd = by_name(name)
             req = parse_request(cmd, args)
         except ControlError as e:
@@ -264,7 +248,6 @@ class ControlServer:
         await self._run(stream, cmd, req)
 
     async def _run(self, stream: trio.SocketStream, cmd: Command, req: object) -> None:
-        assert not isinstance(self.ops, _Legacy)
         try:
             if cmd.stream is not None:
                 async for item in cmd.stream(self.ops, req):
@@ -282,33 +265,6 @@ class ControlServer:
         except Exception as e:
             self._unexpected(e, cmd.name)
             await self._send(stream, {"ok": False, "error": f"{cmd.name} failed: "
-                                      f"{type(e).__name__}: {str(e)[:200]}"})
-            return
-        await self._send(stream, {"ok": True, "result": result})
-
-    async def _dispatch_legacy(self, stream: trio.SocketStream, name: str,
-                               args: dict[str, Any]) -> None:
-        assert isinstance(self.ops, _Legacy)
-        cmd = by_name(name)  # the arguments are checked even on this path
-        req = parse_request(cmd, args)
-        from .commands import wire_args
-        args = wire_args(req)
-        if name in self.ops.streams:
-            async for item in self.ops.streams[name](args):
-                await self._send(stream, {"ok": True, "result": item, "more": True})
-            await self._send(stream, {"ok": True, "result": None})
-            return
-        handler = self.ops.handlers.get(name)
-        if handler is None:
-            raise BadRequest(f"{name} is not served by this daemon")
-        try:
-            result = await handler(args)
-        except ControlError as e:
-            await self._send(stream, {"ok": False, "error": str(e)})
-            return
-        except Exception as e:
-            self._unexpected(e, name)
-            await self._send(stream, {"ok": False, "error": f"{name} failed: "
                                       f"{type(e).__name__}: {str(e)[:200]}"})
             return
         await self._send(stream, {"ok": True, "result": result})
