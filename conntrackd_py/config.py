@@ -7,7 +7,13 @@ sees it. The node-level readers (sizes, durations, addresses, line numbers) are 
 `config_parse.py`.
 
 It must not open sockets or touch the kernel. Key files are read only by `load_keys`, which the
-daemon calls at start, so `--check` works on a machine without the keys.
+daemon calls at start, so `--check` works on a machine without the keys; but a sync-mode config
+that names no key file is refused here (unless `sync.auth.required: false`), so `--check`
+catches it. `load` and `loads` raise only ConfigError (and OSError for an unreadable file),
+whatever the text: nesting, aliases and list sizes are bounded (`config_parse`).
+
+The defaults of the settings the engine also has (`sync.config.SyncConfig`) are that class's
+field defaults, read here: one place for each value.
 """
 
 # The schema's fields are built by helpers that return dataclasses.field(...) objects:
@@ -15,9 +21,11 @@ daemon calls at start, so `--check` works on a machine without the keys.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
+import stat
 from dataclasses import dataclass, fields, is_dataclass
 from functools import lru_cache
 from typing import Any
@@ -31,6 +39,7 @@ from .config_parse import (
     boolean,
     build,
     choice,
+    compose_untrusted,
     duration,
     f,
     hint,
@@ -44,6 +53,7 @@ from .config_parse import (
     multicast,
     netns,
     network,
+    number,
     optional,
     scalar,
     sec,
@@ -55,6 +65,7 @@ from .config_parse import (
     unicast,
 )
 from .flow import TcpState
+from .sync.config import SyncConfig, config_from
 
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 KiB = 1024
@@ -66,6 +77,19 @@ PROTOCOLS = {"icmp": 1, "tcp": 6, "udp": 17, "dccp": 33, "gre": 47, "icmpv6": 58
 KEY_MIN, KEY_MAX = 16, 64
 #: conntrackd's spellings of TCP states that the kernel names differently
 TCP_STATE_ALIASES = {"CLOSED": "CLOSE", "LISTEN": "SYN_SENT2"}
+#: Where the embedded default (and the docs) keep the sync key.
+DEFAULT_KEY_FILE = "/etc/conntrackd-py/sync.key"
+#: A config file larger than this is refused before parsing (a 65536-address filter is ~2 MiB).
+MAX_FILE_SIZE = 16 * 1024 * 1024
+
+
+def keygen(path: str = DEFAULT_KEY_FILE) -> str:
+    """The shell command that makes a key file, for messages people paste from."""
+    return f"head -c 32 /dev/urandom > {path} && chmod 600 {path}"
+
+
+#: SyncConfig's field defaults: the engine's and the schema's one source for shared settings.
+_ENGINE: dict[str, Any] = {x.name: x.default for x in dataclasses.fields(SyncConfig)}
 
 
 class ConfigError(ValueError):
@@ -169,27 +193,49 @@ class Filters:
 
 @dataclass(frozen=True, slots=True)
 class Auth:
-    """Key files: the first signs, all verify (two during a key rotation)."""
+    """Key files: the first signs, all verify (two during a key rotation).
+
+    `required` (true unless the file says false) refuses a sync mode without a key file.
+    """
     key_files: tuple[str, ...] = f(listof(string, max_len=2), ())
+    required: bool = f(boolean, True)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds on what peers can make this node hold or do (hostile or broken peers)."""
+    #: peer nodes tracked at once; more are refused and counted
+    max_peers: int = f(integer(1, 65535), _ENGINE["max_peers"])
+    #: a peer down that long is forgotten by the engine
+    peer_expire: float = f(duration(positive=True, hi=30 * 86400.0), _ENGINE["peer_expire"])
+    #: external cache entries per origin node; more are refused and counted (the external
+    #: cache's, not the engine's: this is its one default)
+    max_flows_per_peer: int = f(integer(1, 1 << 30), 1048576)
+    #: a full resync is sent at most once per this (requests in between coalesce); below the
+    #: engine's stall timeout minus its resync retry (checked in `_check`)
+    resync_min_interval: float = f(duration(), _ENGINE["resync_min_interval"])
+    #: retransmitted bytes per received byte, per peer, per window
+    resend_ratio: float = f(number(1.0, 10000.0), _ENGINE["resend_ratio"])
 
 
 @dataclass(frozen=True, slots=True)
 class Ftfw:
-    ack_every: int = f(integer(1, 1 << 20), 64)
-    ack_interval: float = f(duration(positive=True), 0.05)
-    resend_queue: int = f(integer(1, 1 << 24), 131072)
-    alive_interval: float = f(duration(positive=True), 1.0)
+    ack_every: int = f(integer(1, 1 << 20), _ENGINE["ack_every"])
+    ack_interval: float = f(duration(positive=True), _ENGINE["ack_interval"])
+    resend_queue: int = f(integer(1, 1 << 24), _ENGINE["resend_queue_max"])
+    alive_interval: float = f(duration(positive=True), _ENGINE["alive_interval"])
 
 
 @dataclass(frozen=True, slots=True)
 class Notrack:
-    resync_interval: float = f(duration(), 0.0)
+    #: 0 in YAML is the engine's None (never)
+    resync_interval: float = f(duration(), float(_ENGINE["periodic_resync"] or 0.0))
 
 
 @dataclass(frozen=True, slots=True)
 class Alarm:
-    refresh: float = f(duration(positive=True), 15.0)
-    cache_timeout: float = f(duration(positive=True), 180.0)
+    refresh: float = f(duration(positive=True), _ENGINE["alarm_refresh"])
+    cache_timeout: float = f(duration(positive=True), _ENGINE["cache_timeout"])
 
 
 _PORT = integer(1, 65535)
@@ -265,16 +311,17 @@ def _channel_identity(ch: Channel) -> tuple[Any, ...]:
 
 @dataclass(frozen=True, slots=True)
 class Sync:
-    mode: str = f(choice("ftfw", "notrack", "alarm"), "ftfw")
-    startup_resync: bool = f(boolean, True)
-    peer_timeout: float = f(duration(positive=True), 5.0)
-    mtu: int = f(integer(576, 9000), 1400)
+    mode: str = f(choice("ftfw", "notrack", "alarm"), str(_ENGINE["mode"]))
+    startup_resync: bool = f(boolean, _ENGINE["startup_resync"])
+    peer_timeout: float = f(duration(positive=True), _ENGINE["peer_timeout"])
+    mtu: int = f(integer(576, 9000), _ENGINE["mtu"])
     commit_timeout: float | None = f(optional(duration(positive=True)), None)
     purge_timeout: float = f(duration(), 60.0)
     external_cache: bool = f(boolean, True)
     tcp_window_tracking: bool = f(boolean, False)
     peers: tuple[int, ...] = f(listof(integer(1, 65535)), ())
     auth: Auth = sec(Auth)
+    limits: Limits = sec(Limits)
     ftfw: Ftfw = sec(Ftfw)
     notrack: Notrack = sec(Notrack)
     alarm: Alarm = sec(Alarm)
@@ -323,6 +370,15 @@ def _check(cfg: Config) -> None:
     if cfg.general.mode == "sync" and not s.channels:
         raise Invalid("sync.channels", "at least one channel is needed when general.mode is "
                       "'sync' (or set general.mode: stats)")
+    if s.peer_timeout >= s.limits.peer_expire:
+        raise Invalid("sync.limits.peer_expire", f"{s.limits.peer_expire:g}s must be longer "
+                      f"than sync.peer_timeout ({s.peer_timeout:g}s)")
+    # the engine's own rule (SyncConfig: stall_timeout > resync_min_interval + resync_retry)
+    most = _ENGINE["stall_timeout"] - _ENGINE["resync_retry"]
+    if s.limits.resync_min_interval >= most:
+        raise Invalid("sync.limits.resync_min_interval", f"{s.limits.resync_min_interval:g}s "
+                      f"must be shorter than {most:g}s (a peer waiting longer for a resync "
+                      "is taken as stuck)")
     if cfg.node.id in s.peers:
         raise Invalid("sync.peers", f"lists this node's own id {cfg.node.id}")
     if s.peer_timeout <= s.ftfw.alive_interval:
@@ -340,6 +396,29 @@ def _check(cfg: Config) -> None:
     if lg.target != "file" and lg.file is not None:
         raise Invalid("logging.file", f"is set but logging.target is {lg.target!r}; "
                       "set 'target: file' or remove it")
+    if cfg.general.mode == "sync":
+        try:  # a net under the rules above: what the engine would refuse at start, --check does
+            config_from(cfg, ())
+        except ValueError as e:
+            raise Invalid("sync", f"the replication engine refuses these settings: {e}") \
+                from None
+    # last, so that any other mistake in a file is reported first
+    if cfg.general.mode == "sync" and s.auth.required and not s.auth.key_files:
+        raise Invalid("sync.auth.key_files", _NO_KEY)
+
+
+_NO_KEY = (
+    "is empty while sync.auth.required is true (the default): without a key, anyone who can "
+    "reach the sync link can put flows into this node's kernel table. Make a key with: "
+    f"{keygen()} , copy the file to every node and list it: 'auth: {{key_files: "
+    f"[{DEFAULT_KEY_FILE}]}}' under sync; or set 'auth: {{required: false}}' under sync to "
+    "replicate without authentication")
+
+
+def auth_off(cfg: Config) -> bool:
+    """True when this node would replicate without authentication (sync mode, no key file):
+    for `--check`, `-s` and metrics to say so."""
+    return cfg.general.mode == "sync" and not cfg.sync.auth.key_files
 
 
 # --- entry points -----------------------------------------------------------------------------
@@ -347,7 +426,7 @@ def _check(cfg: Config) -> None:
 def _parse(text: str, filename: str, path: str | None) -> Config:
     marks: dict[str, yaml.Mark] = {}
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = compose_untrusted(text)
         if root is not None:
             index(root, "", marks)
         cfg = build(Config, root, "", {"path": path})
@@ -373,7 +452,10 @@ def load(path: str | os.PathLike[str]) -> Config:
     """Read and parse a config file. OSError propagates; everything else is a ConfigError."""
     name = os.fspath(path)
     with open(name, "rb") as fh:
-        data = fh.read()
+        data = fh.read(MAX_FILE_SIZE + 1)
+    if len(data) > MAX_FILE_SIZE:
+        raise ConfigError(f"larger than {MAX_FILE_SIZE >> 20} MiB; not a config file?",
+                          filename=name)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -381,40 +463,67 @@ def load(path: str | os.PathLike[str]) -> Config:
     return _parse(text, name, name)
 
 
-DEFAULT_YAML = """\
-node: {id: 1}
+DEFAULT_YAML = f"""\
+node: {{id: 1}}
 sync:
+  auth: {{key_files: [{DEFAULT_KEY_FILE}]}}
   channels:
-    - multicast: {group: 225.0.0.50, port: 3780}
+    - multicast: {{group: 225.0.0.50, port: 3780}}
 """
 
 
 @lru_cache(maxsize=1)
 def default_config() -> Config:
-    """The embedded default: node 1, FTFW over multicast 225.0.0.50:3780, any interface."""
+    """The embedded default: node 1, FTFW over multicast 225.0.0.50:3780, any interface,
+    authenticated with the key in DEFAULT_KEY_FILE (a daemon started on it without that file
+    stops at `load_keys`, which says how to make one)."""
     return _parse(DEFAULT_YAML, "<embedded default>", None)
+
+
+_KEY_FILE_MAX = 2 * KEY_MAX + 2  # the longest key in hex, and a CR LF
 
 
 def load_keys(auth: Auth) -> tuple[bytes, ...]:
     """Read the sync keys: hex text or raw bytes, 16..64 bytes each; the first signs.
 
-    Errors are ConfigErrors naming the key path and the file.
+    A key file must be a regular file owned by root (or this user) that neither group nor
+    others may read or write, as ssh demands of private keys; it is checked through the open
+    descriptor (fstat), so a symlink is judged by the file it reaches. No key file while
+    `auth.required` is an error too. Errors are ConfigErrors naming the key path and the file.
     """
+    if auth.required and not auth.key_files:
+        raise ConfigError(_NO_KEY, "sync.auth.key_files")
     keys: list[bytes] = []
     for i, name in enumerate(auth.key_files):
         where = f"sync.auth.key_files[{i}]"
         try:
-            with open(name, "rb") as fh:
-                data = fh.read()
+            # O_NONBLOCK: a FIFO in the key's place must not hang the start
+            fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            with open(fd, "rb") as fh:
+                st = os.fstat(fd)
+                data = fh.read(_KEY_FILE_MAX + 1) if stat.S_ISREG(st.st_mode) else b""
         except OSError as e:
-            raise ConfigError(f"cannot read key file: {e.strerror}", where, name) from None
+            raise ConfigError(f"cannot read key file: {e.strerror}; make one with: "
+                              f"{keygen(name)} (the same key on every node)", where,
+                              name) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError("is not a regular file", where, name)
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o077:
+            raise ConfigError(f"the key file is readable or writable by group or others (mode "
+                              f"{mode:04o}); fix: chmod 600 {name}", where, name)
+        if st.st_uid not in (0, os.geteuid()):
+            raise ConfigError(f"the key file is owned by uid {st.st_uid}, not root; fix: "
+                              f"chown root {name}", where, name)
+        if len(data) > _KEY_FILE_MAX:
+            raise ConfigError(f"the file is larger than any key ({KEY_MAX} bytes, or "
+                              f"{2 * KEY_MAX} hex digits)", where, name)
         text = data.strip()
         hexkey = re.fullmatch(rb"(?:[0-9a-fA-F]{2})+", text)
         key = bytes.fromhex(text.decode()) if hexkey else data
         if not KEY_MIN <= len(key) <= KEY_MAX:
             raise ConfigError(f"the key is {len(key)} bytes; {KEY_MIN}..{KEY_MAX} are needed "
-                              "(make one with: head -c 32 /dev/urandom | xxd -p -c 64 > FILE)",
-                              where, name)
+                              f"(make one with: {keygen(name)})", where, name)
         if key in keys:
             raise ConfigError(f"holds the same key as sync.auth.key_files[{keys.index(key)}]",
                               where, name)

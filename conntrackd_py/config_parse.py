@@ -15,10 +15,11 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import MISSING, field, fields
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import yaml
 from yaml.constructor import SafeConstructor
+from yaml.events import AliasEvent
 from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
 YNode = yaml.Node
@@ -32,6 +33,69 @@ class Invalid(Exception):
     def __init__(self, key: str, problem: str, mark: yaml.Mark | None = None) -> None:
         super().__init__(key, problem)
         self.key, self.problem, self.mark = key, problem, mark
+
+
+# --- composing untrusted text ------------------------------------------------------------------
+
+#: Nesting deeper than this is refused while composing: a schema path is at most six levels
+#: deep, and PyYAML's composer recurses once per level (10000 levels was a RecursionError).
+MAX_DEPTH = 64
+#: Values that aliases may add to the document when expanded. Aliases share nodes, but every
+#: reader after the composer walks them expanded: nested aliases of a 500-byte "billion laughs"
+#: ran 27.9 s into a MemoryError. Real configs alias a channel's few keys.
+MAX_ALIAS_VALUES = 100_000
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses deep nesting, alias expansion beyond MAX_ALIAS_VALUES and
+    aliases inside their own anchor, as it composes: the cost of any text is linear in its
+    length, and nothing after it needs to guard against cycles or recursion."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._values = 0  # values in the document so far, every alias expanded
+        self._aliased = 0  # of those, the ones aliases added
+        self._sizes: dict[int, int] = {}  # id(anchored node) -> its values, once complete
+
+    def compose_node(self, parent: YNode | None, index: Any) -> YNode | None:
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        if isinstance(event, AliasEvent):
+            node = super().compose_node(parent, index)
+            size = self._sizes.get(id(node))
+            if size is None:
+                raise Invalid("", f"the alias *{event.anchor} is inside its own anchor "
+                              f"&{event.anchor}", cast(yaml.Mark, event.start_mark))
+            self._values += size
+            self._aliased += size
+            if self._aliased > MAX_ALIAS_VALUES:
+                raise Invalid("", f"YAML aliases expand to more than {MAX_ALIAS_VALUES} "
+                              "values here (nested aliases); write the values out instead",
+                              cast(yaml.Mark, event.start_mark))
+            return node
+        if self._depth >= MAX_DEPTH:
+            raise Invalid("", f"nested deeper than {MAX_DEPTH} levels",
+                          cast(yaml.Mark, event.start_mark))
+        self._depth += 1
+        start = self._values
+        self._values += 1
+        node = super().compose_node(parent, index)
+        self._depth -= 1
+        if event.anchor is not None:
+            self._sizes[id(node)] = self._values - start
+        return node
+
+
+def compose_untrusted(text: str) -> YNode | None:
+    """The YAML node tree of `text` (None when empty), built only from safe tags, nesting and
+    aliases bounded. Raises Invalid (with a mark) for the bounds, yaml.YAMLError for bad YAML;
+    nothing else for any text."""
+    loader = _BoundedLoader(text)
+    try:
+        node: YNode | None = loader.get_single_node()
+        return node
+    finally:
+        loader.dispose()
 
 
 # --- structure --------------------------------------------------------------------------------
@@ -52,7 +116,9 @@ def join(path: str, key: str) -> str:
 def show(node: YNode) -> str:
     """The value as the user wrote it: quoted if it is a string."""
     if isinstance(node, ScalarNode):
-        return repr(node.value) if node.tag.endswith(":str") else str(node.value or "null")
+        text = str(node.value)
+        text = text if len(text) <= 60 else text[:50] + "..."  # a hostile value stays short
+        return repr(text) if node.tag.endswith(":str") else text or "null"
     return "a mapping" if isinstance(node, MappingNode) else "a list"
 
 
@@ -70,7 +136,9 @@ def scalar(node: YNode, path: str) -> Any:
         raise Invalid(path, f"expected a single value, got {show(node)}")
     try:
         return SafeConstructor().construct_object(node)
-    except ValueError:  # e.g. a timestamp-shaped 2024-02-30: let the caller reject the text
+    except (ValueError, LookupError, ArithmeticError):
+        # a timestamp-shaped 2024-02-30, `!!bool maybe` (a KeyError in PyYAML), an integer
+        # past Python's digit limit: let the caller reject the text
         return str(node.value)
 
 
@@ -150,20 +218,20 @@ def sec(cls: type[Any]) -> Any:
     return f(section(cls), factory=cls)
 
 
-def index(node: YNode, path: str, out: dict[str, yaml.Mark],
-          above: frozenset[int] = frozenset()) -> None:
-    """Record the mark of every key path, for errors found after parsing."""
-    if id(node) in above:
-        raise Invalid(path, "a YAML alias refers to itself", node.start_mark)
+def index(node: YNode, path: str, out: dict[str, yaml.Mark]) -> None:
+    """Record the mark of every key path, for errors found after parsing. The tree is one
+    `compose_untrusted` made: acyclic, shallow and of bounded expanded size."""
     if isinstance(node, MappingNode):
         for k, v in node.value:
+            if not isinstance(k, ScalarNode):
+                continue  # refused as a key by `mapping`
             p = join(path, str(k.value))
             out.setdefault(p, k.start_mark)
-            index(v, p, out, above | {id(node)})
+            index(v, p, out)
     elif isinstance(node, SequenceNode):
         for i, v in enumerate(node.value):
             out.setdefault(f"{path}[{i}]", v.start_mark)
-            index(v, f"{path}[{i}]", out, above | {id(node)})
+            index(v, f"{path}[{i}]", out)
 
 
 def line_of(marks: dict[str, yaml.Mark], key: str) -> int | None:
@@ -197,12 +265,12 @@ _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?")
 _SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
-def duration(positive: bool = False) -> Parser:
-    """Seconds as a number, or a string like '200ms', '1.5s', '5m', '1h'."""
+def duration(positive: bool = False, hi: float = math.inf) -> Parser:
+    """Seconds as a number, or a string like '200ms', '1.5s', '5m', '1h'; at most `hi`."""
     def parse(node: YNode, path: str) -> float:
         v, secs = scalar(node, path), None
         if isinstance(v, int | float) and not isinstance(v, bool):
-            secs = float(v)
+            secs = float(v) if isinstance(v, float) or abs(v) < 1 << 64 else math.inf
         elif isinstance(v, str) and (m := _DURATION.fullmatch(v.strip())):
             secs = float(m[1]) * _SECONDS[m[2]]
         if secs is None or not math.isfinite(secs) or secs < 0:
@@ -210,7 +278,21 @@ def duration(positive: bool = False) -> Parser:
                           f"'1s', '5m', got {show(node)}")
         if positive and secs == 0:
             raise Invalid(path, "must be longer than 0")
+        if secs > hi:
+            raise Invalid(path, f"{secs:g}s is longer than the maximum, {hi:g}s")
         return secs
+    return parse
+
+
+def number(lo: float, hi: float) -> Parser:
+    """A plain number (integer or decimal) in lo..hi."""
+    def parse(node: YNode, path: str) -> float:
+        v = scalar(node, path)
+        ok = isinstance(v, int | float) and not isinstance(v, bool) and (
+            isinstance(v, float) or abs(v) < 1 << 64)
+        if not ok or not lo <= float(v) <= hi:
+            raise Invalid(path, f"expected a number {lo:g}..{hi:g}, got {show(node)}")
+        return float(v)
     return parse
 
 
@@ -272,10 +354,11 @@ def listof(item: Parser, *, min_len: int = 0, max_len: int = 1 << 16,
         if not min_len <= len(out) <= max_len:
             want = f"at least {min_len}" if len(out) < min_len else f"at most {max_len}"
             raise Invalid(path, f"needs {want} entries, got {len(out)}")
-        seen = [key(v) for v in out]
-        for i, k in enumerate(seen):
-            if k in seen[:i]:
-                raise Invalid(f"{path}[{i}]", f"repeats {path}[{seen.index(k)}]")
+        first: dict[Any, int] = {}  # a dict, not a list scan: 20k addresses took 25.6 s
+        for i, v in enumerate(out):
+            j = first.setdefault(key(v), i)
+            if j != i:
+                raise Invalid(f"{path}[{i}]", f"repeats {path}[{j}]")
         return out
     return parse
 

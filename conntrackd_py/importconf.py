@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .config import PROTOCOLS, TCP_STATE_ALIASES, ConfigError, MiB, loads
+from .config import DEFAULT_KEY_FILE, PROTOCOLS, TCP_STATE_ALIASES, ConfigError, MiB, keygen, loads
 
 #: conntrackd.conf spellings (getprotobyname) that differ from ours
 _PROTOCOL_ALIASES = {"ipv6-icmp": "icmpv6", "icmp6": "icmpv6", "udp-lite": "udplite"}
@@ -33,6 +33,17 @@ _NO_EQUIVALENT = {
     "pollsecs": "polling mode is not supported; conntrackd-py always uses events",
 }
 _DEFAULT_RCVBUF = 64 * MiB
+#: conntrackd has no authentication: the converted config says so where the key would go
+AUTH_NOTE = ("sync.auth.required: false: conntrackd has no authentication, so neither does "
+             "this config; anyone who can reach the sync link can put flows into the kernel "
+             f"table. To turn it on: {keygen()} , copy the file to every node, set "
+             f"sync.auth.key_files: [{DEFAULT_KEY_FILE}] and remove required: false")
+_AUTH_COMMENT = [
+    "# conntrackd has no authentication, so neither does this config: anyone who can reach",
+    "# the sync link can put flows into the kernel table. To turn it on, make a key with",
+    f"#   {keygen()}",
+    f"# copy it to every node, set key_files: [{DEFAULT_KEY_FILE}] and remove required.",
+]
 
 
 class ConfSyntaxError(ConfigError):
@@ -163,6 +174,9 @@ class _Converter:
                 continue
             handler(st.body)
         self.finish_netlink()
+        if self.out["general"]["mode"] == "sync":
+            self.out["sync"]["auth"] = {"required": False}
+            self.notes.append(((1 << 30) - 1, AUTH_NOTE))
         if self.channels:  # the `Default` link is the one conntrackd starts on: put it first
             ordered = [c for d, c in self.channels if d] + [c for d, c in self.channels if not d]
             self.out["sync"]["channels"] = ordered
@@ -434,6 +448,10 @@ def convert(text: str, filename: str = "<conntrackd.conf>") -> tuple[str, list[s
         header += ["#", "# Review (not converted or approximated):"]
         header += [f"#   - {n}" for n in notes]
     body = yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+    auth = "\n  auth:\n    required: false\n"
+    if auth in body:  # the one comment inside the YAML: why there is no key
+        body = body.replace(auth, "\n  auth:\n" + "".join(
+            f"    {line}\n" for line in _AUTH_COMMENT) + "    required: false\n", 1)
     return "\n".join(header) + "\n\n" + body, notes
 
 

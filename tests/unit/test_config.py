@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conntrackd_py.config import (
+    DEFAULT_KEY_FILE,
     DEFAULT_YAML,
     Auth,
     Config,
@@ -28,7 +29,20 @@ from conntrackd_py.flow import TcpState
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
 # every conntrackd-py config shipped (config/prometheus holds Prometheus rules, not ours)
 EXAMPLES = sorted(p for p in CONFIG_DIR.rglob("*.yaml") if p.parent.name != "prometheus")
-CHANNEL = "sync:\n  channels:\n    - multicast: {group: 225.0.0.50}\n"
+# three lines, as before auth was required: the line numbers below count on it
+CHANNEL = ("sync:\n  auth: {required: false}\n"
+           "  channels: [{multicast: {group: 225.0.0.50}}]\n")
+NO_AUTH = "  auth: {required: false}\n"
+
+
+def key_file(path: Path, data: bytes | str, mode: int = 0o600) -> str:
+    """A key file as load_keys wants it (0600 unless `mode` says otherwise)."""
+    if isinstance(data, str):
+        path.write_text(data)
+    else:
+        path.write_bytes(data)
+    path.chmod(mode)
+    return str(path)
 
 
 def cfg(text: str) -> Config:
@@ -83,7 +97,11 @@ def test_defaults_match_the_schema() -> None:
     assert not s.tcp_window_tracking
     assert s.failback
     assert s.peers == ()
-    assert s.auth.key_files == ()
+    assert s.auth.key_files == (DEFAULT_KEY_FILE,)
+    assert s.auth.required
+    lim = s.limits
+    assert (lim.max_peers, lim.peer_expire, lim.max_flows_per_peer, lim.resync_min_interval,
+            lim.resend_ratio) == (32, 3600.0, 1048576, 5.0, 10.0)
     assert (s.ftfw.ack_every, s.ftfw.ack_interval, s.ftfw.resend_queue,
             s.ftfw.alive_interval) == (64, 0.05, 131072, 1.0)
     assert s.notrack.resync_interval == 0.0
@@ -181,8 +199,9 @@ def test_to_dict_prints_names_not_numbers() -> None:
     ("node: {id: 1}\n" + CHANNEL + "logging:\n  file: /var/log/x\n",
      "logging.file: is set but logging.target is 'stderr'; set 'target: file' or remove it "
      "(conntrackd-py.yaml:6)"),
-    ("node: {id: 1}\n" + CHANNEL + "  auth:\n    key_files: [a, b, c]\n",
-     "sync.auth.key_files: needs at most 2 entries, got 3 (conntrackd-py.yaml:6)"),
+    ("node: {id: 1}\nsync:\n  channels: [{multicast: {group: 225.0.0.50}}]\n"
+     "  auth:\n    key_files: [a, b, c]\n",
+     "sync.auth.key_files: needs at most 2 entries, got 3 (conntrackd-py.yaml:5)"),
     ("node: {id: 1}\nsync:\n  channels:\n    - {}\n",
      "sync.channels[0]: needs exactly one of 'multicast: {...}' or 'udp: {...}' "
      "(conntrackd-py.yaml:4)"),
@@ -357,7 +376,7 @@ def test_filters_normalise_protocols_networks_and_tcp_states() -> None:
 
 
 def test_addresses_are_stored_in_canonical_form() -> None:
-    c = loads("node: {id: 1}\nsync:\n  channels:\n"
+    c = loads("node: {id: 1}\nsync:\n" + NO_AUTH + "  channels:\n"
               "    - multicast: {group: 'FF05:0::0001', interface: eth2}\n"
               "    - udp: {bind: 'fd00:0::1', peers: ['fd00::0002']}\n")
     assert c.sync.channels[0].multicast is not None
@@ -386,7 +405,7 @@ def test_null_means_default_or_none() -> None:
 
 
 def test_yaml_anchors_and_merge_keys_work() -> None:
-    c = loads("node: {id: 1}\nsync:\n  channels:\n"
+    c = loads("node: {id: 1}\nsync:\n" + NO_AUTH + "  channels:\n"
               "    - multicast: &link {group: 225.0.0.50, interface: eth2, ttl: 2}\n"
               "    - multicast: {<<: *link, group: 225.0.0.51}\n")
     m0, m1 = (ch.multicast for ch in c.sync.channels)
@@ -396,7 +415,7 @@ def test_yaml_anchors_and_merge_keys_work() -> None:
 
 
 def test_strings_keep_what_was_written() -> None:
-    c = loads("node: {id: 1, name: 1234}\nsync:\n  channels:\n"
+    c = loads("node: {id: 1, name: 1234}\nsync:\n" + NO_AUTH + "  channels:\n"
               "    - multicast: {group: 225.0.0.50, interface: 1234}\n")
     assert c.node.name == "1234"
     assert c.sync.channels[0].multicast is not None
@@ -442,17 +461,17 @@ def test_load_lets_a_missing_file_raise_oserror(tmp_path: Path) -> None:
 
 def test_load_keys_reads_hex_and_raw_keys_in_order(tmp_path: Path) -> None:
     hexfile, rawfile = tmp_path / "a.key", tmp_path / "b.key"
-    hexfile.write_text("00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n")
-    rawfile.write_bytes(bytes(range(100, 124)))
+    key_file(hexfile, "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n")
+    key_file(rawfile, bytes(range(100, 124)), 0o400)
     keys = load_keys(Auth(key_files=(str(hexfile), str(rawfile))))
     assert keys == (bytes.fromhex("00112233445566778899aabbccddeeff" * 2),
                     bytes(range(100, 124)))
-    assert load_keys(Auth()) == ()
+    assert load_keys(Auth(required=False)) == ()
 
 
 def test_load_keys_rejects_short_keys_naming_the_file(tmp_path: Path) -> None:
     short = tmp_path / "short.key"
-    short.write_text("deadbeef\n")
+    key_file(short, "deadbeef\n")
     with pytest.raises(ConfigError) as e:
         load_keys(Auth(key_files=(str(short),)))
     assert str(e.value).startswith("sync.auth.key_files[0]: the key is 4 bytes; 16..64 are "
@@ -462,9 +481,9 @@ def test_load_keys_rejects_short_keys_naming_the_file(tmp_path: Path) -> None:
 
 def test_load_keys_rejects_long_and_repeated_keys(tmp_path: Path) -> None:
     long, a, b = tmp_path / "long.key", tmp_path / "a.key", tmp_path / "b.key"
-    long.write_bytes(b"\x01" * 65)
-    a.write_text("ab" * 32)
-    b.write_bytes(b"\xab" * 32)  # the same key, raw
+    key_file(long, b"\x01" * 65)
+    key_file(a, "ab" * 32)
+    key_file(b, b"\xab" * 32)  # the same key, raw
     with pytest.raises(ConfigError, match=r"^sync\.auth\.key_files\[0\]: the key is 65 bytes"):
         load_keys(Auth(key_files=(str(long),)))
     with pytest.raises(ConfigError) as e:
@@ -478,7 +497,9 @@ def test_load_keys_reports_an_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         load_keys(Auth(key_files=(missing,)))
     assert str(e.value) == (
-        f"sync.auth.key_files[0]: cannot read key file: No such file or directory ({missing})")
+        "sync.auth.key_files[0]: cannot read key file: No such file or directory; make one "
+        f"with: head -c 32 /dev/urandom > {missing} && chmod 600 {missing} (the same key on "
+        f"every node) ({missing})")
 
 
 def test_key_files_are_not_read_when_parsing() -> None:

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from conntrackd_py.config import Config, loads
 from conntrackd_py.flow import TcpState
-from conntrackd_py.importconf import ConfSyntaxError, Stmt, convert, main, parse
+from conntrackd_py.config import auth_off
+from conntrackd_py.importconf import AUTH_NOTE, ConfSyntaxError, Stmt, convert, main, parse
 
 # A primary-backup firewall as people run it: the Debian FTFW example, tuned, with a second
 # (Default) link, filters, and a few options conntrackd-py has no equivalent for.
@@ -169,11 +170,40 @@ def test_what_cannot_be_mapped_is_listed_with_its_line() -> None:
         "conntrackd.conf:34: HashLimit 131072: no equivalent",
         "conntrackd.conf:36: Syslog on: conntrackd-py logs to one place; kept logging to file",
     ]
-    assert len(notes) == len(expected) + 1
+    assert len(notes) == len(expected) + 2  # and sync.auth, node.id
     for note, start in zip(notes, expected, strict=False):
         assert note.startswith(start), note
     for note in notes:  # the YAML carries them too, as comments
         assert f"#   - {note}" in out
+
+
+def test_sync_runs_without_auth_as_conntrackd_did_and_says_so_in_a_note_and_a_comment() -> None:
+    c, notes, out = converted(PRIMARY_BACKUP)
+    assert c.sync.auth.required is False
+    assert c.sync.auth.key_files == ()
+    assert auth_off(c)
+    assert notes[-2] == AUTH_NOTE
+    assert AUTH_NOTE.startswith("sync.auth.required: false: conntrackd has no authentication")
+    assert "head -c 32 /dev/urandom > /etc/conntrackd-py/sync.key" in AUTH_NOTE
+    # the comment sits right above the setting it explains
+    auth = out[out.index("\n  auth:\n"):]
+    lines = auth.splitlines()[2:7]
+    assert [ln.lstrip()[:1] for ln in lines] == ["#", "#", "#", "#", "r"]
+    assert lines[-1] == "    required: false"
+    assert "conntrackd has no authentication" in lines[0]
+
+
+def test_limits_are_not_written_their_defaults_apply() -> None:
+    c, _, out = converted(PRIMARY_BACKUP)
+    assert "limits" not in out
+    assert c.sync.limits == type(c.sync.limits)()
+
+
+def test_stats_only_conf_needs_no_auth_setting() -> None:
+    c, notes, out = converted("General {\n LockFile /var/lock/ct.lock\n}\n")
+    assert "auth" not in out
+    assert AUTH_NOTE not in notes
+    assert not auth_off(c)
 
 
 def test_ftfw_backup_node_gets_a_different_id() -> None:
@@ -222,7 +252,7 @@ def test_sync_without_an_address_gets_placeholder_node_id_and_a_note() -> None:
     c, notes, _ = converted("Sync {\n Mode FTFW {\n }\n Multicast {\n"
                             "  IPv4_address 225.0.0.50\n }\n}\n")
     assert c.node.id == 1
-    assert notes == ["node.id: conntrackd has no node id and no sync address to derive one "
+    assert notes == [AUTH_NOTE, "node.id: conntrackd has no node id and no sync address to derive one "
                      "from; set node.id (1..65535, different on every node) instead of the "
                      "placeholder 1"]
 
