@@ -154,13 +154,34 @@ def _tcp_connections(dst: str, port: int, n: int, parallel: int) -> None:
     print(done, round(time.monotonic() - t0, 3), flush=True)
 
 
+def _tcp_steps(host: str, port: int) -> None:
+    """A TCP client driven from stdin: each line (`x [TIMEOUT]`) sends one numbered 1000-byte
+    line and waits for its echo; answers `ok SECONDS`, `corrupt` or `fail ERROR` (then ends)."""
+    c = socket.create_connection((host, port), timeout=5)
+    print(f"connected {c.getsockname()[1]}", flush=True)
+    f = c.makefile("rb")
+    for n, cmd in enumerate(sys.stdin, 1):
+        words = cmd.split()
+        c.settimeout(float(words[1]) if len(words) > 1 else 5.0)
+        line = b"%d %s\n" % (n, b"x" * 1000)
+        t0 = time.monotonic()
+        try:
+            c.sendall(line)
+            back = f.readline()
+        except (OSError, ValueError) as e:
+            print(f"fail {type(e).__name__}", flush=True)
+            break
+        print(f"ok {time.monotonic() - t0:.3f}" if back == line else "corrupt", flush=True)
+
+
 USAGE = """usage: python -m lab.programs COMMAND ARGS (run inside a lab namespace)
   udpgen SRC DST N DPORT MAX_SECONDS   N UDP flows; prints `sent seconds` when done
   udpecho PORT                         echo UDP on PORT (both families); prints `ready`
   tcpecho IP PORT                      echo TCP on IP:PORT; prints `ready`
   tcpstream HOST PORT RATE             the TcpStream client (commands on stdin)
   tcpserve IP PORT                     echo TCP, a thread per connection; prints `ready`
-  tcpconns DST PORT N PARALLEL         N whole TCP connections; prints `completed seconds`"""
+  tcpconns DST PORT N PARALLEL         N whole TCP connections; prints `completed seconds`
+  tcpsteps HOST PORT                   one TCP connection, a checked echo per stdin line"""
 
 
 def main(argv: list[str]) -> int:
@@ -185,6 +206,8 @@ def main(argv: list[str]) -> int:
                 _tcp_echo_threaded(ip, int(port))
         case ["tcpconns", dst, port, n, parallel]:
             _tcp_connections(dst, int(port), int(n), int(parallel))
+        case ["tcpsteps", host, port]:
+            _tcp_steps(host, int(port))
         case _:
             print(USAGE, file=sys.stderr)
             return 2

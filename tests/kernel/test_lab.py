@@ -6,6 +6,7 @@ import os
 import socket
 import struct
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,14 +17,17 @@ from lab import (
     MARK,
     MARK_DPORT,
     SYNC_GROUP,
+    DaemonProc,
     FirewallTopology,
     Lab,
     add_sync_loss,
     cluster_topology,
     lab_namespaces,
+    notify_script,
     udp_echo_server,
     udp_flows,
     udp_flows_popen,
+    wait_until,
 )
 
 pytestmark = pytest.mark.kernel
@@ -166,3 +170,56 @@ def test_close_kills_processes_and_deletes_namespaces(require_root: None) -> Non
     assert _gone(int(stray))
     assert not set(names) & set(os.listdir("/run/netns"))
     assert lab_namespaces() == []
+
+
+def test_daemons_authenticate_with_the_labs_cluster_key_by_default(lab: Lab,
+                                                                   tmp_path: Path) -> None:
+    """Auth is required by default (issue 13): DaemonProc gives every daemon of a lab the same
+    random 32-byte key in a 0600 file, and the two nodes then see each other in sync."""
+    topo = cluster_topology(lab, n_fw=2)
+    ds = [DaemonProc(fw, str(tmp_path / f"d{k}"), k, topo.sync_ip(k))
+          for k, fw in enumerate(topo.fws, 1)]
+    keys = []
+    for d in ds:
+        assert d.key_file is not None
+        assert os.stat(d.key_file).st_mode & 0o777 == 0o600
+        keys.append(bytes.fromhex(Path(d.key_file).read_text()))
+        assert f"key_files: [{d.key_file}]" in Path(d.conf).read_text()
+    assert keys[0] == keys[1] == lab.sync_key
+    assert len(lab.sync_key) == 32
+    assert Lab().sync_key != lab.sync_key  # another cluster, another key
+    # the readiness gate keepalived trusts: both nodes see their authenticated peer
+    wait_until(lambda: all(d.cli("-s", "sync").returncode == 0 for d in ds), 15,
+               "both nodes in sync")
+
+
+def test_a_daemon_without_auth_says_so_in_its_config(lab: Lab, tmp_path: Path) -> None:
+    topo = cluster_topology(lab, n_fw=2)
+    d = DaemonProc(topo.fws[0], str(tmp_path / "d"), 1, topo.sync_ip(1), auth=False)
+    assert d.key_file is None
+    assert not (tmp_path / "d" / "sync.key").exists()
+    assert "auth: {required: false}" in Path(d.conf).read_text()
+    assert d.alive()  # the config helper accepts it: the daemon runs without a key
+    with pytest.raises(ValueError, match="auth=False"):
+        DaemonProc(topo.fws[1], str(tmp_path / "e"), 2, topo.sync_ip(2), key=b"k" * 32,
+                   auth=False)
+
+
+def test_the_notify_script_is_one_file_shipped_as_package_data() -> None:
+    """The demo runs the notify script operators install: package data of conntrackd_py, and
+    config/keepalived/notify.sh of the checkout is a link to that same file (no copy)."""
+    repo = Path(__file__).resolve().parents[2]
+    shipped = repo / "conntrackd_py" / "keepalived" / "notify.sh"
+    operators = repo / "config" / "keepalived" / "notify.sh"
+    assert notify_script() == shipped.read_bytes()
+    assert notify_script().startswith(b"#!/bin/sh\n")
+    assert operators.is_symlink()
+    assert operators.resolve() == shipped.resolve()
+    assert os.access(shipped, os.X_OK)
+
+
+def test_lab_programs_refuse_a_bad_command_line() -> None:
+    p = subprocess.run([sys.executable, "-m", "lab.programs", "nosuch"], capture_output=True,
+                       text=True, timeout=30)
+    assert p.returncode == 2
+    assert "usage: python -m lab.programs" in p.stderr
