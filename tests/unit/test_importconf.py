@@ -10,9 +10,8 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conntrackd_py.config import Config, loads
+from conntrackd_py.config import Config, auth_off, loads
 from conntrackd_py.flow import TcpState
-from conntrackd_py.config import auth_off
 from conntrackd_py.importconf import AUTH_NOTE, ConfSyntaxError, Stmt, convert, main, parse
 
 # A primary-backup firewall as people run it: the Debian FTFW example, tuned, with a second
@@ -252,9 +251,9 @@ def test_sync_without_an_address_gets_placeholder_node_id_and_a_note() -> None:
     c, notes, _ = converted("Sync {\n Mode FTFW {\n }\n Multicast {\n"
                             "  IPv4_address 225.0.0.50\n }\n}\n")
     assert c.node.id == 1
-    assert notes == [AUTH_NOTE, "node.id: conntrackd has no node id and no sync address to derive one "
-                     "from; set node.id (1..65535, different on every node) instead of the "
-                     "placeholder 1"]
+    assert notes == [AUTH_NOTE, "node.id: conntrackd has no node id and no sync address to "
+                     "derive one from; set node.id (1..65535, different on every node) instead "
+                     "of the placeholder 1"]
 
 
 def test_small_netlink_buffers_keep_our_default_with_a_note() -> None:
