@@ -229,7 +229,7 @@ class Daemon:
         self.tracker: Tracker | None = None
         self.engine: sync_engine.Engine | None = None
         self.transport: Transport | None = None
-        self.external = ExternalCache(**_cache_limits(cfg))
+        self.external = ExternalCache(max_per_origin=cfg.sync.limits.max_flows_per_peer)
         self.remote = Remote(self.external, direct=not cfg.sync.external_cache,
                              peer_timeout=cfg.sync.peer_timeout)
         self.commits = 0
@@ -592,7 +592,7 @@ class Daemon:
             internal=len(tr.cache) if tr is not None else 0, external=len(ext),
             external_by_node={o: ext.count(o) for o in ext.origins()},
             external_undecodable=ext.undecodable,
-            external_refused=dict(getattr(ext, "refused", {})),
+            external_refused=dict(ext.refused),
             invalid_flows=dict(self.remote.invalid),
             kernel_events=dataclasses.replace(tr.events.stats) if tr is not None else None,
             tracker=dataclasses.replace(tr.stats) if tr is not None else None)
@@ -748,15 +748,6 @@ class Daemon:
                 assert self.nursery is not None
                 self.nursery.cancel_scope.cancel()
                 return
-
-
-def _cache_limits(cfg: Config) -> dict[str, Any]:
-    """ExternalCache's per-origin cap (sync.limits.max_flows_per_peer), once both sides have
-    it (config and cache helpers)."""
-    limits = getattr(cfg.sync, "limits", None)
-    if limits is None or "max_per_origin" not in ExternalCache.__init__.__code__.co_varnames:
-        return {}
-    return {"max_per_origin": limits.max_flows_per_peer}
 
 
 __all__ = ["Daemon", "LockError", "PidLock", "build_filter", "channel_specs", "next_epoch",

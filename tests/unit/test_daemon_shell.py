@@ -171,13 +171,14 @@ sync:
   mode: ftfw
   external_cache: {external}
   auth: {{required: false}}
+  limits: {{max_flows_per_peer: {cap}}}
   channels:
     - udp: {{peers: [192.0.2.2], bind: 192.0.2.1, port: 3780}}
 """
 
 
-def make_config(tmp: Path, external: bool = True) -> Config:
-    return config_mod.loads(YAML.format(d=tmp, external=str(external).lower()))
+def make_config(tmp: Path, external: bool = True, cap: int = 1000) -> Config:
+    return config_mod.loads(YAML.format(d=tmp, external=str(external).lower(), cap=cap))
 
 
 class Peer:
@@ -223,8 +224,9 @@ class Peer:
 
 
 @contextlib.asynccontextmanager
-async def running(tmp: Path, external: bool = True) -> AsyncIterator[tuple[Daemon, Peer]]:
-    cfg = make_config(tmp, external)
+async def running(tmp: Path, external: bool = True,
+                  cap: int = 1000) -> AsyncIterator[tuple[Daemon, Peer]]:
+    cfg = make_config(tmp, external, cap)
     transports: list[FakeTransport] = []
 
     def transport(*a: Any, **kw: Any) -> Transport:
@@ -350,6 +352,18 @@ async def test_invalid_peer_flows_are_refused_and_counted(
         assert sum(snap.cache.invalid_flows.values()) == 1
 
 
+async def test_the_per_peer_cap_refuses_and_counts(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    async with running(tmp_path, cap=5) as (d, peer):
+        await wait_for(d.in_sync)
+        peer.update([mkflow(i) for i in range(8)])
+        await wait_for(lambda: sum(d.external.refused.values()) == 3)
+        snap = d.stats("cache")
+        assert snap.cache is not None
+        assert snap.cache.external_by_node == {2: 5}
+        assert snap.cache.external_refused == {2: 3}
+
+
 async def test_direct_mode_writes_peer_flows_through_the_table(
         tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
     async with running(tmp_path, external=False) as (d, peer):
@@ -412,7 +426,7 @@ async def test_reload_failure_of_any_kind_keeps_the_running_config(
         monkeypatch: pytest.MonkeyPatch) -> None:
     async with running(tmp_path) as (d, _peer):
         cfg_file = tmp_path / "c.yaml"
-        cfg_file.write_text(YAML.format(d=tmp_path, external="true"))
+        cfg_file.write_text(YAML.format(d=tmp_path, external="true", cap=1000))
         d.cfg = dataclasses.replace(d.cfg, path=str(cfg_file))
         before = d.cfg
 
@@ -444,18 +458,19 @@ async def test_ops_refuse_with_control_errors(tmp_path: Path,
 # --- a real Daemon's snapshot, for the metrics and dashboard tests ------------------------------
 
 def daemon_snapshot(tmp: Path, external: bool = True) -> Snapshot:
-    """A running Daemon's `stats(None)` after some replication, a commit and contained errors;
+    """A running Daemon's `stats(None)` after some replication (12 flows from node 2, 2 of
+    them beyond its cap of 10), 3 of its own, a commit and an invalid flow counted;
     with the accounting section of a real `Accounting` (the daemon's needs root)."""
     out: list[Snapshot] = []
 
     async def main() -> None:
-        async with running(tmp, external) as (d, peer):
+        async with running(tmp, external, cap=10) as (d, peer):
             await wait_for(d.in_sync)
-            peer.update([mkflow(i) for i in range(10)])
+            peer.update([mkflow(i) for i in range(12)])  # 2 beyond the per-peer cap
             await tracker_of(d).events.send.send(  # type: ignore[attr-defined]
                 [(EventType.NEW, mkflow(100 + i)) for i in range(3)])
-            await wait_for(lambda: len(d.external) + len(d.remote.pending) == 10
-                           or d.remote.direct_counts.created == 10)
+            await wait_for(lambda: sum(d.external.refused.values()) == 2
+                           or d.remote.direct_counts.created == 12)
             eng = d.engine
             assert eng is not None
             await wait_for(lambda: all(p.lag is not None for p in eng.stats().peers))
@@ -485,7 +500,7 @@ def test_snapshot_has_every_section(tmp_path: Path) -> None:
     assert js["cache"]["external_by_node"] == {2: 10}
     direct = daemon_snapshot(tmp_path / "direct", external=False)
     assert direct.direct is not None
-    assert direct.direct.created == 10
+    assert direct.direct.created == 12  # no cache, no cap
 
 
 # --- lock, epoch and descriptor limit -------------------------------------------------------------

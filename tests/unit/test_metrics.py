@@ -59,6 +59,7 @@ def test_exposition_of_a_real_daemon_snapshot() -> None:
     assert s[(P + "auth_enabled", ())] == 0  # the fixture runs with sync.auth.required: false
     assert s[(P + "commits_total", ())] == 1
     assert s[(P + "invalid_flows_total", (("reason", "zone"),))] == 1
+    assert s[(P + "external_refused_total", (("node", "2"),))] == 2
     assert s[(P + "internal_errors_total", ())] == 0
     assert s[(P + "reload_failures_total", ())] == 0
     assert s[(P + "metrics_client_errors_total", ())] == 0
