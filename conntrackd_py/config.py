@@ -26,6 +26,7 @@ import ipaddress
 import os
 import re
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, is_dataclass
 from functools import lru_cache
 from typing import Any
@@ -64,15 +65,14 @@ from .config_parse import (
     string,
     unicast,
 )
-from .flow import TcpState
+from .flow import PROTO_BY_NAME, TcpState
 from .sync.config import SyncConfig, config_from
 
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 KiB = 1024
 MiB = 1024 * KiB
 
-PROTOCOLS = {"icmp": 1, "tcp": 6, "udp": 17, "dccp": 33, "gre": 47, "icmpv6": 58,
-             "sctp": 132, "udplite": 136}
+PROTOCOLS: Mapping[str, int] = PROTO_BY_NAME  # flow.py holds the one list of names
 #: BLAKE2b key lengths the sync layer accepts (sync/wire.py: KEY_MIN, KEY_MAX)
 KEY_MIN, KEY_MAX = 16, 64
 #: conntrackd's spellings of TCP states that the kernel names differently
