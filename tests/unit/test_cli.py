@@ -1,0 +1,228 @@
+"""The command line generated from the command table: every conntrackd flag form accepted with
+its meaning, bad values a one-line usage error with status 1 (never a traceback), results and
+exit statuses as scripts read them, and start-up failures as one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conntrackd_py import cli, commands
+from conntrackd_py.commands import NODE_MAX
+
+
+def resolve(*argv: str) -> tuple[str, Any] | None:
+    got = cli.resolve(cli._parser().parse_args(list(argv)))
+    return None if got is None else (got[0].name, got[1])
+
+
+@pytest.mark.parametrize(("argv", "name", "expected"), [
+    (["-c"], "commit", commands.Commit()),
+    (["-f"], "flush", commands.Flush("both")),
+    (["-f", "internal"], "flush", commands.Flush("internal")),
+    (["-f", "external"], "flush", commands.Flush("external")),
+    (["-f", "both"], "flush", commands.Flush("both")),
+    (["-F"], "flush_kernel", commands.FlushKernel()),
+    (["-R"], "resync_internal", commands.ResyncInternal()),
+    (["-B"], "bulk_send", commands.BulkSend()),
+    (["-n"], "request_resync", commands.RequestResync(None)),
+    (["-n", "3"], "request_resync", commands.RequestResync(3)),
+    (["-n3"], "request_resync", commands.RequestResync(3)),
+    (["-n", str(NODE_MAX)], "request_resync", commands.RequestResync(NODE_MAX)),
+    (["-t"], "purge", commands.Purge(None)),
+    (["-k"], "stop", commands.Stop()),
+    (["-s"], "stats", commands.Stats(None)),
+    (["-s", "all"], "stats", commands.Stats(None)),
+    (["-s", "cache"], "stats", commands.Stats("cache")),
+    (["-s", "network"], "stats", commands.Stats("network")),
+    (["-s", "sync"], "in_sync", commands.InSync()),
+    (["-i"], "dump", commands.Dump("internal")),
+    (["-e"], "dump", commands.Dump("external")),
+    (["-i", "-p", "tcp"], "dump", commands.Dump("internal", proto=6)),
+    (["-e", "--proto", "17", "--src-nat"], "dump", commands.Dump("external", 17, "src")),
+    (["-e", "--dst-nat"], "dump", commands.Dump("external", nat="dst")),
+    (["-i", "--any-nat"], "dump", commands.Dump("internal", nat="any")),
+    (["-e", "--node", "2"], "dump", commands.Dump("external", origin=2)),
+    (["-e", "-o", "json"], "dump", commands.Dump("external")),
+    (["-C", "x.yaml", "-c"], "commit", commands.Commit()),
+    (["-E"], "watch", commands.Watch()),
+])
+def test_every_conntrackd_flag_form_selects_its_command(argv: list[str], name: str,
+                                                        expected: Any) -> None:
+    assert resolve(*argv) == (name, expected)
+
+
+def test_no_action_flag_runs_the_daemon() -> None:
+    assert resolve() is None
+    assert resolve("-C", "x.yaml", "-d") is None
+    assert resolve("--check", "-C", "x.yaml") is None
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["-n", "99999999999999999999999"], "-n: a node id must be an integer 1..4294967295"),
+    (["-n", "notanode"], "-n: a node id must be an integer"),
+    (["-n", "0"], "-n: a node id"),
+    (["-s", "bogus"], "-s: a stats kind is one of"),
+    (["-f", "bogus"], "-f: must be one of internal, external, both"),
+    (["-i", "-p", "nope"], "--proto: a protocol is a name"),
+    (["-e", "--node", "x"], "--node: a node id"),
+    (["-i", "--node", "3"], "--node: applies to the external cache only"),
+    (["-s", "-p", "tcp"], "--proto does not apply to -s"),
+    (["-p", "tcp"], "--proto needs -e or -i"),
+    (["-e", "--src-nat", "--dst-nat"], "--dst-nat conflicts with --src-nat"),
+    (["-c", "-k"], "not allowed with"),
+    (["-z"], "unrecognized arguments: -z"),
+])
+def test_bad_command_lines_are_one_line_usage_errors_with_status_1(
+        argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 1  # conntrackd's status for "unknown parameter"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert message in err
+    assert err.startswith("conntrackd-py: ")
+
+
+def test_the_installed_command_prints_no_traceback() -> None:
+    for argv in (["-n", "99999999999999999999999"], ["-n", "notanode"], ["-s", "{}"]):
+        p = subprocess.run([sys.executable, "-m", "conntrackd_py.cli", *argv],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 1
+        assert "Traceback" not in p.stderr
+        assert p.stderr.count("\n") == 1
+        assert p.stdout == ""
+
+
+@pytest.fixture
+def daemon_socket(tmp_path: Path) -> Iterator[tuple[str, Path, list[dict[str, Any]]]]:
+    """A canned daemon: answers each request from `answers` (cmd -> reply line), records it."""
+    path = str(tmp_path / "ctl.sock")
+    conf = tmp_path / "c.yaml"
+    conf.write_text(f"node: {{id: 1}}\ngeneral: {{control_socket: {path}}}\n")
+    seen: list[dict[str, Any]] = []
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(8)
+    srv.settimeout(30)
+
+    def run() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn, conn.makefile("rb") as f:
+                request = json.loads(f.readline())
+                seen.append(request)
+                conn.sendall(ANSWERS[request["cmd"]])
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    yield path, conf, seen
+    srv.close()
+    t.join(5)
+
+
+ANSWERS = {
+    "in_sync": b'{"ok": true, "result": {"in_sync": false}}\n',
+    "stats": b'{"ok": true, "result": {"cache": {"internal": 3}}}\n',
+    "dump": b'{"ok": true, "result": ["tcp 6 a", "udp 17 b"]}\n',
+    "commit": b'{"ok": true, "result": {"created": 2, "updated": 0, "failed": 1, '
+              b'"errors": {"EEXIST": 1}, "seconds": 0.25}}\n',
+    "request_resync": b'{"ok": false, "error": "replication is off (general.mode: stats)"}\n',
+    "flush": b'{"ok": true, "res',  # a daemon that dies mid-reply
+}
+
+
+def test_results_and_exit_statuses_as_scripts_read_them(
+        daemon_socket: tuple[str, Path, list[dict[str, Any]]],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    _, conf, seen = daemon_socket
+    c = str(conf)
+    assert cli.main(["-C", c, "-s", "sync"]) == 1  # keepalived's gate: not in sync
+    assert capsys.readouterr().out == "in_sync: False\n"
+    assert cli.main(["-C", c, "-o", "json", "-s", "cache"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"cache": {"internal": 3}}
+    assert cli.main(["-C", c, "-e", "-p", "tcp", "--node", "2"]) == 0
+    io = capsys.readouterr()
+    assert io.out == "tcp 6 a\nudp 17 b\n"
+    assert "2 flow entries have been shown" in io.err
+    assert cli.main(["-C", c, "-c"]) == 1  # a flow failed
+    assert capsys.readouterr().out.startswith("commit: created 2, updated 0, failed 1")
+    assert cli.main(["-C", c, "-n", "4"]) == 1
+    assert capsys.readouterr().err == ("conntrackd-py: replication is off "
+                                       "(general.mode: stats)\n")
+    assert cli.main(["-C", c, "-f"]) == 1
+    assert "in the middle of a reply" in capsys.readouterr().err
+    # what went over the socket: typed values, from the same parsers the daemon uses
+    assert seen[2] == {"cmd": "dump", "args": {"cache": "external", "proto": 6, "origin": 2,
+                                               "raw": False}}
+    assert seen[4] == {"cmd": "request_resync", "args": {"node": 4}}
+
+
+def test_no_daemon_is_one_line_and_status_1(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    conf = tmp_path / "c.yaml"
+    conf.write_text(f"node: {{id: 1}}\ngeneral: {{control_socket: {tmp_path}/none.sock}}\n")
+    assert cli.main(["-C", str(conf), "-s"]) == 1
+    assert capsys.readouterr().err.startswith("conntrackd-py: cannot reach the daemon at ")
+
+
+def test_check_says_when_authentication_is_off(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    conf = tmp_path / "c.yaml"
+    channels = "channels: [{udp: {bind: 10.0.0.1, peers: [10.0.0.2]}}]"
+    conf.write_text(f"node: {{id: 1}}\nsync: {{auth: {{required: false}}, {channels}}}\n")
+    assert cli.main(["--check", "-C", str(conf)]) == 0
+    out = capsys.readouterr().out
+    assert "is valid" in out
+    assert "authentication is off" in out
+    key = tmp_path / "k"
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o600)
+    conf.write_text(f"node: {{id: 1}}\nsync: {{auth: {{key_files: [{key}]}}, {channels}}}\n")
+    assert cli.main(["--check", "-C", str(conf)]) == 0
+    assert "authentication is off" not in capsys.readouterr().out
+
+
+def test_start_up_failures_the_operator_can_fix_are_one_line() -> None:
+    from conntrackd_py.config import ConfigError
+    from conntrackd_py.daemon import LockError
+    from conntrackd_py.kernel.nl import KernelError
+    eaddr = OSError(98, "Address already in use")
+    assert cli.describe_start_error(eaddr) == "cannot start: Address already in use"
+    # trio wraps what a nursery's task raised
+    group = ExceptionGroup("", [ExceptionGroup("", [OSError(19, "No such device", "eth9")])])
+    assert cli.describe_start_error(group) == "cannot start: No such device (eth9)"
+    assert cli.describe_start_error(OSError(24, "Too many open files")) == (
+        "cannot start: Too many open files")
+    assert cli.describe_start_error(LockError("another daemon holds /run/x.lock")) == (
+        "another daemon holds /run/x.lock")
+    assert cli.describe_start_error(ConfigError("bad")) is not None
+    assert cli.describe_start_error(KernelError(2, "opening ctnetlink")) == (
+        "cannot start: opening ctnetlink: No such file or directory (errno 2)")
+    assert cli.describe_start_error(PermissionError(1, "Operation not permitted")) == (
+        "cannot start: Operation not permitted")
+    # a bug keeps its traceback
+    assert cli.describe_start_error(KeyError("x")) is None
+    assert cli.describe_start_error(ExceptionGroup("", [eaddr, KeyError("x")])) is None
+
+
+def test_a_control_call_imports_nothing_heavy() -> None:
+    code = ("import sys, conntrackd_py.cli, conntrackd_py.ctlclient; "
+            "print(' '.join(sorted(sys.modules)))")
+    mods = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              check=True, timeout=60).stdout.split())
+    for heavy in ("trio", "yaml", "logging", "dataclasses", "conntrackd_py.daemon",
+                  "conntrackd_py.config", "msgpack"):
+        assert heavy not in mods, heavy
