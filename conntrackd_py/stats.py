@@ -26,6 +26,7 @@ __all__ = [
 #: `-s KIND` -> the sections it shows (conntrackd's names map onto ours)
 _KINDS: dict[str | None, frozenset[str]] = {
     None: frozenset({"runtime", "cache", "sync", "link", "direct", "accounting", "control"}),
+    "all": frozenset({"runtime", "cache", "sync", "link", "direct", "accounting", "control"}),
     "runtime": frozenset({"runtime", "control"}),
     "general": frozenset({"runtime", "control"}),
     "cache": frozenset({"cache"}),
