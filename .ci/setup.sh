@@ -23,3 +23,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[test]'
+# the install carries the lab (a top-level package beside conntrackd_py: tests, bench, demo) and
+# the notify script as package data; fail here, not in the middle of a test run, if it did not
+.venv/bin/python -c 'import lab, lab.programs, conntrackd_py.cli; lab.notify_script()'

@@ -32,6 +32,7 @@
 #   MAX_STALL=8          longest tolerated silence of the stream (seconds)
 #   ADVERT_INT=0.2       VRRP advert interval (seconds)
 #   CTPY_NET=10.231      first two octets of the scenario's /24 networks
+#   CTPY_SYNC_KEY        the sync link's key (hex; default: 32 random bytes made per run)
 #   COMPOSE_PROJECT_NAME default ctpy-failover
 # shellcheck disable=SC2317  # functions called through wait_for and traps
 set -euo pipefail
@@ -44,6 +45,9 @@ AFTER=${AFTER:-6}
 MAX_STALL=${MAX_STALL:-8}
 PROJECT=${COMPOSE_PROJECT_NAME:-ctpy-failover}
 export CTPY_NET=${CTPY_NET:-10.231}
+# the sync link is authenticated (required by default): a fresh key for both firewalls per run
+CTPY_SYNC_KEY=${CTPY_SYNC_KEY:-$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')}
+export CTPY_SYNC_KEY
 export CTPY_IMAGE=${CTPY_IMAGE:-conntrackd-py:local}
 export ADVERT_INT=${ADVERT_INT:-0.2}
 case "$REPLICATION" in

@@ -12,8 +12,17 @@
 # 3. Writes keepalived.conf: one VRRP instance on lan0 carrying both VIPs, notify script
 #    calling conntrackd-py (notify.sh; its settings CTPY_NOTIFY_* go to
 #    /etc/conntrackd-py/notify.env).
+# 4. Writes the sync link's key, CTPY_SYNC_KEY (hex, the same for both firewalls; the
+#    failover test makes one per run), to /etc/conntrackd-py/sync.key, mode 0600: the daemon
+#    refuses to start a sync mode without a key (sync.auth.required is true by default).
 set -euo pipefail
 : "${NET:?}" "${FW_ID:?}" "${VRRP_PRIORITY:?}" "${SERVICE_PORT:?}"
+if [ -z "${CTPY_SYNC_KEY:-}" ]; then
+  echo "fw-setup: CTPY_SYNC_KEY is not set: both firewalls need the same sync key (hex), e.g." \
+    "export CTPY_SYNC_KEY=\$(od -An -tx1 -N32 /dev/urandom | tr -d ' \\n')" >&2
+  exit 1
+fi
+(umask 077 && printf '%s\n' "$CTPY_SYNC_KEY" >/etc/conntrackd-py/sync.key)
 ADVERT_INT=${ADVERT_INT:-0.2}
 LAN_VIP=$NET.1.254
 WAN_VIP=$NET.2.254
