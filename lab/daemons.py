@@ -57,6 +57,10 @@ class LabDaemon(abc.ABC):
         assert self.proc is not None, f"{self.kind} in {self.ns.name} was never started"
         return self.proc.pid
 
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Start the process (again, after `kill` or `stop`), with the same files."""
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 

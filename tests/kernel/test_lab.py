@@ -29,6 +29,7 @@ from lab import (
     udp_flows_popen,
     wait_until,
 )
+from lab.bench import OURS, REF, start_pair, wait_ready
 
 pytestmark = pytest.mark.kernel
 
@@ -223,3 +224,21 @@ def test_lab_programs_refuse_a_bad_command_line() -> None:
                        text=True, timeout=30)
     assert p.returncode == 2
     assert "usage: python -m lab.programs" in p.stderr
+
+
+@pytest.mark.parametrize("kind", [OURS, REF])
+def test_both_sync_daemons_answer_the_one_interface(lab: Lab, tmp_path: Path, kind: str) -> None:
+    """conntrackd-py and conntrackd behind SyncDaemon (what the benchmarks drive): flows made
+    through fw1 show up in fw2's external count, A's internal count and bytes sent grow, and
+    kill() leaves no process."""
+    topo = cluster_topology(lab, n_fw=2)
+    a, b = start_pair(kind, topo, str(tmp_path))
+    wait_ready(a, b)
+    sent0 = a.bytes_sent()
+    udp_flows(topo.client, topo.server_ip, 300, dport=6000)
+    wait_until(lambda: b.external_count() >= 300, 15, f"{kind}: 300 flows in B")
+    assert a.internal_count() >= 300
+    assert a.bytes_sent() > sent0
+    for d in (a, b):
+        d.kill()
+        assert not d.alive()
