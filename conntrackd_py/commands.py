@@ -66,13 +66,15 @@ class Ops(Protocol):
 
 NODE_MAX = 2**32 - 1
 PURGE_MAX = 2**31
-#: a local copy of the protocol names (config.py has the same list; flow.py may export one)
+#: flow.PROTO_BY_NAME, copied: importing flow (msgpack, enums) would slow every control call;
+#: a unit test holds the two equal
 PROTO_NAMES: Mapping[str, int] = {
     "icmp": 1, "tcp": 6, "udp": 17, "dccp": 33, "gre": 47, "icmpv6": 58, "sctp": 132,
     "udplite": 136}
 #: `-s KIND` (None or "all": every section)
+#: (stats.sections maps each to its sections; a unit test holds the two lists equal)
 STATS_KINDS = frozenset({"runtime", "general", "cache", "network", "sync", "queue", "link",
-                         "accounting"})
+                         "accounting", "control"})
 FLUSH_CACHES = ("internal", "external", "both")
 DUMP_CACHES = ("internal", "external")
 NAT_KINDS = ("src", "dst", "any")

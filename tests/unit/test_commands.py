@@ -125,6 +125,18 @@ def test_hostile_arguments_are_refused_naming_the_argument(name: str, args: dict
     assert len(str(e.value)) < 300  # no echo of a huge value
 
 
+def test_the_protocol_names_are_flows() -> None:
+    from conntrackd_py.flow import PROTO_BY_NAME
+    assert dict(commands.PROTO_NAMES) == dict(PROTO_BY_NAME)
+
+
+def test_the_stats_kinds_are_those_the_daemon_shows() -> None:
+    from conntrackd_py import stats
+    assert set(stats._KINDS) - {None, "all"} == STATS_KINDS
+    for kind in STATS_KINDS:
+        assert stats.sections(kind), kind
+
+
 def test_unknown_commands_are_refused() -> None:
     with pytest.raises(ControlError, match="unknown command"):
         by_name("drop_tables")
