@@ -70,6 +70,8 @@ def decode_request_untrusted(line: bytes) -> tuple[str, dict[str, Any]]:
         raise BadRequest(f"request is not JSON: {str(e)[:200]}") from None
     if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
         raise BadRequest('request must be an object with a string "cmd"')
+    if len(req) > 2 or not req.keys() <= {"cmd", "args"}:
+        raise BadRequest('a request has "cmd" and "args" only')
     args = req.get("args", {})
     if args is None:
         args = {}
@@ -231,6 +233,11 @@ class ControlServer:
                 start = len(buf)
                 buf += chunk
                 end = buf.find(b"\n", start)
+            if end > MAX_REQUEST:  # the newline came in the chunk after the limit
+                self.requests += 1
+                self._bad(f"request longer than {MAX_REQUEST} bytes")
+                await self._send(stream, {"ok": False, "error": "request too large"})
+                return
             line = bytes(buf[:end])
             del buf[:end + 1]
             await self._dispatch(stream, line)
@@ -250,8 +257,14 @@ class ControlServer:
     async def _run(self, stream: trio.SocketStream, cmd: Command, req: object) -> None:
         try:
             if cmd.stream is not None:
-                async for item in cmd.stream(self.ops, req):
-                    await self._send(stream, {"ok": True, "result": item, "more": True})
+                items = cmd.stream(self.ops, req)
+                try:
+                    async for item in items:
+                        await self._send(stream, {"ok": True, "result": item, "more": True})
+                finally:  # a watcher that went away unregisters now, not at garbage collection
+                    aclose = getattr(items, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
                 await self._send(stream, {"ok": True, "result": None})
                 return
             assert cmd.run is not None

@@ -45,6 +45,8 @@ class FakeOps:
         self.calls: list[tuple[Any, ...]] = []
         self.dump_result: list[object] = ["a flow"]
         self.fail_with: BaseException | None = None
+        self.watch_lines = 3
+        self.watch_closed = False
 
     async def commit(self) -> object:
         self.calls.append(("commit",))
@@ -94,8 +96,12 @@ class FakeOps:
         return True
 
     async def watch(self) -> AsyncIterator[str]:
-        for i in range(3):
-            yield f"line {i}"
+        try:
+            for i in range(self.watch_lines):
+                yield f"line {i}"
+                await trio.sleep(0.01 if self.watch_lines > 3 else 0)
+        finally:
+            self.watch_closed = True
 
 
 class Raw:
@@ -117,10 +123,11 @@ class Raw:
 
     def reset(self) -> None:
         """Close with RST (SO_LINGER 0), as a killed client's kernel may."""
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.close()
+        self.close(reset=True)
 
-    def close(self) -> None:
+    def close(self, reset: bool = False) -> None:
+        if reset:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.file.close()
         self.sock.close()
 
@@ -157,6 +164,7 @@ HOSTILE = [
     b"\xff\xfe\x00garbage\n",
     b'{"cmd": "stats", "args": "kind"}\n',
     b'{"cmd": 7}\n',
+    b'{"cmd": "stats", "args": {}, "kind": "cache"}\n',  # a misplaced argument
     b"\n",
     b'{"cmd": "stats", "args": {"kind": "\\ud800"}}\n',
     b'{"cmd": "request_resync", "args": {"node": ' + b"9" * 5000 + b"}}\n",
@@ -318,6 +326,42 @@ async def test_a_request_too_long_is_refused_and_the_connection_closed(sock_path
     assert rest == b""  # closed
     assert after == {"in_sync": True}
     assert server.bad_requests == 1
+
+
+async def test_a_line_past_the_limit_is_refused_even_when_its_newline_comes(
+        sock_path: str) -> None:
+    def body() -> dict[str, Any]:
+        c = Raw(sock_path)
+        c.sock.sendall(b'{"cmd": "stats", "args": {"kind": "' + b"x" * (64 << 10) + b'"}}\n')
+        reply = c.read()
+        c.close()
+        return reply
+
+    server, reply = await serve(sock_path, FakeOps(), body)
+    assert reply == {"ok": False, "error": "request too large"}
+    assert server.bad_requests == 1
+
+
+async def test_a_watcher_that_goes_away_is_unregistered(sock_path: str) -> None:
+    ops = FakeOps()
+    ops.watch_lines = 10**9
+
+    def body() -> str:
+        c = Raw(sock_path)
+        first = c.ask(req("watch"))
+        c.close(reset=True)
+        return str(first["result"])
+
+    server = ControlServer(sock_path, ops)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            first = await trio.to_thread.run_sync(body)
+            while not ops.watch_closed:  # noqa: ASYNC110 (a flag of the fake)
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert first == "line 0"
+    assert server.errors == 0
 
 
 async def test_clients_that_reset_mid_request_or_mid_reply_do_not_harm_the_server(
