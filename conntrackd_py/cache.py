@@ -19,14 +19,25 @@ from __future__ import annotations
 
 import gc
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 import msgpack
 
-from .flow import Flow, flows_of_entries, unpack_flow
+from .flow import (
+    K_PROTO,
+    KEY_LEN,
+    V_STATUS,
+    V_TIMEOUT,
+    VALUE_LEN,
+    Flow,
+    Proto,
+    Status,
+    flows_of_entries,
+    unpack_flow,
+)
 
 #: a peer's node id, as the replication layer names it
 Origin = int
@@ -45,9 +56,10 @@ def same_but_timeout(a: bytes, b: bytes) -> bool:
         vb = msgpack.unpackb(b, raw=False, use_list=True)
     except (ValueError, msgpack.UnpackException):
         return False
-    if not (isinstance(va, list) and isinstance(vb, list) and len(va) > 2 and len(vb) > 2):
+    if not (isinstance(va, list) and isinstance(vb, list) and len(va) > V_TIMEOUT
+            and len(vb) > V_TIMEOUT):
         return False
-    va[2] = vb[2] = None
+    va[V_TIMEOUT] = vb[V_TIMEOUT] = None
     return bool(va == vb)
 
 
@@ -178,12 +190,20 @@ class ExternalCache:
     back rounded to 0.1 s. The epoch is `epoch` or else the first `now` given; a time before it
     is stored as the epoch (a monotonic clock never goes there). ~165 B per flow at 1M flows.
     Iterators (`items`) are live views: do not change the cache while consuming one.
+
+    With `max_per_origin`, an origin holds at most that many entries (conntrackd's HashLimit):
+    a new key beyond it is refused, not stored, and counted in `refused` (origin -> how many,
+    never reset); a change or refresh of a key it holds is never refused, and removals, sweeps
+    and purges make room again.
     """
 
-    __slots__ = ("_by_origin", "_epoch", "_last_now", "_last_stamp", "_sweeps",
-                 "undecodable")
+    __slots__ = ("_by_origin", "_epoch", "_last_now", "_last_stamp", "_sweeps", "max_per_origin",
+                 "refused", "undecodable")
 
-    def __init__(self, epoch: float | None = None) -> None:
+    def __init__(self, max_per_origin: int | None = None, *, epoch: float | None = None) -> None:
+        self.max_per_origin = max_per_origin
+        #: origin -> new keys refused because the origin held `max_per_origin` entries
+        self.refused: dict[Origin, int] = {}
         self._by_origin: dict[Origin, dict[bytes, bytes]] = {}
         self._epoch = epoch
         self._last_now = math.nan
@@ -224,13 +244,16 @@ class ExternalCache:
 
     def upsert(self, origin: Origin, key: bytes, value: bytes, now: float) -> bool:
         """Store a peer's flow seen at `now` (one `apply` update); True if new or changed (a
-        refresh alone: False)."""
+        refresh alone, or a refusal: False)."""
         d = self._by_origin.get(origin)
         old = None if d is None else d.get(key)
+        refused = self.refused.get(origin, 0)
         self.apply(origin, ((key, value),), now)
-        return old is None or len(old) != len(value) + 4 or not old.startswith(value)
+        if old is None:
+            return self.refused.get(origin, 0) == refused
+        return len(old) != len(value) + 4 or not old.startswith(value)
 
-    def apply(self, origin: Origin, flows: Iterable[tuple[bytes, bytes | None]],
+    def apply(self, origin: Origin, flows: Sequence[tuple[bytes, bytes | None]],
               now: float) -> None:
         """A peer's batch of changes, in order: (key, value) stores the flow as seen at `now`,
         (key, None) removes it. One call per received datagram: a full resync arrives as
@@ -242,12 +265,27 @@ class ExternalCache:
         touched: list[bytes] = []
         note = touched.append
         pop = d.pop
-        for k, v in flows:
-            if v is None:
-                pop(k, None)
-            else:
-                d[k] = v + stamp
-            note(k)
+        cap = self.max_per_origin
+        if cap is None or len(d) + len(flows) <= cap:  # the batch cannot reach the cap
+            for k, v in flows:
+                if v is None:
+                    pop(k, None)
+                else:
+                    d[k] = v + stamp
+                note(k)
+        else:
+            refused = 0
+            for k, v in flows:
+                if v is None:
+                    pop(k, None)
+                elif len(d) < cap or k in d:
+                    d[k] = v + stamp
+                else:
+                    refused += 1
+                    continue
+                note(k)
+            if refused:
+                self.refused[origin] = self.refused.get(origin, 0) + refused
         if not d:
             del self._by_origin[origin]
         sweep = self._sweeps.get(origin) if self._sweeps else None
@@ -409,26 +447,30 @@ class ExternalCache:
             except (ValueError, msgpack.UnpackException):
                 self.undecodable += 1
                 continue
-            if (type(k) is not list or len(k) != 10 or type(k[0]) is not int
-                    or type(v) is not list or len(v) < 13 or type(v[1]) is not int
-                    or type(v[2]) is not int):
+            if (type(k) is not list or len(k) != KEY_LEN or type(v) is not list
+                    or len(v) < VALUE_LEN or type(v[V_STATUS]) is not int
+                    or type(v[V_TIMEOUT]) is not int):
                 self.undecodable += 1
                 continue
             if commit_timeout is not None:
-                v[2] = commit_timeout
+                v[V_TIMEOUT] = commit_timeout
             else:
                 stamp = stored[-4:]
                 if stamp != last_stamp:
                     last_stamp = stamp
                     age = max(now - (epoch + int.from_bytes(stamp, "big") / _TICKS), 0.0)
-                left = math.ceil(v[2] - age)
+                left = math.ceil(v[V_TIMEOUT] - age)
                 if left <= 0:
                     if stale_timeout is None:
                         continue
                     left = stale_timeout
-                v[2] = left
+                v[V_TIMEOUT] = left
             append((k, v))
         # Assured TCP connections first: they are what a takeover must keep alive, and they
         # emit no events between state changes, so recency alone would put them last.
-        out.sort(key=lambda kv: not (kv[0][3] == 6 and kv[1][1] & 0x4))  # IPS_ASSURED
+        out.sort(key=lambda kv: not (kv[0][K_PROTO] == _TCP and kv[1][V_STATUS] & _ASSURED))
         return out
+
+
+_TCP = int(Proto.TCP)
+_ASSURED = int(Status.ASSURED)

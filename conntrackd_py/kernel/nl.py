@@ -151,10 +151,14 @@ class Requester:
 
     def transact_blocking(self, messages: list[bytes], first_seq: int, *,
                           quiet: bool = False) -> list[int]:
-        """`transact` without an event loop (a forked commit process has none)."""
+        """`transact` without an event loop (a forked commit process has none). Waits with
+        poll, not select: select fails for a descriptor number above 1023 ("filedescriptor
+        out of range"), which a daemon with many open connections reaches."""
         results, pending = self._send(messages, quiet)
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
         while pending:
-            select.select([self.sock], [], [])
+            poller.poll()
             try:
                 n = self.sock.recv_into(self._buf)
             except BlockingIOError:

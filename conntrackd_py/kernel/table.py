@@ -14,7 +14,14 @@ from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..flow import Flow, Tuple, flow_from_lists, flows_of_entries
+from ..flow import (
+    Entry,
+    Flow,
+    Tuple,
+    flow_from_lists,
+    masters_first,
+    masters_first_entries,
+)
 from . import codec
 from .nl import KernelError, Requester
 
@@ -143,6 +150,8 @@ class Table:
 
         Masters go before RELATED flows (a RELATED entry's master must exist first). Timeouts
         are taken as given: the caller has already reduced them by the time since last seen.
+        A flow whose values do not encode is skipped and counted as failed ("unencodable"),
+        never the whole commit.
         """
         t0 = time.perf_counter()
         res = CommitResult()
@@ -160,13 +169,13 @@ class Table:
         res.seconds = time.perf_counter() - t0
         return res
 
-    def commit_entries_blocking(self, entries: Sequence[tuple[list[Any], list[Any]]], *,
+    def commit_entries_blocking(self, entries: Sequence[Entry], *,
                                 be_liberal: bool = True) -> tuple[CommitResult, int]:
         """Commit cache entries (`ExternalCache.commit_entries`: unpacked key and value lists,
-        in order) without an event loop, for the daemon's forked commit process. Entries of
-        the common shape are encoded straight from the lists (`codec.create_body_packed`),
-        the rest through Flows. Returns the result and the number of entries that did not
-        decode (skipped)."""
+        in order; masters are put before RELATED entries here) without an event loop, for the
+        daemon's forked commit process. Entries of the common shape are encoded straight from
+        the lists (`codec.create_body_packed`), the rest through Flows. Returns the result and
+        the number of entries that did not decode or encode (skipped, never the commit)."""
         t0 = time.perf_counter()
         res = CommitResult()
         prepared, bad = self._prepare_entries(entries, be_liberal)
@@ -186,34 +195,46 @@ class Table:
         """Masters first; a flow whose values do not encode is left out (and counted)."""
         prepared: list[Prepared] = []
         bad = 0
-        for f in sorted(flows, key=lambda f: f.master is not None):
+        for f in masters_first(list(flows)):
             try:
                 prepared.append((f.orig.family, codec.create_body(f, be_liberal=be_liberal), f))
-            except ValueError:
+            except ValueError:  # codec.EncodeError: this entry only
                 bad += 1
         return prepared, bad
 
-    def _prepare_entries(self, entries: Sequence[tuple[list[Any], list[Any]]],
-                         be_liberal: bool) -> tuple[list[Prepared], int]:
-        if any(v[11] is not None for _, v in entries):  # RELATED flows: masters go first
-            flows, bad = flows_of_entries(entries)
-            ordered, unencodable = self._prepare_flows(flows, be_liberal)
-            return ordered, bad + unencodable
+    @staticmethod
+    def _prepare_entries(entries: Sequence[Entry], be_liberal: bool
+                         ) -> tuple[list[Prepared], int]:
+        """Masters first (`masters_first_entries`, linear); each entry encoded from its lists
+        when it has the common shape, else through a Flow; one that does not decode or encode
+        is left out (and counted)."""
         prepared: list[Prepared] = []
         append = prepared.append
         packed = codec.create_body_packed
+        create_body = codec.create_body
         bad = 0
-        for k, v in entries:
+        for item in masters_first_entries(list(entries)):
+            k, v = item
             try:
                 fb = packed(k, v, be_liberal=be_liberal)
                 if fb is None:
                     f = flow_from_lists(k, v)
-                    append((f.orig.family, codec.create_body(f, be_liberal=be_liberal), f))
+                    append((f.orig.family, create_body(f, be_liberal=be_liberal), f))
                 else:
-                    append((fb[0], fb[1], (k, v)))
-            except ValueError:  # PackError too
+                    append((fb[0], fb[1], item))
+            except (ValueError, TypeError, IndexError):  # PackError, EncodeError; not lists
                 bad += 1
         return prepared, bad
+
+    @staticmethod
+    def _update_body(item: Flow | Entry, be_liberal: bool) -> tuple[int, bytes] | None:
+        """(family, body) of the update for an entry that exists (EEXIST), or None if it
+        cannot be made (a value that passed the create's fast path but is no Flow)."""
+        try:
+            f = item if isinstance(item, Flow) else flow_from_lists(*item)
+            return f.orig.family, codec.create_body(f, be_liberal=be_liberal, update=True)
+        except (ValueError, TypeError):  # PackError, codec.EncodeError; not lists
+            return None
 
     def _commit_steps(self, prepared: list[Prepared], res: CommitResult, be_liberal: bool
                       ) -> Generator[tuple[list[bytes], int], list[int], None]:
@@ -227,21 +248,28 @@ class Table:
             last = len(chunk) - 1
             errs = yield [request(fam, body, seq + j, ack=j == last)
                           for j, (fam, body, _) in enumerate(chunk)], seq
-            existing: list[Flow] = []
+            existing: list[Flow | Entry] = []
             for (_, _, item), err in zip(chunk, errs, strict=True):
                 if err == 0:
                     res.created += 1
                 elif err == errno.EEXIST:
-                    existing.append(item if isinstance(item, Flow) else
-                                    flow_from_lists(*item))
+                    existing.append(item)
                 else:
                     res.failed += 1
                     res.errors[_errname(err)] += 1
-            if existing:
-                seq = self._req.next_seq(len(existing))
-                last = len(existing) - 1
-                updates = [codec.encode_create(f, seq + j, be_liberal=be_liberal, update=True,
-                                               ack=j == last) for j, f in enumerate(existing)]
+            bodies = []
+            for item in existing:
+                fb = self._update_body(item, be_liberal)
+                if fb is None:  # this entry only: the commit goes on
+                    res.failed += 1
+                    res.errors["unencodable"] += 1
+                else:
+                    bodies.append(fb)
+            if bodies:
+                seq = self._req.next_seq(len(bodies))
+                last = len(bodies) - 1
+                updates = [request(fam, body, seq + j, update=True, ack=j == last)
+                           for j, (fam, body) in enumerate(bodies)]
                 for err in (yield updates, seq):
                     if err == 0:
                         res.updated += 1

@@ -596,3 +596,100 @@ def test_packed_reply_is_the_difference_from_the_inverse(orig: Tuple, other: Tup
     assert packed == _pack_reply_by_inverse(orig, reply)
     if packed is None or len(packed) in (2, 4):
         assert _unpack_reply(orig, packed) == reply
+
+
+# --- the per-origin cap --------------------------------------------------------------------
+
+def test_new_keys_beyond_the_cap_are_refused_and_counted_per_origin() -> None:
+    c = ExternalCache(max_per_origin=3, epoch=0.0)
+    c.apply(A, [(bytes([i]), b"v") for i in range(5)], now=1.0)
+    assert c.count(A) == 3
+    assert c.refused == {A: 2}
+    assert {k for _o, k, _v, _s in c.items(A)} == {b"\0", b"\1", b"\2"}
+    # another origin has its own room
+    c.apply(B, [(b"b", b"v")], now=1.0)
+    assert (c.count(B), c.refused) == (1, {A: 2})
+    # a change or refresh of a key held is never refused, even at the cap
+    c.apply(A, [(b"\0", b"new"), (b"\1", b"v")], now=2.0)
+    assert c.get(A, b"\0") == (b"new", 2.0)
+    assert c.refused == {A: 2}
+    assert not c.upsert(A, b"\3", b"v", now=2.0)  # refused: not stored, not a change
+    assert c.get(A, b"\3") is None
+    assert c.refused == {A: 3}
+
+
+def test_removals_in_a_batch_make_room_for_later_entries_of_it() -> None:
+    c = ExternalCache(max_per_origin=2, epoch=0.0)
+    c.apply(A, [(b"a", b"1"), (b"b", b"1")], now=1.0)
+    c.apply(A, [(b"c", b"1"), (b"a", None), (b"c", b"1"), (b"d", b"1")], now=2.0)
+    assert {k for _o, k, _v, _s in c.items(A)} == {b"b", b"c"}
+    assert c.refused == {A: 2}  # c before the removal, d after c took the room
+
+
+def test_sweeps_purges_and_expiry_give_room_back() -> None:
+    c = ExternalCache(max_per_origin=2, epoch=0.0)
+    c.apply(A, [(b"a", b"1"), (b"b", b"1")], now=1.0)
+    c.begin_sweep(A, now=2.0)
+    c.apply(A, [(b"a", b"2")], now=2.0)
+    assert c.end_sweep(A) == 1  # b was not refreshed
+    assert c.upsert(A, b"c", b"1", now=3.0)
+    assert c.count(A) == 2
+    assert c.purge(A) == 2
+    c.apply(A, [(b"x", b"1"), (b"y", b"1")], now=4.0)
+    assert (c.count(A), c.refused) == (2, {})
+    assert c.expire(now=100.0, timeout=10.0) == 2
+    c.apply(A, [(b"p", b"1"), (b"q", b"1"), (b"r", b"1")], now=101.0)
+    assert (c.count(A), c.refused) == (2, {A: 1})
+
+
+_capped_op = st.one_of(
+    st.tuples(st.just("apply"), st.sampled_from([A, B]),
+              st.lists(st.tuples(st.sampled_from([b"a", b"b", b"c", b"d"]),
+                                 st.sampled_from([b"1", b"2", None])), max_size=6)),
+    st.tuples(st.just("begin"), st.sampled_from([A, B])),
+    st.tuples(st.just("end"), st.sampled_from([A, B])),
+    st.tuples(st.just("purge"), st.sampled_from([A, B, None])),
+    st.tuples(st.just("expire")),
+)
+
+
+@given(st.integers(0, 3), st.lists(_capped_op, max_size=30))
+def test_the_capped_cache_matches_a_simple_model(cap: int, ops: list[tuple[Any, ...]]) -> None:
+    c = ExternalCache(max_per_origin=cap, epoch=0.0)
+    model: dict[int, dict[bytes, bytes]] = {A: {}, B: {}}
+    marks: dict[int, set[bytes]] = {}
+    refused = {A: 0, B: 0}
+    now = 0.0
+    for op in ops:
+        now += 1.0
+        if op[0] == "apply":
+            _, o, flows = op
+            for k, v in flows:
+                if v is None:
+                    model[o].pop(k, None)
+                elif k in model[o] or len(model[o]) < cap:
+                    model[o][k] = v
+                else:
+                    refused[o] += 1
+                    continue
+                marks.get(o, set()).discard(k)
+            c.apply(o, flows, now)
+        elif op[0] == "begin":
+            marks[op[1]] = set(model[op[1]])
+            c.begin_sweep(op[1], now)
+        elif op[0] == "end":
+            stale = marks.pop(op[1], set()) & set(model[op[1]])
+            assert c.end_sweep(op[1]) == len(stale)
+            for k in stale:
+                del model[op[1]][k]
+        elif op[0] == "purge":
+            for o in ([A, B] if op[1] is None else [op[1]]):
+                model[o].clear()
+            c.purge(op[1])
+        else:
+            c.expire(now, 0.5)  # everything but what this tick stored
+            for o in (A, B):
+                model[o].clear()
+        assert {o: {k: v for _o, k, v, _s in c.items(o)} for o in (A, B)} == model
+        assert all(c.count(o) <= cap for o in (A, B))
+        assert c.refused == {o: n for o, n in refused.items() if n}

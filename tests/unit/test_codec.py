@@ -10,6 +10,7 @@ import ipaddress
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -70,6 +71,7 @@ def test_dump_decodes_to_what_conntrack_lists() -> None:
         assert (not f.status & Status.SEEN_REPLY) == exp["unreplied"]
         assert abs(f.timeout - exp["timeout"]) <= 1  # type: ignore[operator]
         if exp["state"]:
+            assert f.state is not None
             assert TcpState(f.state).name == exp["state"]
         assert f.counters is not None
         assert list(f.counters) == exp["counters"]
@@ -240,7 +242,7 @@ def _ip(s: str) -> bytes:
     return ipaddress.ip_address(s).packed
 
 
-def _entry(flow: Flow) -> tuple[list[object], list[object]]:
+def _entry(flow: Flow) -> tuple[list[Any], list[Any]]:
     import msgpack
 
     from conntrackd_py.flow import pack_flow
@@ -269,7 +271,7 @@ _COMMON = [
 @pytest.mark.parametrize("be_liberal", [True, False])
 def test_create_from_cache_entry_is_the_flows_create(flow: Flow, be_liberal: bool) -> None:
     k, v = _entry(flow)
-    got = codec.create_body_packed(k, v, be_liberal=be_liberal)  # type: ignore[arg-type]
+    got = codec.create_body_packed(k, v, be_liberal=be_liberal)
     assert got == (flow.orig.family, codec.create_body(flow, be_liberal=be_liberal))
 
 
@@ -285,25 +287,25 @@ def test_create_from_cache_entry_is_the_flows_create(flow: Flow, be_liberal: boo
 ])
 def test_create_from_cache_entry_leaves_other_shapes_to_the_flow_path(flow: Flow) -> None:
     k, v = _entry(flow)
-    assert codec.create_body_packed(k, v) is None  # type: ignore[arg-type]
+    assert codec.create_body_packed(k, v) is None
 
 
 def test_create_from_cache_entry_rejects_bad_values() -> None:
     k, v = _entry(_COMMON[0])
     v[2] = 1 << 40  # timeout beyond 32 bits
     with pytest.raises(ValueError, match="bad flow values"):
-        codec.create_body_packed(k, v)  # type: ignore[arg-type]
+        codec.create_body_packed(k, v)
     k, v = _entry(_COMMON[0])
     v[5] = 300  # TCP flags beyond a byte (a peer's value that passed the 32-bit check)
     with pytest.raises(ValueError, match="bad flow values"):
-        codec.create_body_packed(k, v)  # type: ignore[arg-type]
+        codec.create_body_packed(k, v)
     # the Flow path raises ValueError too: a commit skips and counts the entry
     with pytest.raises(ValueError, match="TCP protoinfo out of range"):
         codec.create_body(_COMMON[0]._replace(tcp_flags_orig=300))
     k, v = _entry(_COMMON[0])
     k[4] = 70000  # a port beyond 16 bits
     with pytest.raises(ValueError, match="bad flow values"):
-        codec.create_body_packed(k, v)  # type: ignore[arg-type]
+        codec.create_body_packed(k, v)
 
 
 @pytest.mark.parametrize(("addr", "port"), [
@@ -351,3 +353,89 @@ def test_a_commit_skips_and_counts_entries_whose_values_do_not_encode() -> None:
     prepared, bad = table._prepare_entries(entries, True)
     assert (len(prepared), bad) == (len(good) + 1, 1)
     assert prepared[-1][2] == related  # after its master
+
+
+# --- the fixed layouts: described once, each derived form checked against the general one ---
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from([4, 16]), st.sampled_from([1, 2, 14]), st.data())
+def test_a_port_tuple_in_one_pack_is_the_nested_attributes_and_reads_back(
+        alen: int, atype: int, data: st.DataObject) -> None:
+    addr = st.binary(min_size=alen, max_size=alen)
+    t = Tuple(data.draw(addr), data.draw(addr), data.draw(st.sampled_from([6, 17, 33, 47, 132])),
+              data.draw(st.integers(0, 0xFFFF)), data.draw(st.integers(0, 0xFFFF)))
+    c = codec
+    v4 = alen == 4
+    ip = c._nest(c._T_IP, c._attr(c._IP_V4_SRC if v4 else c._IP_V6_SRC, t.src),
+                 c._attr(c._IP_V4_DST if v4 else c._IP_V6_DST, t.dst))
+    proto = c._nest(c._T_PROTO, c._u8a(c._P_NUM, t.proto), c._be16a(c._P_SPORT, t.sport),
+                    c._be16a(c._P_DPORT, t.dport))
+    want = c._nest(atype, ip, proto)
+    assert c._port_tuple(atype, t.src, t.dst, t.proto, t.sport, t.dport) == want
+    layout = c._TUPLE4 if v4 else c._TUPLE6
+    payload = want[4:]
+    assert len(payload) == layout.size
+    assert layout.check.unpack_from(payload) == layout.want
+    assert layout.read.unpack_from(payload) == (t.src, t.dst, t.proto, t.sport, t.dport)
+    assert c._decode_tuple(payload, 0, len(payload)) == (t, 0)
+    assert c._decode_tuple_slow(payload, 0, len(payload)) == (t, 0)
+
+
+@pytest.mark.parametrize("wscale", [(0, 0), (7, 9)])
+def test_tcp_protoinfo_in_one_pack_is_the_nested_attributes(wscale: tuple[int, int]) -> None:
+    c = codec
+    wso, wsr = wscale
+    parts = [c._u8a(c._TCP_STATE, 3), c._attr(c._TCP_FLAGS_O, bytes((0x27 | 8, 0xFF))),
+             c._attr(c._TCP_FLAGS_R, bytes((0x23 | 8, 0xFF)))]
+    if wso or wsr:
+        parts += [c._u8a(c._TCP_WSCALE_O, wso), c._u8a(c._TCP_WSCALE_R, wsr)]
+    want = c._nest(c.CTA.PROTOINFO, c._nest(c._PI_TCP_NEST, *parts))
+    assert c._protoinfo_tcp(3, 0x27, 0x23, wso, wsr, True) == want
+    assert c._decode_protoinfo(want, 4, len(want)) == (3, 0x2F, 0x2B, wso, wsr)
+
+
+def test_a_creates_head_in_one_pack_is_the_tuples_status_and_timeout() -> None:
+    for f in _COMMON:
+        o = f.orig
+        body = codec.create_body(f)
+        head = (codec.encode_tuple(1, o) + codec.encode_tuple(2, o.invert())
+                + codec._be32a(codec.CTA.STATUS, (f.status & codec.SETTABLE_STATUS) | 8)
+                + codec._be32a(codec.CTA.TIMEOUT, f.timeout))
+        assert body.startswith(head)
+
+
+def test_the_tuple_fast_path_matches_the_general_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every kernel-captured message decodes the same with the tuple layouts disabled."""
+    from conntrackd_py.kernel import codec as c
+    msgs = [*EVENTS, *DUMP, _ACCT_DESTROY]
+    fast = [c.decode_events(m, len(m)) for m in msgs]
+    monkeypatch.setattr(c, "_HEAD4_WANT", ())
+    monkeypatch.setattr(c, "_T4_WANT", ())
+    monkeypatch.setattr(c, "_T6_WANT", ())
+    assert [c.decode_events(m, len(m)) for m in msgs] == fast
+
+
+@pytest.mark.parametrize("bad", [
+    Flow(_O4, _O4.invert(), zone=70000),
+    Flow(_O4._replace(sport=70000), _O4.invert()),
+    Flow(_O4._replace(dst=bytes(16)), _O4.invert()),
+    Flow(_O4, _O4.invert(), mark=2**32),
+    Flow(_O4, _O4.invert(), status=int(Status.SRC_NAT), timeout=1)._replace(
+        reply=_O4.invert()._replace(dport=70000)),
+    Flow(_O4, _O4.invert(), state=3, tcp_wscale_orig=300),
+])
+def test_values_a_create_cannot_carry_raise_encode_error_only(bad: Flow) -> None:
+    with pytest.raises(codec.EncodeError):
+        codec.create_body(bad)
+    with contextlib.suppress(codec.EncodeError):  # an update carries no NAT: may encode
+        codec.encode_create(bad, 1, update=True)
+    k, v = _entry(bad)
+    with contextlib.suppress(codec.EncodeError):  # or None: not the common shape
+        codec.create_body_packed(k, v)
+
+
+def test_a_delete_of_an_impossible_key_raises_encode_error() -> None:
+    with pytest.raises(codec.EncodeError):
+        codec.encode_delete(70000, _O4, 1)
+    with pytest.raises(codec.EncodeError):
+        codec.encode_get(0, _O4._replace(src=b"\1\2\3"), 1)
