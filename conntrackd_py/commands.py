@@ -71,8 +71,8 @@ PURGE_MAX = 2**31
 PROTO_NAMES: Mapping[str, int] = {
     "icmp": 1, "tcp": 6, "udp": 17, "dccp": 33, "gre": 47, "icmpv6": 58, "sctp": 132,
     "udplite": 136}
-#: `-s KIND` (None or "all": every section)
-#: (stats.sections maps each to its sections; a unit test holds the two lists equal)
+#: `-s KIND` (None or "all": every section); stats.sections maps each to what it shows, and a
+#: unit test holds the two lists equal
 STATS_KINDS = frozenset({"runtime", "general", "cache", "network", "sync", "queue", "link",
                          "accounting", "control"})
 FLUSH_CACHES = ("internal", "external", "both")
