@@ -79,8 +79,8 @@ KEY_MIN, KEY_MAX = 16, 64
 TCP_STATE_ALIASES = {"CLOSED": "CLOSE", "LISTEN": "SYN_SENT2"}
 #: Where the embedded default (and the docs) keep the sync key.
 DEFAULT_KEY_FILE = "/etc/conntrackd-py/sync.key"
-#: A config file larger than this is refused before parsing (a 65536-address filter is ~2 MiB).
-MAX_FILE_SIZE = 16 * 1024 * 1024
+#: A config file larger than this is refused before parsing (a 65536-address filter is ~1.5 MiB)
+MAX_FILE_SIZE = 4 * 1024 * 1024
 
 
 def keygen(path: str = DEFAULT_KEY_FILE) -> str:

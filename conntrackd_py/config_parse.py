@@ -18,9 +18,14 @@ from dataclasses import MISSING, field, fields
 from typing import Any, TypeVar, cast
 
 import yaml
+from yaml.composer import Composer
 from yaml.constructor import SafeConstructor
 from yaml.events import AliasEvent
 from yaml.nodes import MappingNode, ScalarNode, SequenceNode
+from yaml.parser import Parser as EventParser
+from yaml.reader import Reader
+from yaml.resolver import Resolver
+from yaml.scanner import Scanner
 
 YNode = yaml.Node
 Parser = Callable[[YNode, str], Any]
@@ -44,12 +49,34 @@ MAX_DEPTH = 64
 #: reader after the composer walks them expanded: nested aliases of a 500-byte "billion laughs"
 #: ran 27.9 s into a MemoryError. Real configs alias a channel's few keys.
 MAX_ALIAS_VALUES = 100_000
+#: Values in a whole document, aliases expanded: three filter lists of 65536 entries fit.
+#: It bounds the cost of any accepted text (about 25 us a value, on libyaml's events).
+MAX_VALUES = 200_000
+
+if yaml.__with_libyaml__:  # libyaml's event parser: a fifth of the pure-Python scanner's cost
+    from yaml._yaml import CParser
+
+    class _Base(Composer, CParser, Resolver):
+        def __init__(self, stream: str) -> None:
+            CParser.__init__(self, stream)
+            Composer.__init__(self)
+            Resolver.__init__(self)
+else:  # pragma: no cover
+    class _Base(Reader, Scanner, EventParser, Composer, Resolver):  # type: ignore[no-redef]
+        def __init__(self, stream: str) -> None:
+            Reader.__init__(self, stream)
+            Scanner.__init__(self)
+            EventParser.__init__(self)
+            Composer.__init__(self)
+            Resolver.__init__(self)
 
 
-class _BoundedLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses deep nesting, alias expansion beyond MAX_ALIAS_VALUES and
-    aliases inside their own anchor, as it composes: the cost of any text is linear in its
-    length, and nothing after it needs to guard against cycles or recursion."""
+class _BoundedLoader(_Base):
+    """A YAML composer (events -> nodes, safe tags resolved as yaml.SafeLoader does) that
+    refuses deep nesting, too many values, alias expansion beyond MAX_ALIAS_VALUES, aliases
+    inside their own anchor and redefined anchors, as it composes: the cost of any text is
+    bounded and linear in its length, and nothing after it needs to guard against cycles or
+    recursion. Its nodes are the plain PyYAML ones the readers below take."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
@@ -59,7 +86,7 @@ class _BoundedLoader(yaml.SafeLoader):
         self._sizes: dict[int, int] = {}  # id(anchored node) -> its values, once complete
 
     def compose_node(self, parent: YNode | None, index: Any) -> YNode | None:
-        event = self.peek_event()  # type: ignore[no-untyped-call]
+        event: Any = self.peek_event()
         if isinstance(event, AliasEvent):
             node = super().compose_node(parent, index)
             size = self._sizes.get(id(node))
@@ -72,18 +99,29 @@ class _BoundedLoader(yaml.SafeLoader):
                 raise Invalid("", f"YAML aliases expand to more than {MAX_ALIAS_VALUES} "
                               "values here (nested aliases); write the values out instead",
                               cast(yaml.Mark, event.start_mark))
+            self._count_values(event)
             return node
+        if event.anchor is not None and event.anchor in self.anchors:
+            first = self.anchors[event.anchor].start_mark.line + 1
+            raise Invalid("", f"the anchor &{event.anchor} is defined twice (first on line "
+                          f"{first})", cast(yaml.Mark, event.start_mark))
         if self._depth >= MAX_DEPTH:
             raise Invalid("", f"nested deeper than {MAX_DEPTH} levels",
                           cast(yaml.Mark, event.start_mark))
         self._depth += 1
         start = self._values
         self._values += 1
+        self._count_values(event)
         node = super().compose_node(parent, index)
         self._depth -= 1
         if event.anchor is not None:
             self._sizes[id(node)] = self._values - start
         return node
+
+    def _count_values(self, event: Any) -> None:
+        if self._values > MAX_VALUES:
+            raise Invalid("", f"more than {MAX_VALUES} values in one file (aliases "
+                          "expanded); a config needs far fewer", cast(yaml.Mark, event.start_mark))
 
 
 def compose_untrusted(text: str) -> YNode | None:

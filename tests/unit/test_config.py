@@ -262,7 +262,7 @@ def test_to_dict_prints_names_not_numbers() -> None:
     ("", "node: is required: this node's identity, e.g. 'node: {id: 1}' (conntrackd-py.yaml)"),
     ("node:\n  id: 1\n  id: 2\n",
      "node.id: appears twice (first on line 2) (conntrackd-py.yaml:3)"),
-    ("node: {id: 1\n", "not valid YAML: expected ',' or '}', but got '<stream end>' "
+    ("node: {id: 1\n", "not valid YAML: did not find expected ',' or '}' "
      "(conntrackd-py.yaml:2)"),
     ("node: {id: !!python/name:os.system 1}\n", "not valid YAML: could not determine a "
      "constructor for the tag 'tag:yaml.org,2002:python/name:os.system' (conntrackd-py.yaml:1)"),
