@@ -499,9 +499,11 @@ def load_keys(auth: Auth) -> tuple[bytes, ...]:
         try:
             # O_NONBLOCK: a FIFO in the key's place must not hang the start
             fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            with open(fd, "rb") as fh:
+            try:
                 st = os.fstat(fd)
-                data = fh.read(_KEY_FILE_MAX + 1) if stat.S_ISREG(st.st_mode) else b""
+                data = os.read(fd, _KEY_FILE_MAX + 1) if stat.S_ISREG(st.st_mode) else b""
+            finally:
+                os.close(fd)
         except OSError as e:
             raise ConfigError(f"cannot read key file: {e.strerror}; make one with: "
                               f"{keygen(name)} (the same key on every node)", where,
