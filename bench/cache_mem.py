@@ -14,7 +14,9 @@ measured two ways:
   reuse memory the first gave back). Includes allocator rounding and overhead, but reads low
   if the process already had free heap from earlier work.
 Rates: upserts/s of already packed pairs (the cache alone), reconcile of an identical dump,
-and `commit_plan` over 100k peer flows (the failover path).
+`commit_plan` over 100k peer flows (the failover path), a peer's flows through
+`flow.filter_untrusted` in datagrams of 30 (the receive path's check of every field), and
+`commit_plan` of a 32k-flow RELATED chain (each flow the master of the next; linear now).
 
 Run: `python bench/cache_mem.py 1000000`
 """
@@ -32,7 +34,7 @@ from collections.abc import Callable, Iterator
 from functools import partial
 
 from conntrackd_py.cache import ExternalCache, InternalCache
-from conntrackd_py.flow import Flow, Status, Tuple, pack_flow
+from conntrackd_py.flow import Flow, Status, Tuple, filter_untrusted, pack_flow
 
 SERVERS = [bytes([192, 0, 2, i]) for i in range(1, 255)] + [
     bytes([198, 51, 100, i]) for i in range(1, 255)
@@ -161,7 +163,25 @@ def _measure(pairs: list[tuple[bytes, bytes]], out: dict[str, float]) -> dict[st
     sub = pairs[:100_000]
     ext = _fill_external(sub, False)
     out["commit_plan_per_s"] = _rate(len(sub), partial(ext.commit_plan, now=1005.0))
+
+    # the receive path: every field of a peer's flows checked, one FLOW_BATCH (30) at a time
+    batches = [sub[i:i + 30] for i in range(0, len(sub), 30)]
+    out["filter_untrusted_per_s"] = _rate(
+        len(sub), lambda: [filter_untrusted(b) for b in batches])
+
+    # a RELATED chain, leaves first (the worst order for walking up to the masters)
+    chain = _related_chain(32768)
+    ext = ExternalCache(epoch=0.0)
+    ext.apply(1, [pack_flow(f) for f in chain], now=1.0)
+    out["commit_plan_chain_per_s"] = _rate(len(chain), partial(ext.commit_plan, now=2.0))
     return out
+
+
+def _related_chain(n: int) -> list[Flow]:
+    def orig(i: int) -> Tuple:
+        return Tuple(bytes([10, 0, 0, 2]), SERVERS[0], 6, 1024 + i % 60000, 21 + i // 60000)
+    return [Flow(orig(i), orig(i).invert(), status=STATUS, timeout=300, state=3,
+                 master=None if i == 0 else orig(i - 1)) for i in reversed(range(n))]
 
 
 def main(argv: list[str]) -> None:
