@@ -73,55 +73,64 @@ else:  # pragma: no cover
 
 class _BoundedLoader(_Base):
     """A YAML composer (events -> nodes, safe tags resolved as yaml.SafeLoader does) that
-    refuses deep nesting, too many values, alias expansion beyond MAX_ALIAS_VALUES, aliases
-    inside their own anchor and redefined anchors, as it composes: the cost of any text is
-    bounded and linear in its length, and nothing after it needs to guard against cycles or
-    recursion. Its nodes are the plain PyYAML ones the readers below take."""
+    refuses, as it composes: nesting deeper than MAX_DEPTH (aliases expanded, so a chain of
+    aliases cannot build depth either), more than MAX_VALUES values, alias expansion beyond
+    MAX_ALIAS_VALUES, aliases inside their own anchor and redefined anchors. So the cost of
+    any text is bounded and linear in its length, and the readers after it, which recurse
+    over the expanded tree, need no guard against cycles or recursion depth. Its nodes are
+    the plain PyYAML ones."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
-        self._depth = 0
+        self._depth = 0  # nodes open above the one being composed
         self._values = 0  # values in the document so far, every alias expanded
         self._aliased = 0  # of those, the ones aliases added
-        self._sizes: dict[int, int] = {}  # id(anchored node) -> its values, once complete
+        self._tallest: list[int] = [0]  # per open node: the height of its tallest child
+        #: id(anchored node) -> (values, height) of it expanded, once complete
+        self._anchored: dict[int, tuple[int, int]] = {}
 
     def compose_node(self, parent: YNode | None, index: Any) -> YNode | None:
         event: Any = self.peek_event()
+        mark = cast(yaml.Mark, event.start_mark)
         if isinstance(event, AliasEvent):
             node = super().compose_node(parent, index)
-            size = self._sizes.get(id(node))
-            if size is None:
+            done = self._anchored.get(id(node))
+            if done is None:
                 raise Invalid("", f"the alias *{event.anchor} is inside its own anchor "
-                              f"&{event.anchor}", cast(yaml.Mark, event.start_mark))
+                              f"&{event.anchor}", mark)
+            size, height = done
             self._values += size
             self._aliased += size
             if self._aliased > MAX_ALIAS_VALUES:
                 raise Invalid("", f"YAML aliases expand to more than {MAX_ALIAS_VALUES} "
                               "values here (nested aliases); write the values out instead",
-                              cast(yaml.Mark, event.start_mark))
-            self._count_values(event)
+                              mark)
+            self._check(self._depth + height, mark)
+            self._tallest[-1] = max(self._tallest[-1], height)
             return node
         if event.anchor is not None and event.anchor in self.anchors:
             first = self.anchors[event.anchor].start_mark.line + 1
             raise Invalid("", f"the anchor &{event.anchor} is defined twice (first on line "
-                          f"{first})", cast(yaml.Mark, event.start_mark))
-        if self._depth >= MAX_DEPTH:
-            raise Invalid("", f"nested deeper than {MAX_DEPTH} levels",
-                          cast(yaml.Mark, event.start_mark))
-        self._depth += 1
-        start = self._values
+                          f"{first})", mark)
         self._values += 1
-        self._count_values(event)
+        self._check(self._depth + 1, mark)
+        start = self._values - 1
+        self._depth += 1
+        self._tallest.append(0)
         node = super().compose_node(parent, index)
         self._depth -= 1
+        height = 1 + self._tallest.pop()
+        self._tallest[-1] = max(self._tallest[-1], height)
         if event.anchor is not None:
-            self._sizes[id(node)] = self._values - start
+            self._anchored[id(node)] = (self._values - start, height)
         return node
 
-    def _count_values(self, event: Any) -> None:
+    def _check(self, depth: int, mark: yaml.Mark) -> None:
+        if depth > MAX_DEPTH:
+            raise Invalid("", f"nested deeper than {MAX_DEPTH} levels", mark)
         if self._values > MAX_VALUES:
             raise Invalid("", f"more than {MAX_VALUES} values in one file (aliases "
-                          "expanded); a config needs far fewer", cast(yaml.Mark, event.start_mark))
+                          "expanded); a config needs far fewer", mark)
 
 
 def compose_untrusted(text: str) -> YNode | None:

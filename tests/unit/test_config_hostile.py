@@ -122,8 +122,25 @@ def test_nesting_10000_levels_deep_is_a_config_error_not_a_recursion_error(text:
     assert e.line is not None
 
 
+@pytest.mark.parametrize("link", ["a{i}: &a{i} [*a{j}]", "a{i}: &a{i} {{<<: *a{j}, k{i}: 1}}",
+                                  "a{i}: &a{i} {{k: *a{j}}}"])
+def test_a_chain_of_aliases_cannot_build_depth_either(link: str) -> None:
+    # each link is shallow in the text; expanded, the last is 200 levels deep, and everything
+    # after the composer (merge keys, the key index, the schema) recurses over the expansion
+    lines = ["a0: &a0 {k: 1}"] + [link.format(i=i, j=i - 1) for i in range(1, 200)]
+    e = refused("\n".join(lines) + "\n")
+    assert e.problem == f"nested deeper than {MAX_DEPTH} levels"
+    assert e.line is not None
+    assert e.line < 200
+
+
 def test_nesting_is_bounded_exactly_at_max_depth() -> None:
     assert compose_untrusted("[" * MAX_DEPTH + "]" * MAX_DEPTH) is not None
+    # through an alias: the anchored list is MAX_DEPTH - 1 deep, the alias one level down
+    deep = "[" * (MAX_DEPTH - 1) + "]" * (MAX_DEPTH - 1)
+    assert compose_untrusted(f"- &a {deep}\n- *a\n") is not None
+    with pytest.raises(Invalid, match="nested deeper"):
+        compose_untrusted(f"- &a {deep}\n- [*a]\n")
     with pytest.raises(Invalid, match="nested deeper"):
         compose_untrusted("[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1))
 
