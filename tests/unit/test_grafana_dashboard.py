@@ -38,7 +38,7 @@ def exposed() -> dict[str, str]:
         snaps = [_shell.daemon_snapshot(Path(tmp) / "ext"),
                  _shell.daemon_snapshot(Path(tmp) / "direct", external=False)]
     for snap in snaps:
-        text = exposition(lambda snap=snap: snap)().decode()
+        text = exposition(functools.partial(lambda s: s, snap))().decode()
         for fam in text_string_to_metric_families(text):
             for s in fam.samples:
                 out[s.name] = fam.type
