@@ -45,7 +45,6 @@ from .config_parse import (
     f,
     hint,
     ifname,
-    index,
     integer,
     line_of,
     listen,
@@ -424,15 +423,13 @@ def auth_off(cfg: Config) -> bool:
 # --- entry points -----------------------------------------------------------------------------
 
 def _parse(text: str, filename: str, path: str | None) -> Config:
-    marks: dict[str, yaml.Mark] = {}
+    root = None
     try:
         root = compose_untrusted(text)
-        if root is not None:
-            index(root, "", marks)
         cfg = build(Config, root, "", {"path": path})
         _check(cfg)
     except Invalid as e:
-        line = e.mark.line + 1 if e.mark is not None else line_of(marks, e.key)
+        line = e.mark.line + 1 if e.mark is not None else line_of(root, e.key)
         raise ConfigError(e.problem, key=e.key, filename=filename, line=line) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark

@@ -160,16 +160,22 @@ def join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
+def short(text: str) -> str:
+    """Text from the file as an error shows it: a hostile megabyte stays out of the log."""
+    return text if len(text) <= 60 else text[:50] + "..."
+
+
 def show(node: YNode) -> str:
     """The value as the user wrote it: quoted if it is a string."""
     if isinstance(node, ScalarNode):
-        text = str(node.value)
-        text = text if len(text) <= 60 else text[:50] + "..."  # a hostile value stays short
+        text = short(str(node.value))
         return repr(text) if node.tag.endswith(":str") else text or "null"
     return "a mapping" if isinstance(node, MappingNode) else "a list"
 
 
 def hint(word: str, options: Any) -> str:
+    if len(word) > 60:  # no option is that long; difflib's cost grows with it
+        return ""
     close = difflib.get_close_matches(word, [str(o) for o in options], n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -225,7 +231,7 @@ def _pairs(node: MappingNode, path: str) -> list[tuple[YNode, YNode]]:
                 merged += _pairs(src, path)
             continue
         if k.value in seen:
-            raise Invalid(join(path, str(k.value)), "appears twice (first on line "
+            raise Invalid(join(path, short(str(k.value))), "appears twice (first on line "
                           f"{seen[k.value].start_mark.line + 1})", k.start_mark)
         seen[k.value] = k
         own.append((k, v))
@@ -239,7 +245,7 @@ def build(cls: type[T], node: YNode | None, path: str, extra: dict[str, Any] | N
     for key, (knode, _) in pairs.items():
         if key not in spec:
             why = hint(key, spec) or f"; expected one of: {', '.join(spec)}"
-            raise Invalid(join(path, key), f"unknown key{why}", knode.start_mark)
+            raise Invalid(join(path, short(key)), f"unknown key{why}", knode.start_mark)
     kwargs = dict(extra or {})
     for name, fld in spec.items():
         if name in pairs:
@@ -265,29 +271,28 @@ def sec(cls: type[Any]) -> Any:
     return f(section(cls), factory=cls)
 
 
-def index(node: YNode, path: str, out: dict[str, yaml.Mark]) -> None:
-    """Record the mark of every key path, for errors found after parsing. The tree is one
-    `compose_untrusted` made: acyclic, shallow and of bounded expanded size."""
-    if isinstance(node, MappingNode):
-        for k, v in node.value:
-            if not isinstance(k, ScalarNode):
-                continue  # refused as a key by `mapping`
-            p = join(path, str(k.value))
-            out.setdefault(p, k.start_mark)
-            index(v, p, out)
-    elif isinstance(node, SequenceNode):
-        for i, v in enumerate(node.value):
-            out.setdefault(f"{path}[{i}]", v.start_mark)
-            index(v, f"{path}[{i}]", out)
-
-
-def line_of(marks: dict[str, yaml.Mark], key: str) -> int | None:
-    """The line of `key`, or of its closest parent that appears in the file."""
-    while key:
-        if key in marks:
-            return marks[key].line + 1
-        key = re.sub(r"(?:^|\.)[^.\[]+$|\[\d+\]$", "", key)
-    return None
+def line_of(root: YNode | None, key: str) -> int | None:
+    """The line of key path `key` (like "sync.channels[0].udp.bind") in the tree, or of its
+    closest parent that is written in the file. It walks only that path: an index of every
+    path in the file would cost the length of each path per value (a 1 MB key above 200000
+    values would be 200 GB)."""
+    node, mark = root, None
+    for part in re.findall(r"\[\d+\]|[^.\[\]]+", key):
+        if isinstance(node, SequenceNode) and part[0] == "[":
+            i = int(part[1:-1])
+            if i >= len(node.value):
+                break
+            node = node.value[i]
+            mark = node.start_mark
+        elif isinstance(node, MappingNode) and part[0] != "[":
+            hit = next((kv for kv in node.value
+                        if isinstance(kv[0], ScalarNode) and kv[0].value == part), None)
+            if hit is None:
+                break
+            mark, node = hit[0].start_mark, hit[1]
+        else:
+            break
+    return mark.line + 1 if mark is not None else None
 
 
 # --- values -----------------------------------------------------------------------------------
@@ -432,7 +437,7 @@ def multicast(node: YNode, path: str) -> str:
     except ValueError:
         addr = None
     if addr is None or not addr.is_multicast:
-        raise Invalid(path, f"{text!r} is not a multicast address (224.0.0.0/4 or ff00::/8)")
+        raise Invalid(path, f"{short(text)!r} is not a multicast address (224.0.0.0/4 or ff00::/8)")
     return str(addr)
 
 
@@ -446,7 +451,7 @@ def network(node: YNode, path: str) -> ipaddress.IPv4Network | ipaddress.IPv6Net
             why = f" (did you mean '{ipaddress.ip_network(text, strict=False)}'?)"
         except ValueError:
             why = ""
-    raise Invalid(path, f"{text!r} is not an address or CIDR network like 10.0.0.0/8 or "
+    raise Invalid(path, f"{short(text)!r} is not an address or CIDR network like 10.0.0.0/8 or "
                   f"fd00::/64{why}")
 
 
@@ -456,7 +461,7 @@ _IFNAME = re.compile(r"[^/:\s]{1,15}")
 def ifname(node: YNode, path: str) -> str:
     name = string(node, path)
     if not _IFNAME.fullmatch(name):
-        raise Invalid(path, f"{name!r} is not an interface name (1-15 characters, no '/', "
+        raise Invalid(path, f"{short(name)!r} is not an interface name (1-15 characters, no '/', "
                       "':' or spaces)")
     return name
 
@@ -471,7 +476,7 @@ def socket_path(node: YNode, path: str) -> str:
 def netns(node: YNode, path: str) -> str:
     name = string(node, path)
     if "/" in name or name in (".", ".."):
-        raise Invalid(path, f"{name!r} is not a namespace name (as in `ip netns add NAME`)")
+        raise Invalid(path, f"{short(name)!r} is not a namespace name (as in `ip netns add NAME`)")
     return name
 
 

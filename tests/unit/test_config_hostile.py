@@ -321,3 +321,24 @@ def test_compose_untrusted_is_what_the_entry_points_use() -> None:
     assert config_parse.compose_untrusted is compose_untrusted
     e = refused("[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1))
     assert "nested deeper" in e.problem
+
+
+def test_a_megabyte_key_above_many_values_costs_its_size_once() -> None:
+    # an index of every key path would hold the key once per value (here 50k copies, 50 GB)
+    # (an explicit key: YAML limits implicit ones to 1024 characters)
+    text = "? " + "k" * 1_000_000 + "\n: [" + ",".join(["1"] * 50_000) + "]\n"
+    e = refused(text)
+    assert e.key == "k" * 50 + "..."
+    assert e.problem.startswith("unknown key; expected one of: node, general")
+    assert len(str(e)) < 300
+
+
+@pytest.mark.parametrize("text", [
+    "node: {id: 1}\n" + "x" * 100_000 + ": 1\n",
+    BASE + "  channels: [{multicast: {group: '" + "1" * 100_000 + "'}}]\n",
+    BASE.replace("225.0.0.50", "2" * 100_000),
+    BASE + "  mode: " + "f" * 100_000 + "\n",
+    BASE + "filters: {addresses: {ignore: ['" + "1" * 100_000 + "']}}\n",
+])
+def test_huge_keys_and_values_are_shortened_in_errors(text: str) -> None:
+    assert len(str(refused(text))) < 400
