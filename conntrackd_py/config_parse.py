@@ -1,9 +1,12 @@
 """Typed readers for composed YAML nodes: the machinery under `config.py`.
 
-Owns turning `yaml.compose` nodes into checked Python values (ints in range, sizes, durations,
-addresses, lists, dataclass sections) and remembering where each key sits in the file, so an
-error can name its line. It knows nothing of the conntrackd-py schema (that is `config.py`) and
-never constructs arbitrary Python objects from YAML: only the safe scalar types are built.
+Owns composing untrusted YAML text into nodes (`compose_untrusted`: nesting, values and alias
+expansion bounded as it composes, so any text costs time and memory linear in its length and
+no reader below recurses deeper than MAX_DEPTH), turning those nodes into checked Python values
+(ints in range, sizes, durations, addresses, lists, dataclass sections) and finding where a key
+sits in the file, so an error can name its line. It knows nothing of the conntrackd-py schema
+(that is `config.py`) and never constructs arbitrary Python objects from YAML: only the safe
+scalar types are built.
 """
 
 from __future__ import annotations
