@@ -41,7 +41,7 @@ import threading
 import time
 from typing import Any
 
-from lab import Conntrackd, DaemonProc, Lab, SyncDaemon, cluster_topology, measure
+from lab import Conntrackd, DaemonProc, Lab, SyncDaemon, cluster_topology, measure, time_until
 from lab.bench import OURS, REF, cpu_seconds, pin, start_node, start_pair, wait_ready
 from lab.bench import say as _say
 
@@ -55,15 +55,6 @@ TCP_CONNS = 3000
 TCP_PARALLEL = 30
 
 # --- commit and resync, while B holds the flows of a throughput run -------------------------
-
-def _poll(pred: Any, limit: float, interval: float = 0.05) -> float | None:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < limit:
-        if pred():
-            return time.monotonic()
-        time.sleep(interval)
-    return None
-
 
 def commit_and_resync(kind: str, workdir: str, topo: Any, a: SyncDaemon, b: SyncDaemon,
                       held: int) -> dict[str, float]:
@@ -83,7 +74,7 @@ def commit_and_resync(kind: str, workdir: str, topo: Any, a: SyncDaemon, b: Sync
         assert isinstance(b, Conntrackd)
         waiter = b.ns.popen("conntrackd", "-C", b.conf, "-c", stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    t1 = _poll(lambda: fw_b.conntrack_count() - k0 >= held, 120)
+    t1 = time_until(lambda: fw_b.conntrack_count() - k0 >= held, 120)
     if isinstance(waiter, threading.Thread):
         waiter.join(120)
         assert isinstance(b, DaemonProc)
@@ -113,7 +104,7 @@ def commit_and_resync(kind: str, workdir: str, topo: Any, a: SyncDaemon, b: Sync
         b2.ctl("-n")  # conntrackd is asked at once
     pin(b2.pid, 1)
     try:
-        t1 = _poll(lambda: b2.external_count() >= want, 120, 0.01)
+        t1 = time_until(lambda: b2.external_count() >= want, 120, 0.01)
     except OSError as e:
         p = b2.proc
         if isinstance(b2, DaemonProc) and p is not None and p.poll() is not None:
@@ -131,10 +122,10 @@ def commit_and_resync(kind: str, workdir: str, topo: Any, a: SyncDaemon, b: Sync
     # requests), `-B` on A (it pushes)
     for name, node, flag in (("resync_n_s", b2, "-n"), ("resync_bulk_s", a, "-B")):
         _ctl(b2, "-f", "external")
-        _poll(lambda: b2.external_count() == 0, 10)
+        time_until(lambda: b2.external_count() == 0, 10)
         t0 = time.monotonic()
         _ctl(node, flag)
-        t1 = _poll(lambda: b2.external_count() >= want, 60, 0.01)
+        t1 = time_until(lambda: b2.external_count() >= want, 60, 0.01)
         r[name] = (t1 or time.monotonic()) - t0
         say(f"{kind:<13} {flag} into B's emptied external cache: {b2.external_count():,} flows "
             f"after {r[name]:.2f} s")
@@ -186,7 +177,7 @@ def tcp_mixed(kind: str, conns: int = TCP_CONNS) -> dict[str, float]:
                 ia, eb = measure.raw_dump(a, "internal"), measure.raw_dump(b, "external", 1)
                 return ia == eb
 
-            t1 = _poll(same, 30, 0.2)
+            t1 = time_until(same, 30, 0.2)
             r["missing"] = float(len(ia.keys() - eb.keys()))
             r["extra"] = float(len(eb.keys() - ia.keys()))
             r["differing"] = float(sum(1 for k in ia.keys() & eb.keys() if ia[k] != eb[k]))
@@ -200,7 +191,7 @@ def tcp_mixed(kind: str, conns: int = TCP_CONNS) -> dict[str, float]:
                 return ia_n - base_a == eb_n - base_b or (
                     len(last) > 25 and len(set(last[-25:])) == 1)  # unchanged for 5 s
 
-            t1 = _poll(settled, 30, 0.2)
+            t1 = time_until(settled, 30, 0.2)
             ia_n, eb_n = last[-1]
             r["missing"] = float((ia_n - base_a) - (eb_n - base_b))
             r["a_flows"] = float(ia_n - base_a)

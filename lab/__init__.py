@@ -56,7 +56,7 @@ from .traffic import (
     udp_flows,
     udp_flows_popen,
 )
-from .wait import poll_until, wait_until
+from .wait import poll_until, time_until, wait_until
 
 __all__ = [
     "FIRST_SPORT",
@@ -91,6 +91,7 @@ __all__ = [
     "send_udp_flows",
     "tcp_echo_server",
     "terminate",
+    "time_until",
     "udp_echo_server",
     "udp_flows",
     "udp_flows_popen",

@@ -10,14 +10,21 @@ import time
 from collections.abc import Callable
 
 
-def poll_until(pred: Callable[[], object], limit: float, interval: float = 0.05) -> bool:
-    """Poll `pred` until it is true (True) or `limit` seconds have passed (False)."""
+def time_until(pred: Callable[[], object], limit: float,
+               interval: float = 0.05) -> float | None:
+    """Poll `pred` until it is true: the monotonic time it was seen true, or None after
+    `limit` seconds (for measurements that need when, not only whether)."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         if pred():
-            return True
+            return time.monotonic()
         time.sleep(interval)
-    return False
+    return None
+
+
+def poll_until(pred: Callable[[], object], limit: float, interval: float = 0.05) -> bool:
+    """Poll `pred` until it is true (True) or `limit` seconds have passed (False)."""
+    return time_until(pred, limit, interval) is not None
 
 
 def wait_until(pred: Callable[[], object], limit: float, what: str,
