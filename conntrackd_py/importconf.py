@@ -80,11 +80,16 @@ def parse(text: str, filename: str = "<conntrackd.conf>") -> list[Stmt]:
                 raise ConfSyntaxError("unterminated quoted string", filename=filename, line=n)
             tokens.append((tok.strip('"') if len(tok) > 1 else tok, n))
         tokens.append(("\n", n))
-    return _block(tokens, 0, None, filename)[0]
+    return _block(tokens, 0, None, filename, 0)[0]
+
+
+#: conntrackd.conf nests four levels at most (General > Filter > Protocol Accept); the parser
+#: recurses once per level, so a hostile file must not choose the depth
+MAX_DEPTH = 16
 
 
 def _block(tokens: list[tuple[str, int]], pos: int, opened: int | None,
-           filename: str) -> tuple[list[Stmt], int]:
+           filename: str, depth: int) -> tuple[list[Stmt], int]:
     stmts: list[Stmt] = []
     words: list[str] = []
     first = 0
@@ -97,7 +102,10 @@ def _block(tokens: list[tuple[str, int]], pos: int, opened: int | None,
                 words, first = head.words, head.line
             if not words:
                 raise ConfSyntaxError("'{' without a section name", filename=filename, line=n)
-            body, pos = _block(tokens, pos, first, filename)
+            if depth >= MAX_DEPTH:
+                raise ConfSyntaxError(f"sections nested deeper than {MAX_DEPTH} levels",
+                                      filename=filename, line=n)
+            body, pos = _block(tokens, pos, first, filename, depth + 1)
             stmts.append(Stmt(words, first, body))
             words = []
         elif tok in ("}", "\n"):
@@ -433,6 +441,12 @@ class _Converter:
                                "node) instead of the placeholder 1"))
 
 
+def _printable(text: str) -> str:
+    """Text for a YAML comment: control characters (which make YAML invalid) escaped."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace")
+                   .decode("ascii") for c in text)
+
+
 def convert(text: str, filename: str = "<conntrackd.conf>") -> tuple[str, list[str]]:
     """conntrackd.conf text -> (conntrackd-py YAML text, what could not be mapped).
 
@@ -442,11 +456,11 @@ def convert(text: str, filename: str = "<conntrackd.conf>") -> tuple[str, list[s
     conv = _Converter(filename)
     data = conv.convert(parse(text, filename))
     notes = [text for _, text in sorted(conv.notes, key=lambda n: n[0])]
-    header = [f"# conntrackd-py configuration converted from {filename} by",
+    header = [f"# conntrackd-py configuration converted from {_printable(filename)} by",
               "# `conntrackd-py import-conf`. Check it with: conntrackd-py --check -C FILE"]
     if notes:
         header += ["#", "# Review (not converted or approximated):"]
-        header += [f"#   - {n}" for n in notes]
+        header += [f"#   - {_printable(n)}" for n in notes]
     body = yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
     auth = "\n  auth:\n    required: false\n"
     if auth in body:  # the one comment inside the YAML: why there is no key
@@ -478,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"conntrackd-py import-conf: {e}", file=sys.stderr)
         return 1
     for n in notes:
-        print(f"note: {n}", file=sys.stderr)
+        print(f"note: {_printable(n)}", file=sys.stderr)
     if args.output:
         with open(args.output, "w") as fh:
             fh.write(out)

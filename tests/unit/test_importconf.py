@@ -307,6 +307,7 @@ def test_parser_handles_comments_quotes_one_line_blocks_and_braces_on_their_own_
     ("A {\n B {\n  C 1\n }\n", "section is never closed with '}' (f.conf:1)"),
     ("{\n}\n", "'{' without a section name (f.conf:1)"),
     ('A "b\n', "unterminated quoted string (f.conf:1)"),
+    ("A {\n" * 10000 + "}\n" * 10000, "sections nested deeper than 16 levels (f.conf:17)"),
 ])
 def test_syntax_errors_name_the_line(text: str, message: str) -> None:
     with pytest.raises(ConfSyntaxError) as e:
@@ -315,7 +316,7 @@ def test_syntax_errors_name_the_line(text: str, message: str) -> None:
 
 
 @given(st.text(alphabet=st.sampled_from(list('{}#"\n \tSyncGeneralMode FTFW Multicast 1.')),
-               max_size=120))
+               max_size=120) | st.text(max_size=120))
 def test_any_text_converts_to_yaml_or_raises_a_syntax_error(text: str) -> None:
     try:
         out, _ = convert(text)
@@ -355,3 +356,16 @@ def test_main_reports_unreadable_and_unparsable_files(tmp_path: Path,
     bad.write_text("Sync {\n")
     assert main([str(bad)]) == 1
     assert f"section is never closed with '}}' ({bad}:1)" in capsys.readouterr().err
+
+
+def test_control_characters_in_the_conf_are_escaped_in_comments_and_notes(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "conntrackd.conf"
+    src.write_text("Sync {\n Mode FTFW {\n  Bogus \x1b[31mred\x07\n }\n Multicast {\n"
+                   "  IPv4_address 225.0.0.50\n  IPv4_interface 10.0.0.1\n }\n}\n")
+    assert main([str(src)]) == 0
+    captured = capsys.readouterr()
+    assert "\x1b" not in captured.out + captured.err
+    assert "Bogus \\x1b[31mred\\x07: not recognised" in captured.out
+    assert "note: " in captured.err
+    assert "\\x1b[31mred" in captured.err
