@@ -113,23 +113,40 @@ class MultiReceiver:
         hdrs = self._hdrs
         return [hdrs[i].msg_len for i in range(n)]
 
-    def source(self, i: int) -> str | None:
-        """The sender of datagram `i` of the last `recv()` (needs `names`), as text."""
+    def sources(self, n: int) -> list[str | None]:
+        """The senders of the first `n` datagrams of the last `recv()` (needs `names`), as
+        text: one copy of the address area, then a dict lookup per datagram (a sync link has
+        a handful of senders; the cache is bounded against spoofed ones)."""
         names = self._names
-        if names is None:
-            return None
+        if names is None or not n:
+            return [None] * n
         if self._hdrs is None:
-            return self._last[i] if i < len(self._last) else None
-        off = i * _NAME_SIZE
-        family = _FAMILY.unpack_from(names, off)[0]  # sa_family_t, host order
-        raw = bytes(names[off + 4:off + 8] if family == socket.AF_INET
-                    else names[off + 8:off + 24])
-        text = self._texts.get(raw)
-        if text is None:
-            if len(self._texts) > 4096:  # spoofed sources: keep the cache bounded
-                self._texts.clear()
-            fam = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
-            text = self._texts[raw] = socket.inet_ntop(fam, raw)
+            return list(self._last[:n])
+        raw = bytes(names[:n * _NAME_SIZE])
+        texts = self._texts
+        v4 = _FAMILY.unpack_from(raw)[0] == socket.AF_INET
+        first = raw[:_NAME_SIZE]
+        if raw == first * n:  # one sender (a peer's burst): no step per datagram
+            addr = first[4:8] if v4 else first[8:24]
+            text = texts.get(addr)
+            if text is None:
+                text = self._text(addr)
+            return [text] * n
+        out: list[str | None] = []
+        for off in range(0, n * _NAME_SIZE, _NAME_SIZE):
+            addr = raw[off + 4:off + 8] if v4 else raw[off + 8:off + 24]
+            text = texts.get(addr)
+            if text is None:
+                text = self._text(addr)
+            out.append(text)
+        return out
+
+    def _text(self, addr: bytes) -> str:
+        texts = self._texts
+        if len(texts) > 4096:  # spoofed sources: keep the cache bounded
+            texts.clear()
+        text = texts[addr] = socket.inet_ntop(
+            socket.AF_INET if len(addr) == 4 else socket.AF_INET6, addr)
         return text
 
 

@@ -198,7 +198,7 @@ class Transport:
         ch = self.channels[index]
         sock, st = ch.sock, ch.stats
         rx = MultiReceiver(sock, slots=32, slot_size=65536, names=True)
-        view, size, source = rx.view, rx.slot_size, rx.source
+        view, size, sources_of = rx.view, rx.slot_size, rx.sources
         limit = self.max_datagram
         while True:
             await trio.lowlevel.wait_readable(sock)
@@ -215,14 +215,15 @@ class Transport:
                     raise
                 if max(lengths) <= limit:
                     burst += [bytes(view[i * size:i * size + n]) for i, n in enumerate(lengths)]
-                    sources += [source(i) for i in range(len(lengths))]
+                    sources += sources_of(len(lengths))
                 else:
+                    senders = sources_of(len(lengths))
                     for i, n in enumerate(lengths):
                         if n > limit:
                             st.oversize += 1
                             continue
                         burst.append(bytes(view[i * size:i * size + n]))
-                        sources.append(source(i))
+                        sources.append(senders[i])
                 if rx.batched and len(lengths) < rx.slots:
                     break  # drained: no second call just to hear EAGAIN
             if burst:

@@ -107,3 +107,64 @@ def test_gso_refused_falls_back_to_sendmmsg_for_good() -> None:
             sent += sender.send(datagrams, sent)
         assert not sender.gso
         assert [rx.recv(4096) for _ in datagrams] == datagrams
+
+
+@pytest.mark.parametrize(("family", "host"), [(socket.AF_INET, "127.0.0.1"),
+                                              (socket.AF_INET6, "::1")])
+def test_the_senders_address_comes_with_each_datagram(family: int, host: str) -> None:
+    with socket.socket(family, socket.SOCK_DGRAM) as rx_sock, \
+            socket.socket(family, socket.SOCK_DGRAM) as a, \
+            socket.socket(family, socket.SOCK_DGRAM) as b:
+        rx_sock.bind((host, 0))
+        rx_sock.setblocking(False)
+        a.bind((host, 0))
+        b.bind((host, 0))
+        rx = nl.MultiReceiver(rx_sock, slots=8, slot_size=2048, names=True)
+        for _ in range(3):  # one sender: the burst's fast path
+            a.sendto(b"a", rx_sock.getsockname())
+        assert rx.sources(len(rx.recv())) == [host] * 3
+        for s in (a, b, a):  # mixed senders: one by one
+            s.sendto(b"x", rx_sock.getsockname())
+        lengths = rx.recv()
+        assert rx.sources(len(lengths)) == [host] * 3
+        assert rx.sources(0) == []
+
+
+def test_sources_without_names_are_unknown() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx_sock, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+        rx_sock.bind(("127.0.0.1", 0))
+        rx_sock.setblocking(False)
+        rx = nl.MultiReceiver(rx_sock, slots=4, slot_size=2048)
+        tx.sendto(b"x", rx_sock.getsockname())
+        assert rx.sources(len(rx.recv())) == [None]
+
+
+async def test_transport_drops_datagrams_above_the_limit_and_names_senders() -> None:
+    import trio
+
+    from conntrackd_py.transport import ChannelSpec, Transport
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    tp = Transport([ChannelSpec(port=port, peers=("127.0.0.1",), bind="127.0.0.1")],
+                   max_datagram=1500)
+    got: list[tuple[list[bytes], list[str | None]]] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(tp.receive_loop, 0, lambda b, s: got.append((b, s)),
+                               trio.current_time)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+                for d in (b"a" * 100, b"b" * 2000, b"c" * 1500):
+                    tx.sendto(d, ("127.0.0.1", port))
+            with trio.fail_after(5):
+                while sum(len(b) for b, _ in got) < 2:  # noqa: ASYNC110 (plain state)
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    finally:
+        tp.close()
+    datagrams = [d for b, _ in got for d in b]
+    assert [len(d) for d in datagrams] == [100, 1500]
+    assert [s for _, ss in got for s in ss] == ["127.0.0.1"] * 2
+    assert tp.channels[0].stats.oversize == 1
+    assert tp.channels[0].stats.received == 2
