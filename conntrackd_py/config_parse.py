@@ -164,8 +164,10 @@ def join(path: str, key: str) -> str:
 
 
 def short(text: str) -> str:
-    """Text from the file as an error shows it: a hostile megabyte stays out of the log."""
-    return text if len(text) <= 60 else text[:50] + "..."
+    """Text from the file as an error shows it: a hostile megabyte stays out of the log, and
+    control characters (YAML escapes like "\\e") out of the terminal."""
+    text = text if len(text) <= 60 else text[:50] + "..."
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 def show(node: YNode) -> str:

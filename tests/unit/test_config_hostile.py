@@ -342,3 +342,15 @@ def test_a_megabyte_key_above_many_values_costs_its_size_once() -> None:
 ])
 def test_huge_keys_and_values_are_shortened_in_errors(text: str) -> None:
     assert len(str(refused(text))) < 400
+
+
+@pytest.mark.parametrize("text", [
+    'node: {id: 1, "\\e[31m": 1}\n',
+    'node: {id: !!int "\\e[2J"}\n',
+    'node: {id: 1}\n"\\x07\\e]0;owned\\x07": 1\n',
+])
+def test_control_characters_from_the_file_are_escaped_in_errors(text: str) -> None:
+    e = refused(text)
+    assert "\x1b" not in str(e)
+    assert "\x07" not in str(e)
+    assert "\\x1b" in str(e)
