@@ -260,9 +260,11 @@ class Daemon:
             self.internal_errors[kind] += 1
         held = self._limiter.allow(kind, trio.current_time())
         if held is not None:
+            # out of descriptors is a resource condition, not a bug: no traceback for it
             log.error("%s (contained, the daemon carries on%s)", kind,
                       f"; {held} more since the last report" if held else "",
-                      exc_info=exc)
+                      exc_info=None if isinstance(exc, OSError) and exc.errno in FD_EXHAUSTED
+                      else exc)
 
     async def _supervised(self, where: str, fn: Callable[..., Awaitable[object]],
                           *args: object) -> NoReturn:

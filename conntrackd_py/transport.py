@@ -94,10 +94,27 @@ def _ifindex(name: str | None) -> int:
 
 
 def open_channel(spec: ChannelSpec, netns_name: str | None = None) -> Channel:
+    """The channel's socket, bound and joined. An OSError names the channel and what failed
+    (the interface, the address), so that the start-up error says which setting to fix."""
+    try:
+        return _open_channel(spec, netns_name)
+    except OSError as e:
+        if spec.interface and e.errno in (errno.ENODEV, errno.ENXIO, None):
+            what = f"interface {spec.interface!r}"
+        elif e.errno == errno.EADDRNOTAVAIL:
+            what = f"address {spec.bind or spec.source or '?'}"
+        else:
+            what = f"port {spec.port}"
+        raise OSError(e.errno or errno.ENODEV,
+                      f"sync channel {spec.describe()}: {what}: {e.strerror or e}"
+                      ) from None
+
+
+def _open_channel(spec: ChannelSpec, netns_name: str | None) -> Channel:
     fam = socket.AF_INET6 if spec.ipv6 else socket.AF_INET
     with netns.entered(netns_name):
+        ifindex = _ifindex(spec.interface)  # first: a missing interface leaks no socket
         sock = socket.socket(fam, socket.SOCK_DGRAM)
-        ifindex = _ifindex(spec.interface)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         for opt, force, size in ((socket.SO_RCVBUF, 33, spec.rcvbuf),

@@ -168,3 +168,14 @@ async def test_transport_drops_datagrams_above_the_limit_and_names_senders() -> 
     assert [s for _, ss in got for s in ss] == ["127.0.0.1"] * 2
     assert tp.channels[0].stats.oversize == 1
     assert tp.channels[0].stats.received == 2
+
+
+@pytest.mark.parametrize(("spec_kw", "named"), [
+    ({"group": "225.0.0.50", "interface": "nope0"}, "interface 'nope0'"),
+    ({"peers": ("192.0.2.8",), "bind": "192.0.2.9"}, "address 192.0.2.9"),
+])
+def test_a_channel_that_cannot_open_names_what_to_fix(spec_kw: dict[str, object],
+                                                      named: str) -> None:
+    from conntrackd_py.transport import ChannelSpec, open_channel
+    with pytest.raises(OSError, match=named):
+        open_channel(ChannelSpec(port=3999, **spec_kw))  # type: ignore[arg-type]
