@@ -1,8 +1,10 @@
 """The Flow model shared by every layer, and its compact packed form.
 
 This module owns what a conntrack entry *is* inside conntrackd-py: the tuples, the replicated
-state, and the two byte forms every cache and the wire use (a packed key and a packed value).
-It must not do I/O, read a clock or import trio.
+state, the two byte forms every cache and the wire use (a packed key and a packed value, their
+fields named by index once: K_*, V_*, T_*), the protocol names (`Proto`), the check of a
+peer's packed flows against the kernel's ranges (`filter_untrusted`), and the order that puts
+masters before RELATED flows. It must not do I/O, read a clock or import trio.
 
 Addresses are kept as raw network-order bytes (4 or 16 long) on the hot path; `ipaddress`
 objects are made only for display. Unknown layer-4 protocols keep their raw tuple attributes in
