@@ -204,6 +204,7 @@ class Counters:
     unconfirmed_epoch: int = 0  # a new epoch in a control datagram while the old one is alive
     doubts: int = 0  # times a peer's stream continuity was doubted (a resync was requested)
     stalls: int = 0  # of which: a backlog or a silence of delivery past the bound
+    forged: int = 0  # without auth: two different datagrams with one sequence number
     duplicate_node: int = 0  # datagrams with our node id from another epoch (same id twice)
     peers_refused: int = 0  # datagrams from a new node while max_peers are tracked
     peers_forgotten: int = 0  # peers down longer than peer_expire, dropped from the table

@@ -64,6 +64,7 @@ from .stats import PeerStats, ResyncStats, SyncStats
 from .wire import Ack, Datagram, FlowMessage, Kind, Message, Nack, ResyncRequest
 
 _BEGIN_BIT = 1 << Kind.RESYNC_BEGIN
+_BATCH_BIT = 1 << Kind.FLOW_BATCH
 _BRACKET = (PeerState.IN_RESYNC, PeerState.REFRESHING)
 _SYNCED = (PeerState.SYNCED, PeerState.REFRESHING)
 _ASKING = (PeerState.NEED_RESYNC, PeerState.DOUBTFUL)
@@ -173,9 +174,13 @@ class Engine:
             peer = self._peers[node] = Peer(node, dg.epoch, self._open_stream(dg), now)
             self._events.append(PeerUp(node, dg.epoch))
         elif dg.epoch != peer.epoch:
-            if peer.up:
+            if now - peer.last_seen < self.config.peer_timeout:  # its epoch is alive
                 if not after(dg.epoch, peer.epoch):
                     c.stale_epoch += 1  # an older epoch while the newer is alive: a replay
+                    if not self._authenticated:
+                        # or, unauthenticated, the real peer beneath a forged newer epoch:
+                        # the gate counts it live (not in sync) until its epoch is back
+                        peer.last_heard = now
                     return
                 # a newer epoch replaces a live stream only with its first stream datagrams
                 # (a restart's stream begins at 1): one control datagram proves nothing
@@ -185,7 +190,6 @@ class Engine:
                     return
             # (a silent peer may come back with any epoch: a clock step must not lock it out)
             self._restart(peer, dg, now)
-        peer.last_heard = now
         t = peer.tokens + self.config.resend_ratio * len(data)
         peer.tokens = t if t < self._token_cap else self._token_cap
         c.unknown_kind += dg.unknown
@@ -238,6 +242,7 @@ class Engine:
                 return
             self._dropped_before += peer.stream.reorder_dropped
             peer.stream = self._new_stream(seq)  # re-anchored at a full resync's start
+            peer.forget_recent()
         stream = peer.stream
         if diff(seq, stream.highest) > self.config.seq_window:
             # far ahead of anything it sent before: not believed, and continuity is doubtful
@@ -248,6 +253,13 @@ class Engine:
         if ready is None:
             c.replayed += 1
             if not self._authenticated:
+                twin = peer.recent.get(seq)
+                if twin is not None and twin != data:
+                    # two different datagrams with one number: one is forged (or a second
+                    # host uses its node id); what we delivered cannot be trusted
+                    c.forged += 1
+                    self._doubt(peer, now)
+                    return
                 b = diff(seq, stream.anchor)
                 if -self.config.seq_window <= b < 0:
                     # unauthenticated, below where the stream last jumped: it may be the real
@@ -257,6 +269,8 @@ class Engine:
                     self._alive(peer, now)
             return
         self._alive(peer, now)
+        if not self._authenticated:  # (with a key, equal numbers mean equal bytes)
+            peer.remember(seq, data)
         if ready:
             peer.behind_since = None
         if skipped:
@@ -298,6 +312,7 @@ class Engine:
         self._dropped_before += peer.stream.reorder_dropped
         peer.epoch = dg.epoch
         peer.stream = self._open_stream(dg)
+        peer.forget_recent()
         peer.acked = None
         peer.stall_since = peer.behind_since = None
         peer.up = True
@@ -308,7 +323,7 @@ class Engine:
         self._release()
 
     def _alive(self, peer: Peer, now: float) -> None:
-        peer.last_seen = now
+        peer.last_seen = peer.last_heard = now
         if not peer.up:
             peer.up = True
             self._events.append(PeerUp(peer.node, peer.epoch))
@@ -326,6 +341,7 @@ class Engine:
                 if inp is not PeerInput.BEGIN:  # (a newer BEGIN restarts the marking)
                     self._events.append(ResyncAborted(peer.node))
         if inp is PeerInput.BEGIN and new in _BRACKET:
+            peer.bracket_at = now
             self._events.append(ResyncStarted(peer.node))
         if new in _ASKING and (old is not new or inp in (PeerInput.ASK, PeerInput.CONTACT)):
             if peer.request_due is None or peer.request_due > now:
@@ -350,12 +366,18 @@ class Engine:
             peer.stall_target = st.highest
 
     def _stuck(self, p: Peer, now: float) -> bool:
+        # (the same sums as get_timer's: a timer due must find the condition true)
         cfg = self.config
-        return ((p.stall_since is not None and now - p.stall_since >= cfg.stall_timeout)
-                or (p.behind_since is not None and now - p.behind_since >= cfg.peer_timeout))
+        return ((p.stall_since is not None and now >= p.stall_since + cfg.stall_timeout)
+                # a bracket whose bulk stopped coming will never close
+                or (p.state in _BRACKET and now >= p.bracket_at + cfg.stall_timeout)
+                or (p.behind_since is not None
+                    and now >= p.behind_since + 2 * cfg.alive_interval))
 
     def _deliver(self, peer: Peer, dg: Datagram, now: float) -> None:
         msgs = dg.messages
+        if dg.markers & _BATCH_BIT:
+            peer.bracket_at = now  # a full resync's bulk: a bracket is progressing
         if dg.n_flows == len(msgs):  # the common case: flows only, handed over as they are
             if msgs:
                 self._flows(peer.node, msgs, now)  # type: ignore[arg-type]
@@ -478,17 +500,20 @@ class Engine:
                 if p.last_seen + cfg.peer_expire < t:
                     t = p.last_seen + cfg.peer_expire
                 continue
-            d = p.stream.deadline()
+            # (a doubted stream's ACK/NACK timers are not served: nothing is acked in doubt)
+            d = p.stream.deadline() if p.state is not PeerState.DOUBTFUL else None
             if d is not None and d < t:
                 t = d
             if p.last_seen + cfg.peer_timeout < t:
                 t = p.last_seen + cfg.peer_timeout
             if p.request_due is not None and p.request_due < t:
                 t = p.request_due
+            if p.state in _BRACKET and p.bracket_at + cfg.stall_timeout < t:
+                t = p.bracket_at + cfg.stall_timeout
             if p.stall_since is not None and p.stall_since + cfg.stall_timeout < t:
                 t = p.stall_since + cfg.stall_timeout
-            if p.behind_since is not None and p.behind_since + cfg.peer_timeout < t:
-                t = p.behind_since + cfg.peer_timeout
+            if p.behind_since is not None and p.behind_since + 2 * cfg.alive_interval < t:
+                t = p.behind_since + 2 * cfg.alive_interval
         if self._expiry is not None:
             d = self._expiry.deadline()
             if d is not None and d < t:
@@ -517,7 +542,7 @@ class Engine:
             self._release()
         for p in self._peers.values():
             d = p.stream.deadline()
-            if p.up and d is not None and now >= d:
+            if p.up and d is not None and now >= d and p.state is not PeerState.DOUBTFUL:
                 ready, skipped = p.stream.expire(now)  # best effort: give up a gap
                 if skipped:
                     self.counters.lost += skipped
@@ -550,7 +575,10 @@ class Engine:
         cfg = self.config
         if self._dup_seen is not None and now - self._dup_seen < cfg.peer_timeout:
             return False
-        live = [p for p in self._peers.values() if p.up]
+        # unauthenticated, a peer heard (even if what it sent could not be used) is live
+        heard = None if self._authenticated else now - cfg.peer_timeout
+        live = [p for p in self._peers.values()
+                if p.up or (heard is not None and p.last_heard > heard)]
         if not live:
             return now - self._start >= cfg.startup_wait
         return all(p.state in _SYNCED and p.stream.complete and not self._stuck(p, now)

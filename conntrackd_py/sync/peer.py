@@ -24,6 +24,7 @@ is kept across. `in_sync()` needs every live peer SYNCED or REFRESHING.
 
 from __future__ import annotations
 
+from collections import deque
 from enum import Enum
 
 from .ftfw import ReliableStream
@@ -31,6 +32,8 @@ from .notrack import BestEffortStream
 from .wire import Datagram
 
 Stream = ReliableStream[Datagram] | BestEffortStream[Datagram]
+
+RECENT = 1024  # datagrams remembered per peer without auth, to tell a forged twin
 
 
 class PeerState(Enum):
@@ -94,8 +97,8 @@ TRANSITIONS: dict[tuple[PeerState, PeerInput], PeerState] = {
 class Peer:
     """One other node (and its current epoch's stream), as the engine tracks it."""
 
-    __slots__ = ("acked", "behind_since", "epoch", "last_heard", "last_seen",
-                 "node", "request_due", "stall_since", "stall_target", "state", "stream",
+    __slots__ = ("_order", "acked", "behind_since", "bracket_at", "epoch", "last_heard", "last_seen",
+                 "node", "recent", "request_due", "stall_since", "stall_target", "state", "stream",
                  "tokens", "up")
 
     def __init__(self, node: int, epoch: int, stream: Stream, now: float) -> None:
@@ -104,7 +107,7 @@ class Peer:
         self.stream = stream
         self.state = PeerState.NEED_RESYNC
         self.last_seen = now  # last datagram accepted (liveness)
-        self.last_heard = now  # last datagram of its epoch, accepted or not
+        self.last_heard = now  # unauthenticated: last datagram of its node, usable or not
         self.up = True
         self.acked: int | None = None  # our seq it has acked (our current epoch)
         self.request_due: float | None = now  # when to (re)send it a RESYNC_REQUEST
@@ -113,7 +116,23 @@ class Peer:
         self.stall_since: float | None = None
         self.stall_target = 0
         self.behind_since: float | None = None  # without auth: heard below its anchor
+        self.bracket_at = now  # in a bracket: when its BEGIN or its last bulk arrived
         self.tokens = 0.0  # retransmission budget, bytes (see SyncConfig.resend_ratio)
+        self.recent: dict[int, bytes] = {}  # seq -> the datagram accepted (no auth only)
+        self._order: deque[int] = deque()
+
+    def forget_recent(self) -> None:
+        self.recent.clear()
+        self._order.clear()
+
+    def remember(self, seq: int, data: bytes) -> None:
+        """Keep the last RECENT datagrams accepted, by number (a reference each)."""
+        recent = self.recent
+        if seq not in recent:
+            self._order.append(seq)
+            if len(self._order) > RECENT:
+                recent.pop(self._order.popleft(), None)
+        recent[seq] = data
 
     def handle(self, event: PeerInput) -> tuple[PeerState, PeerState]:
         """Apply `event`; returns (old state, new state)."""

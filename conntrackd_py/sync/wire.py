@@ -138,7 +138,8 @@ class Datagram:
     `messages` holds flow messages as plain tuples (the hot path allocates nothing else),
     markers as `Kind` members and control messages as `Ack`/`Nack`/`ResyncRequest`.
     `n_flows == len(messages)` means the datagram carries flow messages only; `markers` has
-    bit `1 << kind` set for each marker kind present; `unknown` counts messages of unknown
+    bit `1 << kind` set for each marker kind present, and for FLOW_BATCH (a full resync's
+    bulk: the receiver sees a bracket progress); `unknown` counts messages of unknown
     kinds plus known messages with extra (newer) fields, all skipped.
     """
 
@@ -334,7 +335,10 @@ def decode_untrusted(data: bytes, keys: KeyRing | Sequence[bytes] = ()) -> Datag
     return Datagram(node, epoch, seq, flags, kid, msgs, n_flows, markers, unknown)
 
 
-def _batch(items: object) -> Iterator[FlowMessage]:
+_BATCH_BIT = 1 << Kind.FLOW_BATCH
+
+
+def _split_batch(items: object) -> Iterator[FlowMessage]:
     """The (key, value) updates of a FLOW_BATCH's list, checked with C-speed passes only."""
     if type(items) is not list or not items or len(items) & 1:
         raise BadDatagram(Reason.MALFORMED, "a flow batch must be a list of key, value pairs")
@@ -410,8 +414,9 @@ def _parse_body(body: bytes, count: int, sequenced: bool) -> tuple[list[Message]
                 if ln < 2:
                     raise BadDatagram(Reason.MALFORMED, "flow batch without its list")
                 items = unp()
-                msgs += _batch(items)
+                msgs += _split_batch(items)
                 n_flows += len(items) >> 1
+                markers |= _BATCH_BIT
                 extra = ln - 2
             elif 2 <= kind <= 4:
                 if not sequenced:
