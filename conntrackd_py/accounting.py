@@ -195,9 +195,12 @@ class Accounting:
                 log.info("%s", msg[1])
         self._settle()
 
-    async def _reports(self, stream: trio.abc.ReceiveStream) -> None:
-        async for data in stream:
-            self._on_reports(data)
+    async def _reports(self, stream: trio.abc.ReceiveStream, done: trio.Event) -> None:
+        try:
+            async for data in stream:
+                self._on_reports(data)
+        finally:
+            done.set()  # _shutdown reads the rest: one reader at a time
         raise trio.BrokenResourceError("the accounting writer process exited")
 
     def _take(self) -> bytes:
@@ -222,11 +225,12 @@ class Accounting:
                 continue
             await stdin.send_all(self._take())
 
-    async def _shutdown(self, proc: trio.Process) -> None:
+    async def _shutdown(self, proc: trio.Process, reports_done: trio.Event) -> None:
         """Last records out within SHUTDOWN_GRACE: a stalled disk must not hold up the stop."""
         assert proc.stdin is not None
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + SHUTDOWN_GRACE
+            await reports_done.wait()  # the reports task is cancelled too: let it let go
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 if self.buffered:
                     await proc.stdin.send_all(self._take())
@@ -256,13 +260,14 @@ class Accounting:
         with contextlib.suppress(OSError):  # a bigger pipe absorbs bursts (~6000 records)
             fcntl.fcntl(proc.stdin.fileno(), F_SETPIPE_SZ, PIPE_SIZE)
         try:
+            reports_done = trio.Event()
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._reports, proc.stdout)
+                nursery.start_soon(self._reports, proc.stdout, reports_done)
                 task_status.started()
                 try:
                     await self._feed(proc.stdin)
                 except trio.Cancelled:
-                    await self._shutdown(proc)
+                    await self._shutdown(proc, reports_done)
                     raise
         finally:
             if proc.returncode is None:

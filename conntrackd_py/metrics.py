@@ -410,12 +410,14 @@ class MetricsServer:
             try:
                 conn = await listener.accept()
             except OSError as e:
-                if e.errno not in _ACCEPT_RETRY:
-                    raise
+                # out of descriptors (they come back as connections close) or anything else
+                # the listening socket says: wait and try again, never stop the daemon
                 self.accept_errors += 1
                 if self.on_error is not None:
                     self.on_error("metrics accept", e)
-                await trio.sleep(0.1)  # descriptors come back as connections close
+                elif e.errno not in _ACCEPT_RETRY:
+                    log.error("metrics: accept failed: %s", e)
+                await trio.sleep(0.1)
                 continue
             if self.connections >= self.max_connections:
                 self.refused += 1
