@@ -97,9 +97,9 @@ TRANSITIONS: dict[tuple[PeerState, PeerInput], PeerState] = {
 class Peer:
     """One other node (and its current epoch's stream), as the engine tracks it."""
 
-    __slots__ = ("_order", "acked", "behind_since", "bracket_at", "epoch", "last_heard", "last_seen",
-                 "node", "recent", "request_due", "stall_since", "stall_target", "state", "stream",
-                 "tokens", "up")
+    __slots__ = ("_order", "acked", "behind_since", "bracket_at", "epoch", "last_heard",
+                 "last_seen", "node", "recent", "request_due", "stall_since", "stall_target",
+                 "state", "stream", "tokens", "up")
 
     def __init__(self, node: int, epoch: int, stream: Stream, now: float) -> None:
         self.node = node
