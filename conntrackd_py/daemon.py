@@ -43,18 +43,16 @@ from .commit import CommitError, CommitJob, commit_forked, run_commit
 from .config import Config, ConfigError, ListFilter, load, load_keys
 from .control import ControlServer
 from .ctlclient import ControlError
-from .flow import Flow, PackError, unpack_flow, unpack_key
+from .flow import Flow
 from .kernel.events import EventBatch
 from .kernel.table import CommitResult, Table
 from .metrics import MetricsServer
-from .remote import LogLimiter, Remote, plan_direct
+from .remote import LogLimiter, Remote, dump_lines, plan_direct, watch_line
 from .stats import (
     CacheStats,
-    ChannelSnapshot,
     CommitReport,
     ControlStats,
     DirectStats,
-    LinkStats,
     RuntimeStats,
     Snapshot,
     sections,
@@ -499,46 +497,23 @@ class Daemon:
 
     def dump(self, which: str, proto: int | None, nat: str | None,
              origin: int | None, raw: bool) -> list[object]:
-        out: list[object] = []
         pairs: Iterator[tuple[int | None, bytes, bytes]]
         if which == "internal":
             if self.tracker is None:
-                return out
+                return []
             pairs = ((None, k, v) for k, v in self.tracker.cache.items())
         else:
             pairs = ((o, k, v) for o, k, v, _seen in self.external.items(origin))
         if raw:  # exact bytes, for convergence checks
             return [[o, k.hex(), v.hex()] for o, k, v in pairs]
-        bad = 0
-        for o, k, v in pairs:
-            try:
-                f = unpack_flow(k, v)
-            except PackError:  # a peer's bytes that do not describe a flow: not listed
-                bad += 1
-                continue
-            if proto is not None and f.orig.proto != proto:
-                continue
-            if (nat == "src" and not f.is_snat) or (nat == "dst" and not f.is_dnat):
-                continue
-            if nat == "any" and not (f.is_snat or f.is_dnat):
-                continue
-            line = f.format()
-            out.append(line if o is None else f"{line} [node={o}]")
+        lines, bad = dump_lines(pairs, proto, nat)
         if bad:
             log.warning("dump of the %s cache: %d entries do not describe a flow (a peer's "
                         "bytes); not listed", which, bad)
-        return out
+        return list(lines)
 
     def _notify_watchers(self, where: str, key: bytes, value: bytes | None) -> None:
-        try:
-            if value is None:
-                zone, orig = unpack_key(key)
-                line = f"[DESTROY] {where}: zone={zone} {orig.format()}"
-            else:
-                line = f"[UPDATE] {where}: {unpack_flow(key, value).format()}"
-        except PackError:  # a peer's bytes that do not describe a flow
-            line = (f"[{'DESTROY' if value is None else 'UPDATE'}] {where}: undecodable, "
-                    f"key {key.hex()}")
+        line = watch_line(where, key, value)
         for ch in list(self._watchers):
             try:
                 ch.send_nowait(line)
@@ -564,7 +539,8 @@ class Daemon:
             runtime=self._runtime_stats() if "runtime" in want else None,
             cache=self._cache_stats() if "cache" in want else None,
             sync=self.engine.stats() if "sync" in want and self.engine is not None else None,
-            link=self._link_stats() if "link" in want else None,
+            link=self.transport.snapshot()
+            if "link" in want and self.transport is not None else None,
             direct=DirectStats(**asdict(self.remote.direct_counts))
             if direct and "direct" in want else None,
             accounting=self.accounting.snapshot()
@@ -598,20 +574,6 @@ class Daemon:
             invalid_flows=dict(self.remote.invalid),
             kernel_events=dataclasses.replace(tr.events.stats) if tr is not None else None,
             tracker=dataclasses.replace(tr.stats) if tr is not None else None)
-
-    def _link_stats(self) -> LinkStats | None:
-        tp = self.transport
-        if tp is None:
-            return None
-        return LinkStats(
-            active=tp.channels[tp.active].spec.describe(), switches=tp.switches,
-            channels=[ChannelSnapshot(
-                channel=c.spec.describe(), up=c.link_up, sent=c.stats.sent,
-                received=c.stats.received, send_errors=c.stats.send_errors,
-                bytes_sent=c.stats.bytes_sent, bytes_received=c.stats.bytes_received,
-                last_rx=c.stats.last_rx, oversize=c.stats.oversize,
-                gso=all(x.gso for x in c.senders),
-                gso_datagrams=sum(x.gso_sent for x in c.senders)) for c in tp.channels])
 
     def _control_stats(self) -> ControlStats:
         m = self.metrics

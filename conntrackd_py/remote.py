@@ -4,16 +4,18 @@ for the kernel when the external cache is off (direct mode).
 This module owns what the shell does with each engine event (one `match`, `assert_never` for
 the ones forgotten), the validation of every peer flow before anything stores it
 (`flow.filter_untrusted`; refusals counted by reason), the direct writer's queue and its
-planning (latest state per flow, creates and deletes), and rate-limited log lines for events
-that can repeat (a duplicate node id, a peer forgotten). It is pure: no trio, no socket, no
-clock (time is an argument); the daemon does the kernel writes.
+planning (latest state per flow, creates and deletes), rate-limited log lines for events
+that can repeat (a duplicate node id, a peer forgotten), and the text views of cache entries
+(`dump_lines`, `watch_line`: a peer's bytes that do not describe a flow are counted or shown
+as such, never raised). It is pure: no trio, no socket, no clock (time is an argument); the
+daemon does the kernel writes.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import assert_never
 
@@ -172,3 +174,38 @@ class Remote:
             log.warning("node %d sent flows out of the kernel's range, refused: %s%s", origin,
                         ", ".join(f"{n} {r}" for r, n in sorted(refused.items())),
                         f" ({held} similar batches not logged)" if held else "")
+
+
+def dump_lines(pairs: Iterable[tuple[int | None, bytes, bytes]], proto: int | None,
+               nat: str | None) -> tuple[list[str], int]:
+    """`conntrack -L`-style lines of (origin or None, key, value) entries, filtered by protocol
+    number and NAT kind ("src", "dst", "any"); and how many entries did not unpack."""
+    out: list[str] = []
+    bad = 0
+    for o, k, v in pairs:
+        try:
+            f = unpack_flow(k, v)
+        except PackError:  # a peer's bytes that do not describe a flow: not listed
+            bad += 1
+            continue
+        if proto is not None and f.orig.proto != proto:
+            continue
+        if (nat == "src" and not f.is_snat) or (nat == "dst" and not f.is_dnat):
+            continue
+        if nat == "any" and not (f.is_snat or f.is_dnat):
+            continue
+        line = f.format()
+        out.append(line if o is None else f"{line} [node={o}]")
+    return out, bad
+
+
+def watch_line(where: str, key: bytes, value: bytes | None) -> str:
+    """One `watch` line for a change of the cache `where`."""
+    try:
+        if value is None:
+            zone, orig = unpack_key(key)
+            return f"[DESTROY] {where}: zone={zone} {orig.format()}"
+        return f"[UPDATE] {where}: {unpack_flow(key, value).format()}"
+    except PackError:  # a peer's bytes that do not describe a flow
+        return (f"[{'DESTROY' if value is None else 'UPDATE'}] {where}: undecodable, "
+                f"key {key.hex()}")

@@ -24,6 +24,7 @@ import trio
 
 from . import netns
 from .mmsg import MultiReceiver, MultiSender
+from .stats import ChannelSnapshot, LinkStats
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,17 @@ class Transport:
     def close(self) -> None:
         for ch in self.channels:
             ch.sock.close()
+
+    def snapshot(self) -> LinkStats:
+        return LinkStats(
+            active=self.channels[self.active].spec.describe(), switches=self.switches,
+            channels=[ChannelSnapshot(
+                channel=c.spec.describe(), up=c.link_up, sent=c.stats.sent,
+                received=c.stats.received, send_errors=c.stats.send_errors,
+                bytes_sent=c.stats.bytes_sent, bytes_received=c.stats.bytes_received,
+                last_rx=c.stats.last_rx, oversize=c.stats.oversize,
+                gso=all(x.gso for x in c.senders),
+                gso_datagrams=sum(x.gso_sent for x in c.senders)) for c in self.channels])
 
     # --- sending ------------------------------------------------------------------------
     def send(self, datagrams: list[bytes]) -> None:

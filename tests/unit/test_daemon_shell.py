@@ -272,6 +272,9 @@ async def test_peer_datagrams_fill_the_external_cache(
         await wait_for(d.in_sync)
         peer.update([mkflow(i) for i in range(50)])
         await wait_for(lambda: d.external.count(2) == 50)
+        assert len(d.dump("external", 6, None, 2, False)) == 50
+        assert d.dump("external", 17, None, None, False) == []
+        assert len(d.dump("external", None, None, None, True)) == 50
         snap = d.stats(None)
         assert snap.cache is not None
         assert snap.cache.external_by_node == {2: 50}

@@ -11,7 +11,7 @@ import pytest
 from conntrackd_py import sync as sync_engine
 from conntrackd_py.cache import ExternalCache
 from conntrackd_py.flow import Flow, Tuple, pack_flow, unpack_key
-from conntrackd_py.remote import LogLimiter, Pair, Remote, plan_direct
+from conntrackd_py.remote import LogLimiter, Pair, Remote, dump_lines, plan_direct, watch_line
 
 
 def kv(i: int) -> tuple[bytes, bytes]:
@@ -103,3 +103,24 @@ def test_plan_direct_keeps_the_latest_state_per_flow() -> None:
     assert [f.orig.dport for f in plan.updates] == [80]
     assert plan.deletes == [unpack_key(k1)]
     assert plan.undecodable == 1
+
+
+def test_dump_lines_filter_and_count_what_does_not_unpack() -> None:
+    k1, v1 = kv(1)
+    t = Tuple(b"\x0a\x00\x00\x01", b"\x0a\x00\x00\x02", 17, 53, 53)
+    k2, v2 = pack_flow(Flow(t, t.invert(), timeout=30))
+    pairs = [(None, k1, v1), (2, k2, v2), (2, b"\xc1", b"\xc1")]
+    lines, bad = dump_lines(pairs, None, None)
+    assert bad == 1
+    assert len(lines) == 2
+    assert lines[1].endswith("[node=2]")
+    assert dump_lines(pairs, 17, None)[0] == [lines[1]]
+    assert dump_lines(pairs, None, "src")[0] == []  # neither is NATed
+
+
+def test_watch_line_shows_undecodable_bytes_as_such() -> None:
+    k, v = kv(1)
+    assert watch_line("internal", k, v).startswith("[UPDATE] internal: ")
+    assert watch_line("internal", k, None).startswith("[DESTROY] internal: zone=0 ")
+    assert watch_line("external node 2", b"\xc1", None) == (
+        "[DESTROY] external node 2: undecodable, key c1")
