@@ -35,7 +35,12 @@ COMMIT_NICE = -20
 
 
 class CommitError(Exception):
-    """The commit did not run or did not report (the message says why)."""
+    """The commit did not run or did not report (the message says why; `errno` when the
+    parent could not start the child: EMFILE for the pipe, EAGAIN for the fork)."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +133,7 @@ async def commit_forked(work: Callable[[], CommitReport]) -> CommitReport:
     try:
         rfd, wfd = os.pipe2(os.O_CLOEXEC)
     except OSError as e:
-        raise CommitError(f"no pipe for the commit process: {e}") from None
+        raise CommitError(f"no pipe for the commit process: {e}", e.errno) from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads
@@ -136,7 +141,7 @@ async def commit_forked(work: Callable[[], CommitReport]) -> CommitReport:
     except OSError as e:
         os.close(rfd)
         os.close(wfd)
-        raise CommitError(f"cannot fork the commit process: {e}") from None
+        raise CommitError(f"cannot fork the commit process: {e}", e.errno) from None
     if pid == 0:  # the child: no trio, no logging; report, then exit whatever happens
         try:
             os.close(rfd)

@@ -399,7 +399,7 @@ class Daemon:
         try:
             report = await self._run_commit(job, now)
         except CommitError as e:
-            if "Errno 24" in str(e) or "Too many open files" in str(e):
+            if e.errno in FD_EXHAUSTED:
                 self.fd_exhausted += 1
             log.error("commit of the external cache failed: %s", e)
             raise ControlError(f"commit failed: {e}") from None

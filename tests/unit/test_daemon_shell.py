@@ -24,7 +24,7 @@ from conntrackd_py import config as config_mod
 from conntrackd_py import sync as sync_engine
 from conntrackd_py.accounting import Accounting
 from conntrackd_py.cache import InternalCache
-from conntrackd_py.commit import CommitJob
+from conntrackd_py.commit import CommitError, CommitJob
 from conntrackd_py.config import Config
 from conntrackd_py.ctlclient import ControlError
 from conntrackd_py.daemon import Daemon, LockError, PidLock, next_epoch, raise_nofile_limit
@@ -552,3 +552,21 @@ def test_soft_descriptor_limit_is_raised_to_the_hard_one() -> None:
         assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_a_commit_without_descriptors_is_an_error_reply_and_counted(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    async with running(tmp_path) as (d, _peer):
+        async def no_fds(job: CommitJob, now: float) -> CommitReport:
+            raise CommitError("no pipe for the commit process: Too many open files", 24)
+
+        d._run_commit = no_fds
+        with pytest.raises(ControlError, match="commit failed"):
+            await d.commit()
+        assert tracker_of(d).events.new_subscribed  # type: ignore[attr-defined]
+        rt = d.stats("runtime").runtime
+        assert rt is not None
+        assert rt.fd_exhausted == 1
+        assert rt.commits == 0
+        d._run_commit = fake_commit
+        assert (await d.commit()).created == 0  # and the next one works

@@ -56,8 +56,9 @@ async def test_commit_forked_without_descriptors_is_an_error_not_a_crash(
         raise OSError(24, "Too many open files")
 
     monkeypatch.setattr(os, "pipe2", no_pipe)
-    with pytest.raises(CommitError, match="Too many open files"):
+    with pytest.raises(CommitError, match="Too many open files") as err:
         await commit_forked(lambda: REPORT)
+    assert err.value.errno == 24
     await trio.lowlevel.checkpoint()
 
 
