@@ -336,7 +336,7 @@ def duration(positive: bool = False, hi: float = math.inf) -> Parser:
         if positive and secs == 0:
             raise Invalid(path, "must be longer than 0")
         if secs > hi:
-            raise Invalid(path, f"{secs:g}s is longer than the maximum, {hi:g}s")
+            raise Invalid(path, f"{secs:.10g}s is longer than the maximum, {hi:.10g}s")
         return secs
     return parse
 
