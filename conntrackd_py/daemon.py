@@ -241,6 +241,7 @@ class Daemon:
         self._wake = trio.Event()
         self._watchers: list[trio.MemorySendChannel[str]] = []
         self._direct_wake = trio.Event()
+        self._event_loop_runs = 0
         self.nursery: trio.Nursery | None = None
         self.control: ControlServer | None = None
         self.metrics: MetricsServer | None = None
@@ -344,6 +345,17 @@ class Daemon:
                 self.transport.reevaluate(now)
             self._flush()  # not pump(): waking ourselves would spin
             await trio.lowlevel.checkpoint()
+
+    async def _kernel_events(self) -> None:
+        """The event socket's loop. Started again after a failure, it first reconciles with a
+        dump: events of the failed burst are lost, and peers must not miss them."""
+        tr = self.tracker
+        assert tr is not None
+        if self._event_loop_runs:
+            await tr.resync_from_kernel()
+            self.pump()
+        self._event_loop_runs += 1
+        await tr.events.run(self._on_events, tr.resync_from_kernel)
 
     async def _direct_writer(self, table: Table) -> None:
         """External cache off: peers' flows straight into the kernel, latest state wins."""
@@ -644,8 +656,7 @@ class Daemon:
                 source=self.tracker.cache.mapping, now=self._now())
         # the internal cache is loaded before the engine can be asked for a resync
         await self.tracker.resync_from_kernel()
-        nursery.start_soon(self._supervised, "kernel events", self.tracker.events.run,
-                           self._on_events, self.tracker.resync_from_kernel)
+        nursery.start_soon(self._supervised, "kernel events", self._kernel_events)
         if sync_on:
             tp = self.transport
             assert tp is not None

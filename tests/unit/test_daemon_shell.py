@@ -420,9 +420,14 @@ async def test_a_supervised_task_that_fails_is_restarted(
         await tr.events.send.send([(EventType.NEW, mkflow(1))])  # type: ignore[attr-defined]
         await wait_for(lambda: sum(d.internal_errors.values()) == 1)
         tr.accept = lambda f: True
-        await trio.sleep(1.5)  # RESTART_DELAY: the event task runs again
+        dumps = tr.stats.dumps
+        k, v = pack_flow(mkflow(1))
+        tr.kernel[k] = v  # the flow of the failed burst, in the kernel all along
+        await trio.sleep(1.5)  # RESTART_DELAY: the event task runs again, after a dump
+        assert tr.stats.dumps == dumps + 1
+        assert k in tr.cache
         await tr.events.send.send([(EventType.NEW, mkflow(2))])  # type: ignore[attr-defined]
-        await wait_for(lambda: len(tr.cache) == 1)
+        await wait_for(lambda: len(tr.cache) == 2)
 
 
 async def test_reload_failure_of_any_kind_keeps_the_running_config(
