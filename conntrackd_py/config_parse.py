@@ -56,35 +56,20 @@ MAX_ALIAS_VALUES = 100_000
 #: It bounds the cost of any accepted text (about 25 us a value, on libyaml's events).
 MAX_VALUES = 200_000
 
-if yaml.__with_libyaml__:  # libyaml's event parser: a fifth of the pure-Python scanner's cost
-    from yaml._yaml import CParser
-
-    class _Base(Composer, CParser, Resolver):
-        def __init__(self, stream: str) -> None:
-            CParser.__init__(self, stream)
-            Composer.__init__(self)
-            Resolver.__init__(self)
-else:  # pragma: no cover
-    class _Base(Reader, Scanner, EventParser, Composer, Resolver):  # type: ignore[no-redef]
-        def __init__(self, stream: str) -> None:
-            Reader.__init__(self, stream)
-            Scanner.__init__(self)
-            EventParser.__init__(self)
-            Composer.__init__(self)
-            Resolver.__init__(self)
-
-
-class _BoundedLoader(_Base):
+class _Bounds(Composer):
     """A YAML composer (events -> nodes, safe tags resolved as yaml.SafeLoader does) that
     refuses, as it composes: nesting deeper than MAX_DEPTH (aliases expanded, so a chain of
     aliases cannot build depth either), more than MAX_VALUES values, alias expansion beyond
     MAX_ALIAS_VALUES, aliases inside their own anchor and redefined anchors. So the cost of
     any text is bounded and linear in its length, and the readers after it, which recurse
     over the expanded tree, need no guard against cycles or recursion depth. Its nodes are
-    the plain PyYAML ones."""
+    the plain PyYAML ones. The events come from either parser below."""
 
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
+    peek_event: Callable[[], Any]  # the event parser's, mixed in below
+    dispose: Callable[[], None]
+
+    def __init__(self) -> None:
+        Composer.__init__(self)
         self._depth = 0  # nodes open above the one being composed
         self._values = 0  # values in the document so far, every alias expanded
         self._aliased = 0  # of those, the ones aliases added
@@ -136,11 +121,39 @@ class _BoundedLoader(_Base):
                           "expanded); a config needs far fewer", mark)
 
 
-def compose_untrusted(text: str) -> YNode | None:
+class _PyLoader(_Bounds, Reader, Scanner, EventParser, Resolver):
+    """Events from PyYAML's pure-Python scanner and parser."""
+
+    def __init__(self, stream: str) -> None:
+        Reader.__init__(self, stream)
+        Scanner.__init__(self)
+        EventParser.__init__(self)
+        _Bounds.__init__(self)
+        Resolver.__init__(self)
+
+
+_LOADERS: list[Callable[[str], _Bounds]] = [_PyLoader]
+if yaml.__with_libyaml__:
+    from yaml._yaml import CParser
+
+    class _CLoader(_Bounds, CParser, Resolver):
+        """Events from libyaml's parser: a fifth of the pure-Python cost on long lists (the
+        composing, ours, is Python either way: _Bounds comes first in the MRO)."""
+
+        def __init__(self, stream: str) -> None:
+            CParser.__init__(self, stream)
+            _Bounds.__init__(self)
+            Resolver.__init__(self)
+
+    _LOADERS.insert(0, _CLoader)
+
+
+def compose_untrusted(text: str, *, pure: bool = False) -> YNode | None:
     """The YAML node tree of `text` (None when empty), built only from safe tags, nesting and
     aliases bounded. Raises Invalid (with a mark) for the bounds, yaml.YAMLError for bad YAML;
-    nothing else for any text."""
-    loader = _BoundedLoader(text)
+    nothing else for any text. `pure`: use PyYAML's own parser even where libyaml is there
+    (tests hold both to the same bounds)."""
+    loader = (_PyLoader if pure else _LOADERS[0])(text)
     try:
         node: YNode | None = loader.get_single_node()
         return node

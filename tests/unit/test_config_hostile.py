@@ -7,6 +7,7 @@ assertions are on the outcome (ConfigError naming the line), never on a time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import tempfile
@@ -354,3 +355,34 @@ def test_control_characters_from_the_file_are_escaped_in_errors(text: str) -> No
     assert "\x1b" not in str(e)
     assert "\x07" not in str(e)
     assert "\\x1b" in str(e)
+
+
+# --- both event parsers (libyaml's where PyYAML has it, PyYAML's own otherwise) ---------------
+
+def compose_error(text: str, pure: bool) -> Invalid:
+    with pytest.raises(Invalid) as e:
+        compose_untrusted(text, pure=pure)
+    return e.value
+
+
+@pytest.mark.parametrize("pure", [False, True], ids=["libyaml", "pure"])
+def test_both_parsers_hold_the_same_bounds(pure: bool) -> None:
+    e = compose_error(laughs(9), pure)
+    assert e.problem.startswith("YAML aliases expand")
+    assert e.mark is not None
+    assert e.mark.line + 1 == 6
+    assert "inside its own anchor" in compose_error("a: &a [*a]\n", pure).problem
+    assert "defined twice" in compose_error("a: &x 1\nb: &x 2\n", pure).problem
+    deep = "[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1)
+    assert compose_error(deep, pure).problem == f"nested deeper than {MAX_DEPTH} levels"
+    chain = "a0: &a0 [1]\n" + "".join(f"a{i}: &a{i} [*a{i - 1}]\n" for i in range(1, 100))
+    assert "nested deeper" in compose_error(chain, pure).problem
+    node = compose_untrusted(BASE, pure=pure)
+    assert node is not None
+    assert node.value[0][0].value == "node"
+
+
+@given(YAMLISH)
+def test_the_pure_parser_too_raises_only_yaml_errors_or_bounds(text: str) -> None:
+    with contextlib.suppress(Invalid, yaml.YAMLError):  # anything else fails the test
+        compose_untrusted(text, pure=True)
