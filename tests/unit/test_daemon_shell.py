@@ -575,3 +575,26 @@ async def test_a_commit_without_descriptors_is_an_error_reply_and_counted(
         assert rt.commits == 0
         d._run_commit = fake_commit
         assert (await d.commit()).created == 0  # and the next one works
+
+
+async def test_another_host_with_our_node_id_is_logged_counted_and_not_in_sync(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    async with running(tmp_path) as (d, _peer):
+        await wait_for(d.in_sync)
+        twin = sync_engine.Engine(config_from(d.cfg, ()), epoch=12345,
+                                  source=lambda: {}, now=trio.current_time())
+        inbox = transport_of(d).inbox_send
+        for _ in range(20):
+            now = trio.current_time()
+            twin.handle_timer(now)
+            out = twin.datagrams_to_send(now)
+            if out:
+                await inbox.send(out)
+            if d.remote.duplicate_node:
+                break
+            await trio.sleep(0.5)
+        assert d.remote.duplicate_node >= 1
+        assert not d.in_sync()
+        rt = d.stats("runtime").runtime
+        assert rt is not None
+        assert rt.duplicate_node >= 1
