@@ -13,6 +13,7 @@ objects are made only for display. Unknown layer-4 protocols keep their raw tupl
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from enum import IntEnum, IntFlag
@@ -539,6 +540,8 @@ OPAQUE_MAX: Final = 256
 #: fields a value may have, trailing ones of later versions included
 VALUE_FIELDS_MAX: Final = 64
 _U32_MAX = 0xFFFFFFFF
+_TCP = int(Proto.TCP)
+_TCP_STATE_MAX = max(TcpState)
 
 #: why a peer's flow was refused (`filter_untrusted`'s counts): `shape` is anything that is not
 #: the packed form's structure and types (bool, float, nested lists where a number goes...)
@@ -655,16 +658,65 @@ def untrusted_refusal(key: Any, value: Any) -> str | None:
     return None
 
 
-# The fast path: the common shapes' exact types checked one by one (faster than comparing
-# `map(type, ...)` with a template), ranges checked by packing the numbers (struct.error when
-# one does not fit); anything it does not accept is classified by `untrusted_refusal`
+# The fast path, in two tiers; anything neither accepts is classified by `untrusted_refusal`
 # (refusals are rare, so their cost does not matter).
-# zone, proto, ports, ICMP id, type and code
+#
+# 1. The common shapes, matched on the packed bytes by one regular expression for the key and
+#    one for the value, without unpacking them: each pattern below matches exactly the msgpack
+#    encodings of one field type within its range (a uint format, never a bool, float, signed
+#    or nested form), so a full match of the array header and its elements is a valid flow.
+#    What it leaves out (non-empty opaque, labels other than 0 or 16 bytes, a reply or master
+#    in full, a state above 9, trailing value fields...) goes to tier 2.
+# 2. Unpacked, the exact types checked one by one (faster than comparing `map(type, ...)` with
+#    a template) and the numbers' ranges by packing them (struct.error when one does not fit).
+
+def _any_of(values: Iterable[int]) -> bytes:
+    """A character class of these byte values."""
+    return b"[" + b"".join(re.escape(bytes([v])) for v in values) + b"]"
+
+
+_RE_U8 = rb"(?:[\x00-\x7f]|\xcc.)"
+_RE_U16 = rb"(?:[\x00-\x7f]|\xcc.|\xcd..)"
+_RE_U32 = rb"(?:[\x00-\x7f]|\xcc.|\xcd..|\xce....)"
+# status: 16 bits (STATUS_VALID's high byte is checked; its low byte allows every bit)
+assert STATUS_VALID & 0xFF == 0xFF
+_RE_STATUS = (rb"(?:[\x00-\x7f]|\xcc.|\xcd"
+              + _any_of(b for b in range(256) if not b & ~STATUS_VALID >> 8) + b".)")
+_RE_STATE = rb"(?:\xc0|" + _any_of(range(_TCP_STATE_MAX + 1)) + b")"  # nil, or one for any proto
+_RE_WSCALE = _any_of(range(TCP_WSCALE_MAX + 1))
+_RE_LABELS = rb"\xc4(?:\x00|\x10.{16})"
+_RE_HELPER = b"(?:" + b"|".join(bytes([0xA0 + n]) + rb"[\x20-\x7e]" + b"{%d}" % n
+                                for n in range(HELPER_MAX + 1)) + b")"
+
+
+def _re_addr(alen: int) -> bytes:
+    return rb"\xc4" + re.escape(bytes([alen])) + b".{%d}" % alen
+
+
+def _re_key(alen: int) -> re.Pattern[bytes]:
+    a = _re_addr(alen)
+    return re.compile(rb"\x9a" + _RE_U16 + a + a + _RE_U8 + _RE_U16 * 3 + _RE_U8 * 2 + rb"\xc4\x00",
+                      re.DOTALL)
+
+
+def _re_value(alen: int) -> re.Pattern[bytes]:
+    a = _re_addr(alen)
+    reply = rb"(?:\xc0|\x92" + a + _RE_U16 + rb"|\x94" + a + _RE_U16 + a + _RE_U16 + b")"
+    return re.compile(rb"\x9d" + reply + _RE_STATUS + _RE_U32 * 2 + _RE_STATE + _RE_U8 * 2
+                      + _RE_WSCALE * 2 + _RE_LABELS + _RE_HELPER + rb"\xc0" + _RE_U32, re.DOTALL)
+
+
+# the array headers above: fixarray 10 (key) and 13 (value)
+assert KEY_LEN == 10
+assert VALUE_LEN == 13
+_KEY4, _KEY6 = _re_key(4).fullmatch, _re_key(16).fullmatch
+_VALUE4, _VALUE6 = _re_value(4).fullmatch, _re_value(16).fullmatch
+
+# tier 2: zone, proto, ports, ICMP id, type and code
 _key_ranges = struct.Struct("!HBHHHBB").pack
 # status, timeout, mark, TCP flags and window scales, secmark
 _value_ranges = struct.Struct("!IIIBBBBI").pack
-_TCP = int(Proto.TCP)
-_TCP_STATE_MAX = max(TcpState)
+_unpackb = msgpack.unpackb
 
 
 def filter_untrusted(flows: Sequence[tuple[bytes, bytes | None]]
@@ -675,60 +727,76 @@ def filter_untrusted(flows: Sequence[tuple[bytes, bytes | None]]
     ok: list[tuple[bytes, bytes | None]] = []
     keep = ok.append
     refused: dict[str, int] = {}
-    unpackb = msgpack.unpackb
-    key_ranges = _key_ranges
-    value_ranges = _value_ranges
+    key4, key6, value4, value6 = _KEY4, _KEY6, _VALUE4, _VALUE6
     for kv in flows:
         key, value = kv
-        try:
-            # msgpack's defaults are raw=False, use_list=True (passing them costs ~50 ns)
-            zone, src, dst, proto, sport, dport, iid, itype, icode, opaque = unpackb(key)
-            if not (type(src) is bytes and type(dst) is bytes and type(opaque) is bytes
-                    and type(zone) is int and type(proto) is int and type(sport) is int
-                    and type(dport) is int and type(iid) is int and type(itype) is int
-                    and type(icode) is int):
-                raise _Refused
-            alen = len(src)
-            if (alen != 4 and alen != 16) or len(dst) != alen or len(opaque) > OPAQUE_MAX:
-                raise _Refused
-            key_ranges(zone, proto, sport, dport, iid, itype, icode)
-            if value is not None:
-                v = unpackb(value)
-                if type(v) is not list or not VALUE_LEN <= len(v) <= VALUE_FIELDS_MAX:
-                    raise _Refused
-                (reply, status, timeout, mark, state, tfo, tfr, wso, wsr, labels, helper,
-                 master, secmark) = v if len(v) == VALUE_LEN else v[:VALUE_LEN]
-                if not (type(status) is int and type(timeout) is int and type(mark) is int
-                        and type(tfo) is int and type(tfr) is int and type(wso) is int
-                        and type(wsr) is int and type(secmark) is int
-                        and type(labels) is bytes and type(helper) is str
-                        and (state is None or type(state) is int)):
-                    raise _Refused
-                value_ranges(status, timeout, mark, tfo, tfr, wso, wsr, secmark)
-                if (status & ~STATUS_VALID or wso > TCP_WSCALE_MAX or wsr > TCP_WSCALE_MAX
-                        or (state is not None and not (
-                            0 <= state <= (_TCP_STATE_MAX if proto == _TCP else 255)))
-                        or (labels and (len(labels) > LABELS_MAX or len(labels) & 3))
-                        or (helper and (len(helper) > HELPER_MAX or not helper.isascii()
-                                        or not helper.isprintable()))):
-                    raise _Refused
-                if reply is not None:
-                    if type(reply) is list and len(reply) == 2:  # source NAT, the usual one
-                        a, p = reply
-                        if type(a) is not bytes or len(a) != alen or type(p) is not int or not (
-                                0 <= p <= 0xFFFF):
-                            raise _Refused
-                    elif _reply_refusal(reply, alen, proto) is not None:
-                        raise _Refused
-                if master is not None and _tuple_refusal(master, alen) is not None:
-                    raise _Refused
-        except Exception:  # _Refused, struct.error, msgpack's errors, a non-list's TypeError
-            why = untrusted_refusal(key, value)
-            if why is not None:  # the reference decides (a test holds them equal)
-                refused[why] = refused.get(why, 0) + 1
+        if type(key) is bytes and type(value) in _VALUE_TYPES:
+            if key4(key):
+                if value is None or value4(value):
+                    keep(kv)
+                    continue
+            elif key6(key) and (value is None or value6(value)):
+                keep(kv)
                 continue
-        keep(kv)
+        why = _tier2(key, value)
+        if why is None:
+            keep(kv)
+        else:
+            refused[why] = refused.get(why, 0) + 1
     return ok, refused
+
+
+_VALUE_TYPES = (bytes, type(None))
+
+
+def _tier2(key: Any, value: Any) -> str | None:
+    """Tier 2 of the fast path (see above), then the reference: why (key, value) is refused."""
+    try:
+        # msgpack's defaults are raw=False, use_list=True (passing them costs ~50 ns)
+        zone, src, dst, proto, sport, dport, iid, itype, icode, opaque = _unpackb(key)
+        if not (type(src) is bytes and type(dst) is bytes and type(opaque) is bytes
+                and type(zone) is int and type(proto) is int and type(sport) is int
+                and type(dport) is int and type(iid) is int and type(itype) is int
+                and type(icode) is int):
+            raise _Refused
+        alen = len(src)
+        if (alen != 4 and alen != 16) or len(dst) != alen or len(opaque) > OPAQUE_MAX:
+            raise _Refused
+        _key_ranges(zone, proto, sport, dport, iid, itype, icode)
+        if value is None:
+            return None
+        v = _unpackb(value)
+        if type(v) is not list or not VALUE_LEN <= len(v) <= VALUE_FIELDS_MAX:
+            raise _Refused
+        (reply, status, timeout, mark, state, tfo, tfr, wso, wsr, labels, helper,
+         master, secmark) = v if len(v) == VALUE_LEN else v[:VALUE_LEN]
+        if not (type(status) is int and type(timeout) is int and type(mark) is int
+                and type(tfo) is int and type(tfr) is int and type(wso) is int
+                and type(wsr) is int and type(secmark) is int
+                and type(labels) is bytes and type(helper) is str
+                and (state is None or type(state) is int)):
+            raise _Refused
+        _value_ranges(status, timeout, mark, tfo, tfr, wso, wsr, secmark)
+        if (status & ~STATUS_VALID or wso > TCP_WSCALE_MAX or wsr > TCP_WSCALE_MAX
+                or (state is not None and not (
+                    0 <= state <= (_TCP_STATE_MAX if proto == _TCP else 255)))
+                or (labels and (len(labels) > LABELS_MAX or len(labels) & 3))
+                or (helper and (len(helper) > HELPER_MAX or not helper.isascii()
+                                or not helper.isprintable()))):
+            raise _Refused
+        if reply is not None:
+            if type(reply) is list and len(reply) == 2:  # source NAT, the usual one
+                a, p = reply
+                if type(a) is not bytes or len(a) != alen or type(p) is not int or not (
+                        0 <= p <= 0xFFFF):
+                    raise _Refused
+            elif _reply_refusal(reply, alen, proto) is not None:
+                raise _Refused
+        if master is not None and _tuple_refusal(master, alen) is not None:
+            raise _Refused
+    except Exception:  # _Refused, struct.error, msgpack's errors, a non-list's TypeError
+        return untrusted_refusal(key, value)  # the reference decides (a test holds them equal)
+    return None
 
 
 class _Refused(Exception):

@@ -89,20 +89,35 @@ def valid_flows(draw: st.DrawFn) -> Flow:
     )
 
 
-# anything msgpack can carry, where a field goes
-_junk = st.recursive(
+def _common(f: Flow) -> Flow:
+    """`f` in the shapes the kernel usually gives (tier 1's): no opaque, labels of 0 or 16
+    bytes, no master, a state up to 9, a reply that is the inverse or a NAT of it."""
+    f = f._replace(orig=f.orig._replace(opaque=b""), master=None,
+                   labels=f.labels if len(f.labels) in (0, 16) else b"",
+                   state=None if f.state is None or f.state > 9 else f.state)
+    if len(flowmod._pack_value_list(f)[V_REPLY] or ()) == 9:
+        f = f._replace(reply=f.orig.invert())
+    return f
+
+
+# numbers at and around every limit a field has (most refusals are one past a limit)
+_bounds = st.sampled_from(sorted({b + d for b in (0, 9, 14, 127, 255, 0x7FF, 0x800, 0xF7FF,
+                                                   0xFFFF, 0x10000, U32)
+                                  for d in (-1, 0, 1)} | {2**64 - 1, -2**63}))
+_bytes = st.sampled_from([0, 1, 3, 4, 5, 15, 16, 17, 255, 256, 257]).flatmap(
+    lambda n: st.binary(min_size=n, max_size=n))
+# anything msgpack can carry, where a field goes; limits and lengths most often
+_junk = st.one_of(_bounds, _bounds, _bounds, _bytes, st.recursive(
     st.one_of(st.integers(-2**63, 2**64 - 1), st.booleans(), st.floats(allow_nan=False),
-              st.binary(max_size=40), st.text(max_size=20), st.none(),
-              st.sampled_from([-1, 0, 1, 9, 10, 14, 15, 255, 256, 0xFFFF, 0x10000, 0x7FF,
-                               0x800, 0xFFFF, 0x10000, U32, U32 + 1, 2**64 - 1])),
-    lambda inner: st.lists(inner, max_size=10), max_leaves=12)
+              st.binary(max_size=40), st.text(max_size=20), st.none()),
+    lambda inner: st.lists(inner, max_size=10), max_leaves=12))
 
 
 @st.composite
 def mutated(draw: st.DrawFn) -> tuple[bytes, bytes | None]:
     """A valid packed flow with one field (of the key, the value, or a tuple inside the value)
     replaced by anything, the value sometimes cut, lengthened or absent (a destroy)."""
-    k, v = pack_flow(draw(valid_flows()))
+    k, v = pack_flow(draw(valid_flows() | valid_flows().map(_common)))
     kl = msgpack.unpackb(k)
     vl = msgpack.unpackb(v)
     where = draw(st.sampled_from(["key", "value", "nested", "length", "none", "raw"]))
@@ -155,6 +170,31 @@ def test_valid_flows_pass_the_fast_path_alone(flows: list[Flow], destroy: bool) 
     pairs = [(k, None if destroy else v) for k, v in map(pack_flow, flows)]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(flowmod, "untrusted_refusal", _no_reference)
+        ok, refused = filter_untrusted(pairs)
+    assert (ok, refused) == (pairs, {})
+
+
+@settings(max_examples=1000, deadline=None)
+@given(mutated() | valid_flows().map(pack_flow))
+def test_what_the_byte_patterns_accept_the_reference_accepts(
+        pair: tuple[bytes, bytes | None]) -> None:
+    k, v = pair
+    for key_re, value_re in ((flowmod._KEY4, flowmod._VALUE4), (flowmod._KEY6, flowmod._VALUE6)):
+        if key_re(k) and (v is None or value_re(v)):
+            assert untrusted_refusal(k, v) is None
+
+
+def _no_tier2(key: Any, value: Any) -> str | None:
+    raise AssertionError("a common shape missed the byte patterns (tier 1)")
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(valid_flows(), min_size=1, max_size=8), st.booleans())
+def test_common_shapes_pass_on_their_bytes_alone(flows: list[Flow], destroy: bool) -> None:
+    """Tier 1 (no unpacking) takes every flow of the shapes the kernel usually gives."""
+    pairs = [(k, None if destroy else v) for k, v in map(pack_flow, map(_common, flows))]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(flowmod, "_tier2", _no_tier2)
         ok, refused = filter_untrusted(pairs)
     assert (ok, refused) == (pairs, {})
 
@@ -276,3 +316,39 @@ def test_refusals_are_counted_and_the_rest_kept_in_order() -> None:
     ok, refused = filter_untrusted(pairs)
     assert ok == good
     assert refused == {"zone": 2, "tcp_flags": 1}
+
+
+_BOUNDS = sorted({b + d for b in (0, 9, 14, 127, 255, 0x7FF, 0x800, 0xF7FF, 0xFFFF, 0x10000, U32)
+                  for d in (-1, 0, 1)} | {2**64 - 1, -2**63})
+_OTHERS: list[Any] = [True, False, 1.0, None, "x", b"", bytes(4), bytes(16), bytes(17), [],
+                      [0], [b"\1\2\3\4", 1], [bytes(16), 1]]
+_O6 = Tuple(bytes(15) + b"\1", bytes(15) + b"\2", 17, 5353, 53)
+_BASES = [
+    _GOOD, _GOOD._replace(helper="ftp", labels=bytes(16), tcp_wscale_orig=14),
+    Flow(_O6, _O6.invert()._replace(dst=bytes(16), dport=61000), status=0x1BE, timeout=30),
+    Flow(_O4, _O4.invert()._replace(src=b"\1\2\3\4", sport=80, dst=b"\5\6\7\x08"),
+         status=0x3E, timeout=U32, mark=U32, secmark=U32, zone=0xFFFF),
+]
+
+
+@pytest.mark.parametrize("base", _BASES)
+def test_the_byte_patterns_accept_no_field_past_its_limit(base: Flow) -> None:
+    """Every field of common shapes (both families, each reply form), one at a time, set to
+    each number at and around a limit and to other types: what tier 1 accepts, the
+    reference accepts (and tier 1 does take the bases)."""
+    k0, v0 = (msgpack.unpackb(b) for b in pack_flow(base))
+    key_re, value_re = ((flowmod._KEY4, flowmod._VALUE4) if len(k0[1]) == 4
+                        else (flowmod._KEY6, flowmod._VALUE6))
+    assert key_re(_pack(k0))
+    assert value_re(_pack(v0))
+    checked = 0
+    for which, lst in (("key", k0), ("value", v0), ("reply", v0[V_REPLY])):
+        for i in range(len(lst or ())):
+            for x in [*_BOUNDS, *_OTHERS]:
+                k, v = (msgpack.unpackb(b) for b in pack_flow(base))
+                {"key": k, "value": v, "reply": v[V_REPLY]}[which][i] = x
+                pk, pv = _pack(k), _pack(v)
+                if key_re(pk) and value_re(pv):
+                    assert untrusted_refusal(pk, pv) is None, (which, i, x)
+                    checked += 1
+    assert checked > 50
