@@ -283,10 +283,13 @@ class Daemon:
         eng = self.engine
         if eng is not None:
             now = self._now()
-            if value is None:
-                eng.local_destroy(key, now)
-            else:
-                eng.local_update(key, value, now)
+            try:
+                if value is None:
+                    eng.local_destroy(key, now)
+                else:
+                    eng.local_update(key, value, now)
+            except Exception as e:  # one flow the engine refuses must not lose the burst
+                self.contained("replicating a local flow", e)
         if self._watchers:
             self._notify_watchers("internal", key, value)
 
@@ -306,7 +309,10 @@ class Daemon:
         if eng is None or tr is None:
             return
         now = self._now()
-        tr.send(eng.datagrams_to_send(now))
+        try:
+            tr.send(eng.datagrams_to_send(now))
+        except Exception as e:  # lost datagrams are the protocol's to recover, not a crash
+            self.contained("sending sync datagrams", e)
         apply = self.remote.apply
         watch = self._notify_watchers if self._watchers else None
         for ev in eng.events():

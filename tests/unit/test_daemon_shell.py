@@ -598,3 +598,27 @@ async def test_another_host_with_our_node_id_is_logged_counted_and_not_in_sync(
         rt = d.stats("runtime").runtime
         assert rt is not None
         assert rt.duplicate_node >= 1
+
+
+async def test_a_send_failure_is_contained_and_the_protocol_recovers(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    async with running(tmp_path) as (d, peer):
+        await wait_for(d.in_sync)
+        tp = transport_of(d)
+        real = tp.send
+        failures = {"n": 0}
+
+        def failing(datagrams: list[bytes]) -> None:
+            if datagrams and failures["n"] == 0:
+                failures["n"] += 1
+                raise OSError(22, "Invalid argument")
+            real(datagrams)
+
+        tp.send = failing  # type: ignore[method-assign]
+        await tracker_of(d).events.send.send(  # type: ignore[attr-defined]
+            [(EventType.NEW, mkflow(i)) for i in range(4)])
+        await wait_for(lambda: sum(len(e.flows) for e in peer.received
+                                   if isinstance(e, sync_engine.RemoteFlows)) >= 4)
+        assert failures["n"] == 1
+        assert d.internal_errors == {"sending sync datagrams: OSError": 1}
+        await wait_for(d.in_sync)
