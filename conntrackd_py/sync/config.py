@@ -177,6 +177,7 @@ class Counters:
     flows_sent: int = 0  # flow messages in new (not retransmitted) datagrams
     flows_received: int = 0  # flow messages delivered, in order
     retransmitted: int = 0
+    bytes_retransmitted: int = 0
     acks_sent: int = 0
     acks_received: int = 0
     nacks_sent: int = 0

@@ -236,13 +236,22 @@ class Engine:
         c = self.counters
         seq = dg.seq
         is_begin = bool(dg.markers & _BEGIN_BIT)
+        if not self._authenticated:  # (with a key, one number is one datagram)
+            twin = peer.recent.get(seq)
+            if twin is None:
+                peer.remember(seq, data)
+            elif twin != data:
+                # two different datagrams with one number: one is forged (or a second host
+                # uses its node id); what we delivered cannot be trusted
+                c.forged += 1
+                self._doubt(peer, now)
+                return
         if peer.state is PeerState.DOUBTFUL:
             if not is_begin:
                 self._alive(peer, now)  # heard, but nothing is delivered until a BEGIN
                 return
             self._dropped_before += peer.stream.reorder_dropped
             peer.stream = self._new_stream(seq)  # re-anchored at a full resync's start
-            peer.forget_recent()
         stream = peer.stream
         if diff(seq, stream.highest) > self.config.seq_window:
             # far ahead of anything it sent before: not believed, and continuity is doubtful
@@ -253,13 +262,6 @@ class Engine:
         if ready is None:
             c.replayed += 1
             if not self._authenticated:
-                twin = peer.recent.get(seq)
-                if twin is not None and twin != data:
-                    # two different datagrams with one number: one is forged (or a second
-                    # host uses its node id); what we delivered cannot be trusted
-                    c.forged += 1
-                    self._doubt(peer, now)
-                    return
                 b = diff(seq, stream.anchor)
                 if -self.config.seq_window <= b < 0:
                     # unauthenticated, below where the stream last jumped: it may be the real
@@ -269,8 +271,6 @@ class Engine:
                     self._alive(peer, now)
             return
         self._alive(peer, now)
-        if not self._authenticated:  # (with a key, equal numbers mean equal bytes)
-            peer.remember(seq, data)
         if ready:
             peer.behind_since = None
         if skipped:

@@ -265,6 +265,7 @@ class Sender:
             return []
         out = self.resend.take(limit, now)
         self.c.retransmitted += len(out)
+        self.c.bytes_retransmitted += sum(map(len, out))
         return out
 
     def control_datagrams(self, msgs: list[Message]) -> list[bytes]:
