@@ -8,7 +8,7 @@ keys. Suites build their own lab namespaces (root needed) and clean them up.
     accounting   what flow accounting costs event ingest (on vs off)
     compare      conntrackd-py vs conntrackd side by side: throughput, commit, resync,
                  latency, CPU, RSS, wire, loss, TCP life cycles; ratio_* figures
-    hostile      cost per hostile input (bench/suite_hostile.py, when present)
+    hostile      cost per hostile input on the sync link (sans I/O: no root, no namespace)
 
 The suites share the lab's helpers (lab.bench: daemon pairs, pinning, CPU probes, kernel
 load; lab.measure: the replication measurements), never each other.
@@ -17,7 +17,6 @@ load; lab.measure: the replication measurements), never each other.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import platform
@@ -41,9 +40,8 @@ def _suites() -> dict[str, Suite]:
     import suite_replication
     suites["replication"] = suite_replication.run
     suites["compare"] = suite_compare.run
-    if (Path(__file__).resolve().parent / "suite_hostile.py").exists():
-        # the sync helper's suite (issue 13): registered once the file exists
-        suites["hostile"] = importlib.import_module("suite_hostile").run
+    import suite_hostile
+    suites["hostile"] = suite_hostile.run
     return suites
 
 
