@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from conntrackd_py import cli, commands
 from conntrackd_py.commands import NODE_MAX
@@ -226,3 +228,88 @@ def test_a_control_call_imports_nothing_heavy() -> None:
     for heavy in ("trio", "yaml", "logging", "dataclasses", "conntrackd_py.daemon",
                   "conntrackd_py.config", "msgpack"):
         assert heavy not in mods, heavy
+
+
+def yaml_socket(text: str) -> str | None:
+    """What YAML says general.control_socket is (the default when absent); None when YAML
+    cannot say (not YAML, not a mapping, not a path)."""
+    import yaml
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    general = doc.get("general")
+    if general is None:
+        return cli.DEFAULT_CONTROL_SOCKET
+    if not isinstance(general, dict):
+        return None
+    sock = general.get("control_socket", cli.DEFAULT_CONTROL_SOCKET)
+    return sock if isinstance(sock, str) and sock else None
+
+
+def shipped_configs() -> list[str]:
+    from lab import daemons
+    repo = Path(__file__).resolve().parents[2]
+    texts = [p.read_text() for p in [repo / "config" / "conntrackd-py.yaml",
+                                     *sorted((repo / "config" / "examples").glob("*.yaml"))]]
+    class Values(dict[str, str]):
+        def __missing__(self, key: str) -> str:
+            return "1"
+
+    lab_yaml = daemons._DAEMON_YAML.format_map(Values(dir="/tmp/lab/d1", extra="",
+                                                      auth="{required: false}"))
+    return [*texts, lab_yaml]
+
+
+def test_the_socket_of_plainly_written_configs_is_read_without_yaml() -> None:
+    for text in shipped_configs():
+        fast = cli.socket_from_text(text)
+        assert fast is not None  # these take the fast path
+        assert fast == yaml_socket(text)
+
+
+#: lines that make a config less plain than the fast path reads; YAML decides
+TRICKY_LINES = [
+    "general:", "  control_socket: /a/b", "  mode: sync", '  x: "abc', '  def"', "  a: [1,",
+    "  ]", "  note: |", "    control_socket: /c", "---", "general: {control_socket: /d}",
+    "control_socket: /e", "  # control_socket: /f", "node: {id: 1}",
+    "  control_socket: /g  # a comment", "\tcontrol_socket: /h", "general: &g", "other:",
+    "    y: 1", "  control_socket: null", "  control_socket: 'x/y'", "general:  # hi",
+    "  control_socket: /i,", "  b: {c: 1,", "  }", "  control_socket: ~/x", "...",
+    "x: 'it''s", "  control_socket: /j", "  <<: *g", "  control_socket: /k: v",
+    "%YAML 1.1", "  control_socket:", "    /l", "  control_socket: /m #x", "", "  - item",
+    "- general:", "  ? x", " control_socket: /n", "   control_socket: /o", "  mode: >",
+    "    folded", "  !!str control_socket: /p", "  control_socket: !!str /q", "  # c",
+]
+
+
+@given(st.lists(st.sampled_from(TRICKY_LINES), max_size=8))
+def test_the_fast_reading_agrees_with_yaml_or_leaves_it_to_yaml(lines: list[str]) -> None:
+    import yaml
+    text = "\n".join(lines) + "\n"
+    fast = cli.socket_from_text(text)
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return  # no daemon runs with this text: either answer will do
+    truth = yaml_socket(text)
+    if truth is not None:
+        assert fast in (None, truth), text
+    elif any("control_socket" in x and not x.lstrip().startswith("#") for x in lines):
+        # its control_socket is not a path, or general not a mapping: the full load explains
+        assert fast is None, text
+    else:
+        # no line names the socket in a text that is no valid config (not a mapping, general
+        # not a mapping): the daemon never started with it; the default is as good as an error
+        assert fast in (None, cli.DEFAULT_CONTROL_SOCKET), text
+    del doc
+
+
+def test_a_control_call_reads_the_socket_with_or_without_yaml(tmp_path: Path) -> None:
+    conf = tmp_path / "c.yaml"
+    conf.write_text("node: {id: 3}\ngeneral:\n  mode: sync\n  control_socket: /tmp/y.sock\n")
+    assert cli._control_socket(str(conf)) == "/tmp/y.sock"
+    conf.write_text('node: {id: 3}\ngeneral:\n  note: "a\n  control_socket: /tmp/no"\n')
+    assert cli._control_socket(str(conf)) == cli.DEFAULT_CONTROL_SOCKET  # YAML's reading
