@@ -287,6 +287,8 @@ def _control(sock: str, cmd: Command, req: Any, as_json: bool) -> int:
     except ControlError as e:
         print(f"conntrackd-py: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # ^C on -E (or a long -c): no traceback
+        return 130
     except BrokenPipeError:  # stdout closed (`| head`): the answer was not wanted
         with contextlib.suppress(OSError):
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (no flush error at exit)
