@@ -645,6 +645,21 @@ def test_config_from_the_daemon_config() -> None:
     Engine(sc, 1, dict().items, 0.0)  # valid as a whole
 
 
+def test_config_from_passes_the_limits_on() -> None:
+    from conntrackd_py import config
+
+    cfg = config.loads("node: {id: 3}\nsync:\n  auth: {required: false}\n  limits: {max_peers: 8,"
+                       " peer_expire: 600, resync_min_interval: 2, resend_ratio: 3}\n"
+                       "  channels:\n    - multicast: {group: 225.0.0.50, interface: eth0}\n")
+    sc = config_from(cfg, ())
+    assert (sc.max_peers, sc.peer_expire, sc.resync_min_interval, sc.resend_ratio) == (
+        8, 600.0, 2.0, 3.0)
+    default = config_from(config.loads("node: {id: 3}\nsync:\n  auth: {required: false}\n"
+                                       "  channels:\n    - multicast: {group: 225.0.0.50, "
+                                       "interface: eth0}\n"), ())
+    assert default == SyncConfig(node_id=3, resync_window=1024)  # the production values
+
+
 # --- full resync datagrams: one FLOW_BATCH each, padded to one length -----------------------------
 
 
