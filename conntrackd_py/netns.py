@@ -29,9 +29,9 @@ def entered(name: str | None) -> Iterator[None]:
     if name is None:
         yield
         return
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        target = os.open(f"/run/netns/{name}", os.O_RDONLY)
+        target = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
         try:
             _setns(target)
         finally:
