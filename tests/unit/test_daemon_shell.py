@@ -24,6 +24,7 @@ from conntrackd_py import config as config_mod
 from conntrackd_py import sync as sync_engine
 from conntrackd_py.accounting import Accounting
 from conntrackd_py.cache import InternalCache
+from conntrackd_py.commands import Ops
 from conntrackd_py.commit import CommitError, CommitJob
 from conntrackd_py.config import Config
 from conntrackd_py.ctlclient import ControlError
@@ -622,3 +623,17 @@ async def test_a_send_failure_is_contained_and_the_protocol_recovers(
         assert failures["n"] == 1
         assert d.internal_errors == {"sending sync datagrams: OSError": 1}
         await wait_for(d.in_sync)
+
+
+async def test_stop_ends_the_daemon_and_releases_its_lock(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    cfg = make_config(tmp_path)
+    d = Daemon(cfg, tracker=FakeTracker, transport=FakeTransport, table=FakeTable,
+               commit=fake_commit)
+    ops: Ops = d  # the control commands' side of the interface, checked by mypy
+    async with trio.open_nursery() as nursery:
+        await nursery.start(d.run)
+        assert (tmp_path / "lock").read_text() == f"{os.getpid()}\n"
+        assert ops.stop() == "stopping"
+    assert not (tmp_path / "lock").exists()
+    assert int((tmp_path / "lock.epoch").read_text()) == d.epoch
