@@ -30,7 +30,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import asdict
-from typing import Any, NoReturn
+from typing import Any
 
 import trio
 
@@ -266,13 +266,16 @@ class Daemon:
                       else exc)
 
     async def _supervised(self, where: str, fn: Callable[..., Awaitable[object]],
-                          *args: object) -> NoReturn:
-        """Run a task that serves inputs; if it fails, count, log, and start it again."""
+                          *args: object) -> None:
+        """Run a task that serves inputs; if it fails, count, log, and start it again. A task
+        that returns (nothing to watch, no watchdog asked for) is done."""
         while True:
             try:
                 await fn(*args)
             except Exception as e:  # contained by design: see the module docstring
                 self.contained(where, e)
+            else:
+                return
             await trio.sleep(RESTART_DELAY)
 
     # --- engine plumbing ----------------------------------------------------------------

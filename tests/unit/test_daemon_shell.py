@@ -637,3 +637,16 @@ async def test_stop_ends_the_daemon_and_releases_its_lock(
         assert ops.stop() == "stopping"
     assert not (tmp_path / "lock").exists()
     assert int((tmp_path / "lock.epoch").read_text()) == d.epoch
+
+
+async def test_a_supervised_task_that_returns_is_not_started_again(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    d = Daemon(make_config(tmp_path), tracker=FakeTracker, transport=FakeTransport)
+    runs = {"n": 0}
+
+    async def once() -> None:
+        runs["n"] += 1
+        await trio.lowlevel.checkpoint()
+
+    await d._supervised("nothing to watch", once)
+    assert runs["n"] == 1
