@@ -449,9 +449,9 @@ class Daemon:
             res["external"] = self.external.purge()
         return res
 
-    def _table(self, **kw: Any) -> Table:
+    def _table(self) -> Table:
         try:
-            return self._make_table(self.netns, **kw)
+            return self._make_table(self.netns, batch=self.cfg.netlink.commit_batch)
         except OSError as e:
             if e.errno in FD_EXHAUSTED:
                 self.fd_exhausted += 1
@@ -492,7 +492,7 @@ class Daemon:
         # now; shorten their kernel timeouts to the purge timeout so they expire, as
         # conntrackd does. The external cache (the new master's flows) is left alone.
         t = int(self.cfg.sync.purge_timeout) if timeout is None else timeout
-        table = self._table(batch=self.cfg.netlink.commit_batch)
+        table = self._table()
         try:
             accept = self.tracker.accept if self.tracker is not None else None
             n = await table.shorten_timeouts(t, accept)
