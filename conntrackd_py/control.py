@@ -138,6 +138,10 @@ def encode_reply(obj: dict[str, Any]) -> bytes:
 
 
 class ControlServer:
+    """Serves the control socket at `path` for `ops` (the daemon): `await nursery.start(
+    server.serve)`. Its counters (`stats()`) are read into the daemon's `-s` and metrics;
+    the limits are attributes so that tests can shorten them."""
+
     def __init__(self, path: str, ops: Ops) -> None:
         self.path = path
         self.ops = ops
@@ -166,7 +170,8 @@ class ControlServer:
         # was refused whenever a busy task (a full resync arriving) held the loop
         std = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            # no window in which another user could connect before the chmod
+            # no window in which another user could connect before the chmod (the umask is
+            # the process's: a file another thread made meanwhile would only be stricter)
             old = os.umask(0o177)
             try:
                 std.bind(self.path)
