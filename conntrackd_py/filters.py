@@ -47,7 +47,11 @@ def build(protocols: tuple[str, tuple[int, ...]] | None = None,
     """A predicate: True = track and replicate the flow.
 
     Each filter is (policy, items) with policy "accept" (only these) or "ignore" (all but
-    these). Flows of the sync protocol itself (UDP to one of `sync_ports`, or between `sync_addrs`)
+    these). An address filter looks at the original source and the reply source, as
+    conntrackd's does: a port forward to an ignored VIP is replicated (its reply comes from the
+    inside server), a flow from or to one of the firewall's own ignored addresses is not. With
+    "accept", a flow of an address family that no listed network has is dropped (conntrackd
+    too). Flows of the sync protocol itself (UDP to one of `sync_ports`, or between `sync_addrs`)
     are always ignored: replicating them would feed the link its own traffic.
     """
     checks: list[Callable[[Flow], bool]] = []
@@ -61,8 +65,12 @@ def build(protocols: tuple[str, tuple[int, ...]] | None = None,
         nlist = _compile(list(nets))
 
         def addr_hit(f: Flow) -> bool:
-            o = f.orig
-            return _matches_any(o.src, nlist) or _matches_any(o.dst, nlist)
+            # conntrackd's rule (filter.c, ct_filter_check): a flow's real endpoints are the
+            # original source and the *reply* source. The original destination of a DNAT'd
+            # flow is the address it was sent to (a VIP that operators list as ignored), not
+            # the server that answers; the reply destination of a SNAT'd flow is likewise the
+            # firewall's rewritten address.
+            return _matches_any(f.orig.src, nlist) or _matches_any(f.reply.src, nlist)
 
         checks.append(addr_hit if pol == "accept" else (lambda f: not addr_hit(f)))
     if tcp_states is not None:
