@@ -1,8 +1,10 @@
 """Replication of conntrack state between cluster nodes, sans I/O (proto/PROTOCOL.md).
 
 This package owns the sync protocol: the datagram codec (`wire`), the engine that decides what
-received datagrams mean and when to send what (`engine`, its sending half `sender`), the
-per-mode structures (`ftfw`, `notrack`, `alarm`) and small helpers (`seqnum`, `outbox`).
+received datagrams mean and when to send what (`engine`; its sending half `sender`, which
+owns its timers; each peer's state machine in one table, `peer`), the datagram builder
+(`builder`: space, framing, padding, sealing), the per-mode structures (`ftfw`, `notrack`,
+`alarm`), typed snapshots (`stats`) and small helpers (`seqnum`, `outbox`).
 It imports no trio, opens no socket and reads no clock: time is always an argument, input is
 bytes, output is bytes and events (`events`). The trio shell (daemon.py) moves bytes and time
 in and out; the usage contract is in `engine`'s docstring.

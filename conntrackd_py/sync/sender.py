@@ -28,7 +28,6 @@ from .wire import Message, ResyncRequest
 #: the internal flows: a mapping (fastest to snapshot) or (key, value) pairs
 Source = Callable[[], Mapping[bytes, bytes] | Iterable[tuple[bytes, bytes]]]
 
-_UPDATE, _DESTROY = wire.UPDATE_PREFIX, wire.DESTROY_PREFIX
 _BEGIN, _END, _ALIVE = (wire.MARKER_BYTES[k] for k in wire.MARKERS)
 
 
@@ -287,81 +286,37 @@ class Sender:
             self.live = Outbox((k, v) for k, v in self.live.items() if v is None)
         self.c.resyncs_sent += 1
 
-    @staticmethod
-    def _fill(box: Outbox, parts: list[bytes], size: int, limit: int,
-              allowance: int = -1) -> tuple[int, int, bool]:
-        """Append `box`'s messages to `parts` while they fit (at most `allowance` of them,
-        -1: no limit). Returns (new size, messages added, datagram full)."""
-        return box.fill(parts, size, limit, allowance, _UPDATE, _DESTROY)
-
-    def _fill_batch(self, box: Snapshot, parts: list[bytes], size: int, limit: int,
-                    allowance: int = -1) -> tuple[int, int, int, bool]:
-        """Append `box`'s next flows to `parts` as one FLOW_BATCH while they fit. Returns
-        (new size, messages added, flows added, True if the next did not fit)."""
-        msg, n, full = box.fill(limit - size, allowance)
-        if msg is not None:
-            parts.append(msg)
-            return size + len(msg), 1, n, full
-        if full and size == 0:
-            # not even one flow fits an empty datagram's batch: it goes as a FLOW_UPDATE,
-            # which `put` made sure fits (or, never put, is counted and dropped)
-            kv = box.take_one()
-            if kv is not None:
-                k, v = kv
-                if size + len(k) + len(v) + len(_UPDATE) <= limit:
-                    parts += (_UPDATE, k, v)
-                    return size + len(k) + len(v) + len(_UPDATE), 1, 1, bool(box)
-                self.c.oversize += 1
-            return size, 0, 0, bool(box)
-        return size, 0, 0, full
-
     def stream_datagram(self, now: float, window_open: bool) -> bytes | None:
         """The next sequenced datagram: RESYNC_BEGIN if a resync starts, live changes, then
         the resync in progress (or the ALARM refresh allowance), else an ALIVE when one is
-        due; None if there is nothing to send."""
-        limit = self.body_limit
-        parts: list[bytes] = []
-        size = count = 0
+        due; None if there is nothing to send. The builder keeps the space."""
+        body = self.builder.body()
         begin = False
         if self.resync_box is None and window_open and self.resync_startable(now):
             self._start_resync(now)
-            parts.append(_BEGIN)
-            size, count, begin = len(_BEGIN), 1, True
-        size, n, full = self._fill(self.live, parts, size, limit)
-        count += n
-        flows = n
-        pad = False  # full datagrams of a resync go out padded to one length: UDP GSO
+            begin = body.marker(_BEGIN)
+        full = body.changes(self.live)
         if not full and window_open:
             box = self.resync_box
             if box is not None:
-                size, n, f, full = self._fill_batch(box, parts, size, limit)
-                count += n
-                flows += f
-                pad = full
-                if not box and size + len(_END) <= limit:
-                    parts.append(_END)
-                    count += 1
+                body.batch(box)
+                if not box and body.marker(_END):
                     self.resync_box = None
             elif self.pacer is not None:
                 allowance = self.pacer.allowance(now)
                 if allowance > 0:
-                    size, n, f, full = self._fill_batch(self.pacer.box, parts, size, limit,
-                                                        allowance)
-                    self.pacer.emitted += f
-                    count += n
-                    flows += f
-                    pad = full
-        if count == 0:
+                    self.pacer.emitted += body.batch(self.pacer.box, allowance)[0]
+        self.c.oversize += body.oversize
+        if body.count == 0:
             if now < self.last_stream + self.cfg.alive_interval:
                 return None
-            parts.append(_ALIVE)
-            count = 1
-        self.c.flows_sent += flows
+            body.marker(_ALIVE)
+        self.c.flows_sent += body.flows
         seq = add(self.seq, 1)
         if seq == 0:
             self.first_lap = False  # wrapped: receivers can no longer assume a start at 1
         self.seq = seq
-        data = self.builder.stream(parts, size, count, seq, self.first_lap, pad)
+        data = self.builder.stream(body, seq, self.first_lap)
         if begin:
             self.resync_begin = seq
         if self.resend is not None:
