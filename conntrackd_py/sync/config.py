@@ -144,13 +144,7 @@ def config_from(cfg: Any, keys: tuple[bytes, ...]) -> SyncConfig:
     s = cfg.sync
     ftfw, notrack, alarm = s.ftfw, s.notrack, s.alarm
     queue = int(ftfw.resend_queue)
-    # sync.limits arrives with the config layer's Limits section; until then: our defaults
-    limits = getattr(s, "limits", None)
-    d = SyncConfig.__dataclass_fields__
-
-    def limit(name: str) -> Any:
-        return getattr(limits, name, d[name].default)
-
+    limits = s.limits
     return SyncConfig(
         node_id=int(cfg.node.id), mode=Mode(s.mode), mtu=int(s.mtu), keys=tuple(keys),
         ack_every=int(ftfw.ack_every), ack_interval=float(ftfw.ack_interval),
@@ -160,9 +154,9 @@ def config_from(cfg: Any, keys: tuple[bytes, ...]) -> SyncConfig:
         periodic_resync=float(notrack.resync_interval) or None,
         alarm_refresh=float(alarm.refresh), cache_timeout=float(alarm.cache_timeout),
         allowed_peers=frozenset(s.peers) if s.peers else None,
-        max_peers=int(limit("max_peers")), peer_expire=float(limit("peer_expire")),
-        resync_min_interval=float(limit("resync_min_interval")),
-        resend_ratio=float(limit("resend_ratio")),
+        max_peers=int(limits.max_peers), peer_expire=float(limits.peer_expire),
+        resync_min_interval=float(limits.resync_min_interval),
+        resend_ratio=float(limits.resend_ratio),
     )
 
 
