@@ -1,0 +1,152 @@
+"""A port forward to the VIP survives the loss of its firewall, with the VIP in the ignore list.
+
+client -- LAN -- fw1 / fw2 -- WAN -- server, real keepalived moving both VIPs. Both firewalls
+DNAT the LAN VIP's port 8080 to the server's port 9000 (a port forward), forward only
+established/related traffic and new SYNs to the service, with no mid-stream pickup
+(`harden_for_failover`). The daemons' address filter ignores the VIPs and the firewalls' own
+addresses, as conntrackd's example configs tell operators to do (and `import-conf` copies).
+
+conntrackd matches an address filter against a flow's original source and reply source
+(src/filter.c, ct_filter_check): the forwarded flow's original destination is the ignored VIP,
+but its endpoints are the client and the server, so it is replicated and the backup can carry
+it after a hard kill of the master.
+
+Teeth: run once against the old rule (original source and original *destination*, in a copy of
+the tree with filters.py's `f.reply.src` put back to `f.orig.dst`, run with PYTHONPATH on the
+copy), this test failed with
+    AssertionError: timed out after 10 s waiting for the forwarded flow to reach fw2's
+    external cache
+(the flow was never replicated: fw2 would have dropped the stream after the takeover).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lab import (
+    ClusterTopology,
+    DaemonProc,
+    Keepalived,
+    Lab,
+    Netns,
+    TcpStream,
+    cluster_topology,
+    harden_for_failover,
+    tcp_echo_server,
+    wait_until,
+)
+
+pytestmark = pytest.mark.cluster
+
+SERVICE = 9000  # the server's port
+FORWARDED = 8080  # the VIP's port, DNAT'd to SERVICE
+
+_PORT_FORWARD = """
+table ip ctpy_pf {{
+    chain prerouting {{
+        type nat hook prerouting priority -100;
+        iifname "lan0" ip daddr {vip} tcp dport {port} dnat to {server}:{service}
+    }}
+}}
+"""
+#: the line DaemonProc writes; the test replaces it with conntrackd's example ignore list
+_LAB_FILTER = '  addresses: {ignore: [127.0.0.0/8, "::1"]}'
+
+
+class ForwardedStream(TcpStream):
+    """A TcpStream whose client connects to `vip`:`vip_port`, which the firewalls forward to
+    the echo server on `server_ip`:`port`. (lab's TcpStream connects where the server listens.)
+    """
+
+    def __init__(self, client: Netns, server: Netns, server_ip: str, port: int, vip: str,
+                 vip_port: int, rate: float = 200.0) -> None:
+        tcp_echo_server(server, server_ip, port)
+        self.proc = client.popen(sys.executable, "-m", "lab.programs", "tcpstream", vip,
+                                 str(vip_port), str(rate), stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        first = self.proc.stdout.readline().split()
+        if not first or first[0] != "connected":
+            raise RuntimeError(f"stream client did not connect: {first}")
+        self.sport = int(first[1])
+
+
+def ignored_addresses(topo: ClusterTopology) -> list[str]:
+    """What conntrackd's example configs list under `Address Ignore`: loopback, the VIPs, the
+    firewalls' own addresses, the sync link's."""
+    a = topo.site
+    own = [f"10.{a}.{net}.{10 + k}" for net in (1, 2) for k in (1, 2)]
+    return ["127.0.0.1", "::1", topo.lan_vip, topo.wan_vip, *own, topo.sync_ip(1),
+            topo.sync_ip(2)]
+
+
+def build(lab: Lab, tmp: str) -> tuple[ClusterTopology, list[DaemonProc], list[Keepalived]]:
+    topo = cluster_topology(lab, n_fw=2, nat=False, vip_on=None)
+    ignore = ", ".join(f'"{x}"' for x in ignored_addresses(topo))
+    daemons = []
+    for k, fw in enumerate(topo.fws, 1):
+        harden_for_failover(fw, SERVICE)
+        fw.nft(_PORT_FORWARD.format(vip=topo.lan_vip, port=FORWARDED, server=topo.server_ip,
+                                    service=SERVICE))
+        d = DaemonProc(fw, os.path.join(tmp, f"d{k}"), k, topo.sync_ip(k))
+        # DaemonProc has no filter parameter: restart it on the example's ignore list
+        d.stop()
+        with open(d.conf) as fh:
+            text = fh.read()
+        assert _LAB_FILTER in text, "lab's generated config changed; update this test"
+        with open(d.conf, "w") as fh:
+            fh.write(text.replace(_LAB_FILTER, f"  addresses: {{ignore: [{ignore}]}}"))
+        d.start()
+        daemons.append(d)
+    kas = []
+    for k, fw in enumerate(topo.fws, 1):
+        kas.append(Keepalived(fw, os.path.join(tmp, f"k{k}"), topo, 150 if k == 1 else 100,
+                              daemons[k - 1]))
+        if k == 1:
+            wait_until(kas[0].is_master, 15, "fw1 to become VRRP master")
+    wait_until(lambda: any(x[2] == "backup" for x in kas[1].notifications()), 15,
+               "fw2 to settle as backup")
+    return topo, daemons, kas
+
+
+def test_port_forward_to_an_ignored_vip_survives_a_hard_kill_of_the_master(
+        lab: Lab, tmp_path: object) -> None:
+    topo, daemons, kas = build(lab, str(tmp_path))
+    d1, d2 = daemons
+    stream = ForwardedStream(topo.client, topo.server, topo.server_ip, SERVICE, topo.lan_vip,
+                             FORWARDED)
+    mine = f"sport={stream.sport} "
+    fw1 = topo.fws[0]
+    entry = [line for line in fw1.conntrack_list() if mine in line]
+    assert entry and f"dport={FORWARDED} " in entry[0] and f"src={topo.server_ip} " in entry[0], \
+        ("the stream is not DNAT'd on fw1", entry)
+    wait_until(lambda: any(mine in line for line in d2.call("dump", cache="external")), 10,
+               "the forwarded flow to reach fw2's external cache")
+    # the firewall's own traffic is still ignored: fw1's flows to its peer stay out of its cache
+    assert not any(f"src={topo.sync_ip(1)} " in line
+                   for line in d1.call("dump", cache="internal"))
+    time.sleep(0.5)
+    before = stream.status()
+    assert before["received"] > 50 and before["max_stall"] < 0.5, before
+
+    # hard kill of the master: links down (a dead box answers nothing), keepalived and the
+    # daemon SIGKILLed
+    fw1.ip("link", "set", "lan0", "down")
+    fw1.ip("link", "set", "wan0", "down")
+    kas[0].kill()
+    d1.kill()
+    wait_until(kas[1].is_master, 10, "fw2 to become master and finish its notify script")
+    time.sleep(3)
+    after = stream.status()
+    assert after["received"] > before["received"] + 200, ("the forwarded stream stalled", after)
+    committed = [line for line in topo.fws[1].conntrack_list() if mine in line]
+    assert committed and f"dport={FORWARDED} " in committed[0], committed
+    final = stream.stop()
+    assert final["errors"] == [], final
+    print(f"\nport forward across the takeover: stall {after['max_stall']:.3f} s, "
+          f"{after['received'] - before['received']} lines after the kill")
