@@ -123,8 +123,9 @@ def test_port_forward_to_an_ignored_vip_survives_a_hard_kill_of_the_master(
     mine = f"sport={stream.sport} "
     fw1 = topo.fws[0]
     entry = [line for line in fw1.conntrack_list() if mine in line]
-    assert entry and f"dport={FORWARDED} " in entry[0] and f"src={topo.server_ip} " in entry[0], \
-        ("the stream is not DNAT'd on fw1", entry)
+    assert entry, "the stream has no conntrack entry on fw1"
+    assert f"dport={FORWARDED} " in entry[0], entry
+    assert f"src={topo.server_ip} " in entry[0], ("the stream is not DNAT'd on fw1", entry)
     wait_until(lambda: any(mine in line for line in d2.call("dump", cache="external")), 10,
                "the forwarded flow to reach fw2's external cache")
     # the firewall's own traffic is still ignored: fw1's flows to its peer stay out of its cache
@@ -132,7 +133,8 @@ def test_port_forward_to_an_ignored_vip_survives_a_hard_kill_of_the_master(
                    for line in d1.call("dump", cache="internal"))
     time.sleep(0.5)
     before = stream.status()
-    assert before["received"] > 50 and before["max_stall"] < 0.5, before
+    assert before["received"] > 50, before
+    assert before["max_stall"] < 0.5, before
 
     # hard kill of the master: links down (a dead box answers nothing), keepalived and the
     # daemon SIGKILLed
@@ -145,7 +147,8 @@ def test_port_forward_to_an_ignored_vip_survives_a_hard_kill_of_the_master(
     after = stream.status()
     assert after["received"] > before["received"] + 200, ("the forwarded stream stalled", after)
     committed = [line for line in topo.fws[1].conntrack_list() if mine in line]
-    assert committed and f"dport={FORWARDED} " in committed[0], committed
+    assert committed, "no entry for the stream on fw2"
+    assert f"dport={FORWARDED} " in committed[0], committed
     final = stream.stop()
     assert final["errors"] == [], final
     print(f"\nport forward across the takeover: stall {after['max_stall']:.3f} s, "
