@@ -56,6 +56,11 @@ OnError = Callable[[str, BaseException], None]
 #: (metric suffix, help, counter) for the engine's plain counters
 _SYNC_COUNTERS: tuple[tuple[str, str, Callable[[Counters], int]], ...] = (
     ("retransmitted", "Datagrams retransmitted.", lambda c: c.retransmitted),
+    ("bytes_retransmitted", "Bytes retransmitted (compare with bytes received: the "
+     "amplification a NACK can cause is bounded by sync.limits.resend_ratio).",
+     lambda c: c.bytes_retransmitted),
+    ("forged", "Without auth: two different datagrams with one sequence number (a forger).",
+     lambda c: c.forged),
     ("lost", "Datagrams given up as lost.", lambda c: c.lost),
     ("replayed", "Datagrams already delivered (duplicates, replays).", lambda c: c.replayed),
     ("reorder_dropped", "Out-of-order datagrams beyond the window.",
