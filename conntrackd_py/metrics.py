@@ -249,6 +249,9 @@ class StatsCollector(Collector):
         stuck = GaugeMetricFamily(P + "peer_stuck", "1 while the peer's stream makes no "
                                   "progress (a backlog or a doubt past the bound).",
                                   labels=["node"])
+        state = GaugeMetricFamily(P + "peer_state", "1 for the state the peer's stream is in "
+                                  "(need_resync, in_resync, synced, refreshing, doubtful).",
+                                  labels=["node", "state"])
         now = self.wall()
         for p in sorted(s.peers, key=lambda p: p.node):
             node = str(p.node)
@@ -258,7 +261,8 @@ class StatsCollector(Collector):
             if p.lag is not None:
                 lag.add_metric([node], p.lag)
             stuck.add_metric([node], float(p.stuck))
-        yield from (up, seen, silent, lag, stuck)
+            state.add_metric([node, p.state], 1.0)
+        yield from (up, seen, silent, lag, stuck, state)
 
     def _link(self, link: LinkStats) -> Iterator[Metric]:
         yield CounterMetricFamily(P + "link_switches", "Switches of the active sync channel.",

@@ -55,6 +55,7 @@ def test_exposition_of_a_real_daemon_snapshot() -> None:
     assert s[(P + "sync_datagrams_total", (("direction", "sent"),))] == \
         snap.sync.counters.datagrams_sent > 0
     assert s[(P + "peer_up", (("node", "2"),))] == 1
+    assert s[(P + "peer_state", (("node", "2"), ("state", "synced")))] == 1
     assert s[(P + "in_sync", ())] == 1
     assert s[(P + "auth_enabled", ())] == 0  # the fixture runs with sync.auth.required: false
     assert s[(P + "commits_total", ())] == 1
