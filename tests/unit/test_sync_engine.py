@@ -129,7 +129,7 @@ def test_datagrams_are_filled_up_to_the_mtu() -> None:
 
 
 def test_full_resync_is_emitted_lazily_in_bounded_bursts() -> None:
-    p = Pair(burst=16)
+    p = Pair(burst=16)  # not the production 64: 5000 flows then take many calls to send
     p.exchange()
     for i in range(5000):
         k, v = _flow(i)
@@ -150,6 +150,7 @@ def test_full_resync_is_emitted_lazily_in_bounded_bursts() -> None:
 
 
 def test_full_resync_pauses_while_a_live_peer_lags_by_the_window() -> None:
+    # a window of 8 datagrams (production: 1024) so a small table fills it
     p = Pair(resync_window=8, ack_every=4)
     p.exchange()
     p.now += 0.1
@@ -306,7 +307,7 @@ def test_unknown_kinds_and_fields_from_a_newer_version_are_skipped_and_counted()
 
 
 def test_peer_down_reported_exactly_peer_timeout_after_last_datagram() -> None:
-    c = Cluster(2, peer_timeout=3.0, alive_interval=1.0)
+    c = Cluster(2, peer_timeout=3.0, alive_interval=1.0)  # the times asserted below
     c.pump_all()
     c.run(2.5)
     c[2].attached = False
@@ -377,7 +378,7 @@ def test_late_joiner_of_a_wrapped_stream_requests_a_full_resync() -> None:
 
 
 def test_older_epoch_accepted_as_a_restart_only_once_the_peer_is_down() -> None:
-    c = Cluster(2, peer_timeout=3.0)
+    c = Cluster(2, peer_timeout=3.0)  # the times below are written for it
     c.pump_all()
     Workload(c, creates=100).run()
     c.run(1.0)
@@ -429,7 +430,7 @@ def test_in_sync_false_until_peer_resync_done_false_on_gap_and_on_request() -> N
 
 
 def test_nack_for_evicted_datagrams_triggers_a_full_resync_not_silent_loss() -> None:
-    p = Pair(resend_queue_max=4, resync_window=2)
+    p = Pair(resend_queue_max=4, resync_window=2)  # 40 datagrams overflow a 4-entry queue
     p.exchange()
     sent = []
     for i in range(40):
@@ -454,6 +455,7 @@ def test_nack_for_evicted_datagrams_triggers_a_full_resync_not_silent_loss() -> 
 
 
 def test_one_way_link_failure_does_not_stall_full_resyncs_for_others() -> None:
+    # a small window (so the lagging peer would stall it) and a short timeout (to run fast)
     c = Cluster(3, seed=6, resync_window=16, peer_timeout=2.0)
     c.pump_all()
     Workload(c, creates=300).run()
