@@ -455,3 +455,41 @@ def test_after_any_attack_views_converge_and_the_gate_never_lies(
     # after a moment)
     c.run(0.2)
     _gate_truthful_until_converged(c, 45.0)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 20), st.floats(0.0, 0.5)),
+                min_size=1, max_size=6),
+       st.integers(0, 2**16), st.booleans())
+def test_with_auth_replays_of_captured_datagrams_change_nothing_for_long(
+        replays: list[tuple[int, int, float]], seed: int, restart: bool) -> None:
+    c = Cluster(2, seed=seed, keys=(K1,))
+    captured: list[bytes] = []
+
+    def tap(src: int, dst: int, data: bytes) -> bool:
+        if len(captured) < 2000:
+            captured.append(data)
+        return True
+
+    c.bus.tap = tap
+    c.pump_all()
+    Workload(c, seed=seed, creates=150).run()
+    c.run(1.0)
+    if restart:  # node 1 restarts: everything captured is now of an older epoch
+        c[1].engine = Engine(c[1].cfg, _epoch(c, 1) + 1, lambda: c[1].internal.items(), c.now)
+        c[1].pump()
+        c.run(1.0)
+    rng = random.Random(seed)
+    for i, times, pause in replays:
+        d = captured[i % len(captured)]
+        for _ in range(times):
+            for n in (1, 2):
+                c[n].engine.receive_datagram(d, c.now)
+                c[n].pump()
+        Workload(c, seed=rng.randrange(1 << 30), creates=20).run([c[1]])
+        c.run(pause)
+    c.run(0.2)
+    _gate_truthful_until_converged(c, 20.0)
+    for n in (1, 2):
+        assert c[n].engine.counters.bad_mac == 0
+        assert c[n].engine.counters.doubts == 0  # a replay is never mistaken for a forgery
