@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -12,12 +13,13 @@ from tcpconn import TcpConn
 from conntrackd_py.flow import Flow, Status, TcpState, pack_key
 from conntrackd_py.kernel.table import Table
 from conntrackd_py.tracker import Tracker
-from lab import Lab, cluster_topology, udp_flows
+from lab import FirewallTopology, Lab, cluster_topology, udp_flows
 
 pytestmark = pytest.mark.kernel
 
 
-async def wait_for(pred, limit: float = 10.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+async def wait_for(pred: Callable[[], bool], limit: float = 10.0,
+                   what: str = "condition") -> None:
     with trio.move_on_after(limit):
         while not pred():  # noqa: ASYNC110 - polling the kernel's side, not a trio event
             await trio.sleep(0.02)
@@ -49,7 +51,7 @@ def _flow_key(f: Flow) -> tuple[str, ...]:
 
 
 async def test_real_flows_appear_with_the_tuples_nat_state_and_mark_conntrack_shows(
-        lab: Lab, fw_topo) -> None:  # type: ignore[no-untyped-def]
+        lab: Lab, fw_topo: FirewallTopology) -> None:
     t = fw_topo
     tracker = Tracker(netns_name=t.fw.name, rcvbuf=8 << 20)
     try:
@@ -79,6 +81,7 @@ async def test_real_flows_appear_with_the_tuples_nat_state_and_mark_conntrack_sh
                                                str(rep.sport), str(rep.dport)))
                 assert int(k["mark"]) == f.mark
                 if f.orig.proto == 6:
+                    assert f.state is not None
                     assert k["state"] == TcpState(f.state).name
             tcp = next(f for f in flows if f.orig.sport == conn.sport)
             assert tcp.is_snat
@@ -107,7 +110,7 @@ async def test_real_flows_appear_with_the_tuples_nat_state_and_mark_conntrack_sh
 
 
 async def test_flows_created_before_the_start_are_found_by_the_startup_dump(
-        lab: Lab, fw_topo) -> None:  # type: ignore[no-untyped-def]
+        lab: Lab, fw_topo: FirewallTopology) -> None:
     t = fw_topo
     udp_flows(t.client, t.server_ip, 300)
     tracker = Tracker(netns_name=t.fw.name)
@@ -121,7 +124,7 @@ async def test_flows_created_before_the_start_are_found_by_the_startup_dump(
 
 
 async def test_overrun_is_detected_and_the_reconcile_dump_makes_the_cache_equal_the_kernel(
-        lab: Lab, fw_topo) -> None:  # type: ignore[no-untyped-def]
+        lab: Lab, fw_topo: FirewallTopology) -> None:
     t = fw_topo
     tracker = Tracker(netns_name=t.fw.name, rcvbuf=4096)
     table = Table(t.fw.name)
@@ -200,7 +203,7 @@ async def test_committed_flows_match_and_carry_a_natted_tcp_stream_through_a_str
         dst.close()
 
 
-async def test_get_delete_and_filtered_flush(lab: Lab, fw_topo) -> None:  # type: ignore[no-untyped-def]
+async def test_get_delete_and_filtered_flush(lab: Lab, fw_topo: FirewallTopology) -> None:
     t = fw_topo
     udp_flows(t.client, t.server_ip, 50, dport=5001)
     udp_flows(t.client, t.server_ip, 50, dport=5002)
