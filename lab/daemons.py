@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from importlib import resources
 from typing import Any, ClassVar
 
@@ -106,7 +108,7 @@ general:
 logging: {{level: {log_level}, target: file, file: {dir}/daemon.log}}
 netlink: {{rcvbuf: {rcvbuf}}}
 filters:
-  addresses: {{ignore: [127.0.0.0/8, "::1"]}}
+  addresses: {{ignore: [{ignore}]}}
 sync:
   mode: {mode}
   external_cache: {external_cache}
@@ -124,7 +126,8 @@ class DaemonProc(SyncDaemon):
     Authenticated by default, as production requires: the key is `key`, or else the namespace's
     lab's cluster key (`Netns.sync_key`: every daemon of one lab shares it), written to
     `workdir/sync.key` (mode 0600). `auth=False` runs without a key and says so in the config
-    (`sync.auth.required: false`).
+    (`sync.auth.required: false`). `ignore_addresses` is `filters.addresses.ignore` (JSON
+    strings are YAML scalars, so any address or network text goes in as is).
     """
 
     kind = "conntrackd-py"
@@ -135,7 +138,8 @@ class DaemonProc(SyncDaemon):
                  mode: str = "ftfw", key: bytes | None = None, auth: bool = True,
                  external_cache: bool = True, peer_timeout: float = 5.0,
                  log_level: str = "info", rcvbuf: int = 64 << 20, extra: str = "",
-                 general_mode: str = "sync") -> None:
+                 general_mode: str = "sync",
+                 ignore_addresses: Sequence[str] = ("127.0.0.0/8", "::1")) -> None:
         super().__init__(ns, workdir)
         self.node = node
         if key is not None and not auth:
@@ -157,7 +161,8 @@ class DaemonProc(SyncDaemon):
                 iface=iface, sync_ip=sync_ip, auth=auth_yaml, log_level=log_level,
                 external_cache="true" if external_cache else "false",
                 peer_timeout=peer_timeout, rcvbuf=rcvbuf, extra=extra,
-                general_mode=general_mode))
+                general_mode=general_mode,
+                ignore=", ".join(json.dumps(a) for a in ignore_addresses)))
         self.socket = os.path.join(workdir, "ctl.sock")
         self.log = os.path.join(workdir, "daemon.log")
         self.start()

@@ -129,13 +129,17 @@ class TcpStream:
 
     `status()` and `stop()` report {sent, received, max_stall, errors}: `received` counts the
     echoes that came back complete and in order, `max_stall` the longest silence between two.
+    The client connects to `connect` (host, port) when given, e.g. a forwarded VIP and port.
     """
 
     def __init__(self, client: Netns, server: Netns, server_ip: str, port: int,
-                 rate: float = 200.0) -> None:
+                 rate: float = 200.0, connect: tuple[str, int] | None = None) -> None:
         tcp_echo_server(server, server_ip, port)
-        self.proc = client.popen(sys.executable, "-m", "lab.programs", "tcpstream", server_ip,
-                                 str(port), str(rate), stdin=subprocess.PIPE,
+        # `connect`: where the client connects when that is not where the server listens
+        # (a VIP and port the firewalls forward to server_ip:port)
+        host, dport = connect if connect is not None else (server_ip, port)
+        self.proc = client.popen(sys.executable, "-m", "lab.programs", "tcpstream", host,
+                                 str(dport), str(rate), stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         first = self.proc.stdout.readline().split()

@@ -242,3 +242,18 @@ def test_both_sync_daemons_answer_the_one_interface(lab: Lab, tmp_path: Path, ki
     for d in (a, b):
         d.kill()
         assert not d.alive()
+
+
+def test_a_daemons_address_filter_is_a_parameter(lab: Lab, tmp_path: Path) -> None:
+    """`ignore_addresses` becomes filters.addresses.ignore: flows from the ignored client
+    address (IPv6 here) never enter the internal cache, the client's IPv4 flows do."""
+    topo = cluster_topology(lab, n_fw=2)
+    d = DaemonProc(topo.fws[0], str(tmp_path / "d"), 1, topo.sync_ip(1),
+                   ignore_addresses=["127.0.0.0/8", "::1", topo.client_ip6])
+    assert f'ignore: ["127.0.0.0/8", "::1", "{topo.client_ip6}"]' in Path(d.conf).read_text()
+    udp_flows(topo.client, topo.server_ip6, 20, dport=6100)
+    udp_flows(topo.client, topo.server_ip, 20, dport=6200)
+    wait_until(lambda: d.internal_count() >= 20, 10, "the IPv4 flows in the internal cache")
+    dump = d.call("dump", cache="internal")
+    assert sum(f"src={topo.client_ip} " in line and "dport=6200" in line for line in dump) == 20
+    assert not [line for line in dump if topo.client_ip6 in line]
