@@ -22,8 +22,6 @@ copy), this test failed with
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -33,11 +31,9 @@ from lab import (
     DaemonProc,
     Keepalived,
     Lab,
-    Netns,
     TcpStream,
     cluster_topology,
     harden_for_failover,
-    tcp_echo_server,
     wait_until,
 )
 
@@ -54,26 +50,6 @@ table ip ctpy_pf {{
     }}
 }}
 """
-#: the line DaemonProc writes; the test replaces it with conntrackd's example ignore list
-_LAB_FILTER = '  addresses: {ignore: [127.0.0.0/8, "::1"]}'
-
-
-class ForwardedStream(TcpStream):
-    """A TcpStream whose client connects to `vip`:`vip_port`, which the firewalls forward to
-    the echo server on `server_ip`:`port`. (lab's TcpStream connects where the server listens.)
-    """
-
-    def __init__(self, client: Netns, server: Netns, server_ip: str, port: int, vip: str,
-                 vip_port: int, rate: float = 200.0) -> None:
-        tcp_echo_server(server, server_ip, port)
-        self.proc = client.popen(sys.executable, "-m", "lab.programs", "tcpstream", vip,
-                                 str(vip_port), str(rate), stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        first = self.proc.stdout.readline().split()
-        if not first or first[0] != "connected":
-            raise RuntimeError(f"stream client did not connect: {first}")
-        self.sport = int(first[1])
 
 
 def ignored_addresses(topo: ClusterTopology) -> list[str]:
@@ -87,21 +63,13 @@ def ignored_addresses(topo: ClusterTopology) -> list[str]:
 
 def build(lab: Lab, tmp: str) -> tuple[ClusterTopology, list[DaemonProc], list[Keepalived]]:
     topo = cluster_topology(lab, n_fw=2, nat=False, vip_on=None)
-    ignore = ", ".join(f'"{x}"' for x in ignored_addresses(topo))
     daemons = []
     for k, fw in enumerate(topo.fws, 1):
         harden_for_failover(fw, SERVICE)
         fw.nft(_PORT_FORWARD.format(vip=topo.lan_vip, port=FORWARDED, server=topo.server_ip,
                                     service=SERVICE))
-        d = DaemonProc(fw, os.path.join(tmp, f"d{k}"), k, topo.sync_ip(k))
-        # DaemonProc has no filter parameter: restart it on the example's ignore list
-        d.stop()
-        with open(d.conf) as fh:
-            text = fh.read()
-        assert _LAB_FILTER in text, "lab's generated config changed; update this test"
-        with open(d.conf, "w") as fh:
-            fh.write(text.replace(_LAB_FILTER, f"  addresses: {{ignore: [{ignore}]}}"))
-        d.start()
+        d = DaemonProc(fw, os.path.join(tmp, f"d{k}"), k, topo.sync_ip(k),
+                       ignore_addresses=ignored_addresses(topo))
         daemons.append(d)
     kas = []
     for k, fw in enumerate(topo.fws, 1):
@@ -118,8 +86,8 @@ def test_port_forward_to_an_ignored_vip_survives_a_hard_kill_of_the_master(
         lab: Lab, tmp_path: object) -> None:
     topo, daemons, kas = build(lab, str(tmp_path))
     d1, d2 = daemons
-    stream = ForwardedStream(topo.client, topo.server, topo.server_ip, SERVICE, topo.lan_vip,
-                             FORWARDED)
+    stream = TcpStream(topo.client, topo.server, topo.server_ip, SERVICE,
+                       connect=(topo.lan_vip, FORWARDED))
     mine = f"sport={stream.sport} "
     fw1 = topo.fws[0]
     entry = [line for line in fw1.conntrack_list() if mine in line]
