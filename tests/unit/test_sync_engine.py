@@ -347,9 +347,9 @@ def test_restarted_peer_stale_flows_are_swept_by_its_initial_resync() -> None:
         if isinstance(ev, ResyncStarted):
             marks = set(p.b_view)
         elif isinstance(ev, RemoteFlows):
-            for k, v in ev.flows:
-                assert v is not None
-                p.b_view[k] = v
+            for k, val in ev.flows:
+                assert val is not None
+                p.b_view[k] = val
                 if marks is not None:
                     marks.discard(k)
         elif isinstance(ev, ResyncDone):

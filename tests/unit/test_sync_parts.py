@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import msgpack
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_sync_sim import Cluster, Faults, Workload
@@ -148,7 +149,7 @@ def test_snapshot_fill_drains_every_flow_in_order_in_batches_that_fit(
                 got.append(kv)
             continue
         assert len(msg) <= room
-        items = wire.msgpack.unpackb(msg)
+        items = msgpack.unpackb(msg)
         assert items[0] == wire.Kind.FLOW_BATCH
         assert len(items[1]) == 2 * n
         batch = list(zip(items[1][0::2], items[1][1::2], strict=True))

@@ -77,7 +77,7 @@ def test_golden_vector_decodes_to_its_meaning_and_reencodes_byte_for_byte(
     meanings = [f for m in v["messages"] for f in m.get("flows", [m])]
     for m, meaning in zip(flat, meanings, strict=True):
         if "flow" in meaning:  # the packed flow forms are part of the wire format too
-            k, val = m  # type: ignore[misc]
+            k, val = m
             f = unpack_flow(k, val)
             want = meaning["flow"]
             assert (f.zone, f.orig.proto, f.orig.sport, f.orig.dport, f.status, f.timeout,
