@@ -13,6 +13,7 @@ import itertools
 import random
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_sync_sim import Cluster, Workload
@@ -373,6 +374,35 @@ def test_from_any_state_after_any_inputs_a_complete_resync_brings_it_back(
     for i in (PeerInput.BEGIN, PeerInput.END):
         s = TRANSITIONS[s, i]
     assert s is PeerState.SYNCED
+
+
+@pytest.mark.parametrize("pair", sorted(TRANSITIONS, key=lambda p: (p[0].value, p[1].value)),
+                         ids=lambda p: f"{p[0].value}-{p[1].value}")
+def test_every_transition_reports_what_events_py_promises(
+        pair: tuple[PeerState, PeerInput]) -> None:
+    state, inp = pair
+    e = Engine(SyncConfig(node_id=1), 5, dict().items, 0.0)
+    e.receive_datagram(wire.encode_datagram(9, 7, 1, [Kind.ALIVE], sequenced=True,
+                                            first_lap=True), 0.0)
+    e.events()
+    peer = e._peers[9]
+    peer.state = state
+    peer.request_due = None
+    e._input(peer, inp, 1.0)
+    new = TRANSITIONS[state, inp]
+    assert peer.state is new
+    kinds = [type(x).__name__ for x in e.events()]
+    bracket = (PeerState.IN_RESYNC, PeerState.REFRESHING)
+    was_in, now_in = state in bracket, new in bracket
+    assert ("ResyncDone" in kinds) == (was_in and inp is PeerInput.END)
+    assert ("ResyncAborted" in kinds) == (was_in and inp not in (PeerInput.END, PeerInput.BEGIN)
+                                          and not now_in)
+    assert ("ResyncStarted" in kinds) == (inp is PeerInput.BEGIN and now_in)
+    if new in (PeerState.NEED_RESYNC, PeerState.DOUBTFUL) and (
+            new is not state or inp in (PeerInput.ASK, PeerInput.CONTACT)):
+        assert peer.request_due == 1.0  # a resync is asked for at once
+    if new is PeerState.SYNCED:
+        assert peer.request_due is None
 
 
 # --- adversarial sequences: the engine always finds its way back ----------------------------------
