@@ -376,8 +376,10 @@ def test_from_any_state_after_any_inputs_a_complete_resync_brings_it_back(
     assert s is PeerState.SYNCED
 
 
-@pytest.mark.parametrize("pair", sorted(TRANSITIONS, key=lambda p: (p[0].value, p[1].value)),
-                         ids=lambda p: f"{p[0].value}-{p[1].value}")
+_PAIRS = sorted(TRANSITIONS, key=lambda p: (p[0].value, p[1].value))
+
+
+@pytest.mark.parametrize("pair", _PAIRS, ids=[f"{s.value}-{i.value}" for s, i in _PAIRS])
 def test_every_transition_reports_what_events_py_promises(
         pair: tuple[PeerState, PeerInput]) -> None:
     state, inp = pair
