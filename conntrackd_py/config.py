@@ -361,6 +361,11 @@ class Config:
     stats: Stats = sec(Stats)
     metrics: Metrics = sec(Metrics)
     path: str | None = None
+    #: set when the file was a conntrackd.conf (`load` reads those natively): the one line to
+    #: warn with (what was derived, not mapped or approximated), and every note in full, each
+    #: naming its conntrackd.conf line; None and () for a YAML file
+    import_warning: str | None = None
+    import_notes: tuple[str, ...] = ()
 
 
 def _check(cfg: Config) -> None:
@@ -441,12 +446,62 @@ def _parse(text: str, filename: str, path: str | None) -> Config:
 
 
 def loads(text: str, filename: str = "<string>") -> Config:
-    """Parse YAML text; `filename` is only used in error messages."""
+    """Parse YAML text (or conntrackd.conf text, as `load` does); `filename` is only used in
+    error messages."""
+    if is_conntrackd_conf(text):
+        return dataclasses.replace(_from_conntrackd_conf(text, filename), path=None)
     return _parse(text, filename, None)
 
 
+_CONNTRACKD_SECTIONS = ("general", "sync", "stats", "helper")
+
+
+def is_conntrackd_conf(text: str) -> bool:
+    """True when `text` is written in conntrackd.conf's syntax, not YAML: its first line that is
+    neither blank nor a comment opens one of conntrackd's top-level sections (`General {`,
+    `Sync {`, `Stats {`, `Helper {`; the brace may be on the next line), which no YAML config
+    can begin with."""
+    first: str | None = None
+    for line in text.splitlines():
+        s = line.split("#", 1)[0].strip()
+        if not s:
+            continue
+        if first is not None:  # `Sync` alone on its line: the brace must come next
+            return s.startswith("{")
+        word, brace, _ = s.partition("{")
+        if word.strip().lower() not in _CONNTRACKD_SECTIONS:
+            return False
+        if brace:
+            return True
+        first = s
+    return False
+
+
+def _from_conntrackd_conf(text: str, name: str) -> Config:
+    """A conntrackd.conf read through import-conf's reader (`importconf.read`): the Config it
+    converts to, with the warning line and the notes. Errors name the conntrackd.conf."""
+    from .importconf import read  # importconf builds on this module's names: imported late
+    res = read(text, name)  # ConfSyntaxError is a ConfigError naming the file and line
+    where = f"{name} (read as a conntrackd.conf; `conntrackd-py import-conf {name}` shows the " \
+            "conversion)"
+    if res.node_id_problem is not None:
+        raise ConfigError(f"{res.node_id_problem.removeprefix('node.id: ')}; in a "
+                          "conntrackd.conf, give the Multicast block this node's "
+                          "IPv4_interface (conntrackd reads it too), or convert the file "
+                          "with import-conf and set node.id", "node.id", where)
+    try:
+        cfg = _parse(res.yaml, where, name)
+    except ConfigError as e:  # a line of the converted YAML would mislead: name the key only
+        raise ConfigError(e.problem, e.key, where) from None
+    return dataclasses.replace(cfg, import_warning=res.warning, import_notes=res.notes)
+
+
 def load(path: str | os.PathLike[str]) -> Config:
-    """Read and parse a config file. OSError propagates; everything else is a ConfigError."""
+    """Read and parse a config file. OSError propagates; everything else is a ConfigError.
+
+    A file in conntrackd.conf's syntax (`is_conntrackd_conf`) is read natively, through the
+    import-conf reader: `Config.import_warning` then says, in one line, what was derived, not
+    mapped or approximated (`import_notes` has each note with its line)."""
     name = os.fspath(path)
     with open(name, "rb") as fh:
         data = fh.read(MAX_FILE_SIZE + 1)
@@ -457,6 +512,8 @@ def load(path: str | os.PathLike[str]) -> Config:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"not UTF-8 text (byte {e.start})", filename=name) from None
+    if is_conntrackd_conf(text):
+        return _from_conntrackd_conf(text, name)
     return _parse(text, name, name)
 
 
@@ -535,7 +592,11 @@ _PROTOCOL_NAMES = {v: k for k, v in PROTOCOLS.items()}
 
 def to_dict(cfg: Config) -> dict[str, Any]:
     """Plain data (YAML/JSON-ready) that `loads` turns back into an equal Config."""
-    return {x.name: _plain(getattr(cfg, x.name)) for x in fields(cfg) if x.name != "path"}
+    return {x.name: _plain(getattr(cfg, x.name)) for x in fields(cfg)
+            if x.name not in _NOT_SCHEMA}
+
+
+_NOT_SCHEMA = ("path", "import_warning", "import_notes")
 
 
 def _plain(v: Any) -> Any:

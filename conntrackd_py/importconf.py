@@ -33,6 +33,9 @@ _NO_EQUIVALENT = {
     "pollsecs": "polling mode is not supported; conntrackd-py always uses events",
 }
 _DEFAULT_RCVBUF = 64 * MiB
+#: conntrackd's files for `LogFile on` (conntrackd.h: DEFAULT_LOGFILE, DEFAULT_STATS_LOGFILE)
+DEFAULT_LOGFILE = "/var/log/conntrackd.log"
+DEFAULT_STATS_LOGFILE = "/var/log/conntrackd-stats.log"
 #: conntrackd has no authentication: the converted config says so where the key would go
 AUTH_NOTE = ("sync.auth.required: false: conntrackd has no authentication, so neither does "
              "this config; anyone who can reach the sync link can put flows into the kernel "
@@ -127,6 +130,12 @@ def _block(tokens: list[tuple[str, int]], pos: int, opened: int | None,
     return stmts, pos
 
 
+def _int(raw: str) -> int | None:
+    """A non-negative decimal integer of ASCII digits, at most 18 of them (str.isdigit takes
+    '²', and int() refuses texts of thousands of digits): None for anything else."""
+    return int(raw) if len(raw) <= 18 and raw.isascii() and raw.isdigit() else None
+
+
 def _onoff(value: str) -> bool | None:
     v = value.lower()
     return True if v in ("on", "yes", "true", "1") else False if v in (
@@ -141,9 +150,16 @@ class _Converter:
         k: {} for k in ("node", "general", "logging", "netlink", "filters", "sync", "stats")})
     channels: list[tuple[bool, dict[str, Any]]] = field(default_factory=list)
     rcvbuf: list[tuple[int, Stmt]] = field(default_factory=list)
+    #: (line, option name) of what was left out, and of what was mapped only approximately
+    unmapped: list[tuple[int, str]] = field(default_factory=list)
+    approximated: list[tuple[int, str]] = field(default_factory=list)
+    #: how node.id was found: "derived" (from an address), "placeholder", or "" (stats mode)
+    node_id_from: str = ""
 
-    def note(self, st: Stmt, msg: str) -> None:
+    def note(self, st: Stmt, msg: str, approx: bool = False) -> None:
         self.notes.append((st.line, f"{self.filename}:{st.line}: {' '.join(st.words)}: {msg}"))
+        (self.approximated if approx else self.unmapped).append(
+            (st.line, st.words[0] if st.words else "?"))
 
     def value(self, st: Stmt, kind: str = "str") -> Any:
         """The single argument of `st` as `kind` (str, int, bool, ip); None after a note."""
@@ -153,7 +169,7 @@ class _Converter:
         raw = st.args[0]
         v: Any = raw
         if kind == "int":
-            v = int(raw) if raw.isdigit() else None
+            v = _int(raw)
         elif kind == "bool":
             v = _onoff(raw)
         elif kind == "ip":
@@ -295,9 +311,9 @@ class _Converter:
                 self.put(self.out["netlink"], "reliable_events", st, "bool")
             elif k == "netlinkoverrunresync":
                 v = _onoff(st.args[0]) if len(st.args) == 1 else None
-                if v is None and st.args and st.args[0].isdigit():
+                if v is None and st.args and _int(st.args[0]) is not None:
                     v = True
-                    self.note(st, "the resync runs at once, not after a delay")
+                    self.note(st, "the resync runs at once, not after a delay", approx=True)
                 if v is None:
                     self.note(st, "expected on, off or seconds; not converted")
                 else:
@@ -317,18 +333,21 @@ class _Converter:
         if on is False:
             return
         if "target" in lg:
-            self.note(st, f"conntrackd-py logs to one place; kept logging to {lg['target']}")
+            self.note(st, f"conntrackd-py logs to one place; kept logging to {lg['target']}",
+                      approx=True)
         elif st.key == "syslog":
             lg["target"] = "syslog"
             if on is None:
-                self.note(st, "the syslog facility is always 'daemon'")
-        else:
-            lg["target"], lg["file"] = "file", "/var/log/conntrackd-py.log" if on else arg
+                self.note(st, "the syslog facility is always 'daemon'", approx=True)
+        else:  # `LogFile on`: conntrackd's default file (DEFAULT_LOGFILE in conntrackd.h)
+            lg["target"], lg["file"] = "file", DEFAULT_LOGFILE if on else arg
 
     def filters(self, block: Stmt) -> None:
         assert block.body is not None
         if [a.lower() for a in block.args] == ["from", "kernelspace"]:
-            self.note(block, "filters are applied in user space")
+            self.note(block, "filters are applied in user space, with conntrackd's user-space "
+                      "rule (original source and reply source; its kernel-space filter checks "
+                      "the original destination instead)", approx=True)
         fl = self.out["filters"]
         for st in block.body:
             kind = {"protocol": "protocols", "address": "addresses", "state": "tcp_states"}.get(
@@ -360,8 +379,9 @@ class _Converter:
         name = _PROTOCOL_ALIASES.get(word.lower(), word.lower())
         if name in PROTOCOLS:
             return name
-        if name.isdigit() and int(name) <= 255:
-            return int(name)
+        n = _int(name)
+        if n is not None and n <= 255:
+            return n
         self.note(st, f"unknown protocol {word!r}; use its number; not converted")
         return None
 
@@ -395,8 +415,8 @@ class _Converter:
         for st in body:
             arg = st.args[0] if len(st.args) == 1 else ""
             on = _onoff(arg)
-            if st.key == "logfile" and on is not False:
-                acc.update(enabled=True, file="/var/log/conntrackd-py/flows.log" if on else arg,
+            if st.key == "logfile" and on is not False:  # on: conntrackd's DEFAULT_STATS_LOGFILE
+                acc.update(enabled=True, file=DEFAULT_STATS_LOGFILE if on else arg,
                            format="text")
             elif st.key == "syslog" and on is not False:
                 acc.update(enabled=True, syslog=True)
@@ -418,27 +438,68 @@ class _Converter:
             self.out["netlink"]["rcvbuf"] = size
         else:
             self.note(st, f"conntrackd-py's netlink buffer is fixed, not grown: kept its "
-                      f"default of {_DEFAULT_RCVBUF // MiB}MiB (set netlink.rcvbuf to override)")
+                      f"default of {_DEFAULT_RCVBUF // MiB}MiB (set netlink.rcvbuf to override)",
+                      approx=True)
 
     def node_id(self) -> None:
-        """conntrackd has no node id: take the last byte(s) of this node's sync address."""
+        """conntrackd has no node id: derive one from this node's sync address (`node_rule`).
+
+        The Default link's address is used (the first channel here), else the next link's."""
         for ch in self.out["sync"].get("channels", []):
             spec = ch.get("multicast") or ch.get("udp")
             addr = spec.get("source") or spec.get("bind")
-            if addr:
-                ip = ipaddress.ip_address(addr)
-                nid = int(ip) & (0xFF if ip.version == 4 else 0xFFFF)
-                if nid:
-                    self.out["node"]["id"] = nid
-                    self.notes.append((1 << 30, f"node.id: conntrackd has no node id; {nid} was "
-                                       f"derived from this node's sync address {addr}. Every "
-                                       "node needs a different one: check the peers' configs"))
-                    return
+            if not addr:
+                continue
+            own = ipaddress.ip_address(addr)
+            peers = [ipaddress.ip_address(p) for p in spec.get("peers", ())]
+            nid, bits = derive_node_id(own, peers)
+            if nid is None:
+                self.node_id_from = "collision"
+                self.out["node"]["id"] = 1
+                self.notes.append((1 << 30, f"node.id: conntrackd has no node id, and none can "
+                                   f"be derived from the sync addresses: {addr} and a peer "
+                                   f"({', '.join(map(str, peers))}) share their last two bytes "
+                                   "(or they are zero); set node.id (1..65535, different on "
+                                   "every node) instead of the placeholder 1"))
+                return
+            self.node_id_from = "derived"
+            self.out["node"]["id"] = nid
+            known = ("the peers' addresses differ from it there" if peers else
+                     "a multicast link does not name its peers: make sure no other node's sync "
+                     "address ends alike (a duplicate id is reported at run time)")
+            last = "byte" if bits == 8 else "two bytes"
+            self.notes.append((1 << 30, f"node.id: conntrackd has no node id; {nid} was derived "
+                               f"from the last {last} of this node's sync address {addr}; every "
+                               f"node needs a different one: {known}"))
+            return
         self.out["node"]["id"] = 1
         if self.out["general"]["mode"] == "sync":
+            self.node_id_from = "placeholder"
             self.notes.append((1 << 30, "node.id: conntrackd has no node id and no sync address "
                                "to derive one from; set node.id (1..65535, different on every "
                                "node) instead of the placeholder 1"))
+
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def derive_node_id(own: Address, peers: list[Address]) -> tuple[int | None, int]:
+    """(node id, bits used) for a node whose sync address is `own`, its UDP peers `peers`.
+
+    The rule: the address's last byte, when the last bytes of all the cluster's addresses
+    (own and peers) are distinct and not zero; else its last two bytes, under the same
+    condition; else None (no id can be derived: 10.1.0.5 and 10.2.0.5). Every node of a
+    cluster sees the same set of addresses, so all of them pick the same width. A multicast
+    link names no peers: nodes whose addresses end alike (10.0.1.5 and 10.0.2.5) get one id,
+    which the peers detect at run time (a duplicate node id).
+    """
+    cluster = [own, *peers]
+    for bits in (8, 16):
+        mask = (1 << bits) - 1
+        ids = [int(a) & mask for a in cluster]
+        if 0 not in ids and len(set(ids)) == len(ids):
+            return ids[0], bits
+    return None, 16
 
 
 def _printable(text: str) -> str:
@@ -447,12 +508,30 @@ def _printable(text: str) -> str:
                    .decode("ascii") for c in text)
 
 
-def convert(text: str, filename: str = "<conntrackd.conf>") -> tuple[str, list[str]]:
-    """conntrackd.conf text -> (conntrackd-py YAML text, what could not be mapped).
+@dataclass(frozen=True)
+class Conversion:
+    """A conntrackd.conf read: the YAML, the notes (each naming its line), the one-line
+    warning that sums them up, and why no node id could be derived (None when one was)."""
+    yaml: str
+    notes: tuple[str, ...]
+    warning: str
+    node_id_problem: str | None
+    data: dict[str, Any]
 
-    Each entry of the list names its conntrackd.conf line. Raises ConfSyntaxError when the
-    text cannot be parsed at all.
-    """
+
+#: names listed in the warning line at most (a hostile file may have thousands)
+_WARN_NAMES = 8
+
+
+def _names(items: list[tuple[int, str]]) -> str:
+    shown = [f"{_printable(name[:40])} (line {line})" for line, name in sorted(items)[:_WARN_NAMES]]
+    more = len(items) - len(shown)
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
+
+
+def read(text: str, filename: str = "<conntrackd.conf>") -> Conversion:
+    """conntrackd.conf text -> Conversion. Raises ConfSyntaxError when the text cannot be
+    parsed at all; the YAML may still be refused by `config.loads` (a value out of range)."""
     conv = _Converter(filename)
     data = conv.convert(parse(text, filename))
     notes = [text for _, text in sorted(conv.notes, key=lambda n: n[0])]
@@ -466,7 +545,32 @@ def convert(text: str, filename: str = "<conntrackd.conf>") -> tuple[str, list[s
     if auth in body:  # the one comment inside the YAML: why there is no key
         body = body.replace(auth, "\n  auth:\n" + "".join(
             f"    {line}\n" for line in _AUTH_COMMENT) + "    required: false\n", 1)
-    return "\n".join(header) + "\n\n" + body, notes
+    parts = []
+    if conv.node_id_from == "derived":
+        parts.append(f"node.id {data['node']['id']} derived from the sync address (every node "
+                     "needs a different one)")
+    if data["general"]["mode"] == "sync":
+        parts.append("no authentication (conntrackd has none: sync.auth.required false)")
+    if conv.unmapped:
+        parts.append(f"not mapped: {_names(conv.unmapped)}")
+    if conv.approximated:
+        parts.append(f"approximated: {_names(conv.approximated)}")
+    warning = (f"{_printable(filename)} read as a conntrackd.conf: {'; '.join(parts)}; details: "
+               f"conntrackd-py import-conf {_printable(filename)}")
+    problem = None
+    if conv.node_id_from in ("collision", "placeholder"):
+        problem = next(n for n in notes if n.startswith("node.id:"))
+    return Conversion("\n".join(header) + "\n\n" + body, tuple(notes), warning, problem, data)
+
+
+def convert(text: str, filename: str = "<conntrackd.conf>") -> tuple[str, list[str]]:
+    """conntrackd.conf text -> (conntrackd-py YAML text, what could not be mapped).
+
+    Each entry of the list names its conntrackd.conf line. Raises ConfSyntaxError when the
+    text cannot be parsed at all.
+    """
+    res = read(text, filename)
+    return res.yaml, list(res.notes)
 
 
 def main(argv: list[str] | None = None) -> int:

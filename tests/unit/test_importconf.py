@@ -128,7 +128,8 @@ def test_primary_backup_conf_converts_to_a_config_that_loads() -> None:
     assert c.netlink.rcvbuf == 134217728  # MaxGrowth: conntrackd's buffer reaches it
     assert c.netlink.reliable_events
     assert not c.netlink.overrun_resync
-    assert (c.logging.target, c.logging.file) == ("file", "/var/log/conntrackd-py.log")
+    # `LogFile on`: conntrackd's own default file (conntrackd.h DEFAULT_LOGFILE)
+    assert (c.logging.target, c.logging.file) == ("file", "/var/log/conntrackd.log")
 
 
 def test_the_default_link_comes_first() -> None:
@@ -156,8 +157,8 @@ def test_filters_are_mapped_to_our_names() -> None:
 def test_node_id_comes_from_the_default_links_address_and_is_reported() -> None:
     c, notes, _ = converted(PRIMARY_BACKUP)
     assert c.node.id == 1  # 192.168.101.1
-    assert notes[-1].startswith("node.id: conntrackd has no node id; 1 was derived from this "
-                                "node's sync address 192.168.101.1")
+    assert notes[-1].startswith("node.id: conntrackd has no node id; 1 was derived from the "
+                                "last byte of this node's sync address 192.168.101.1")
 
 
 def test_what_cannot_be_mapped_is_listed_with_its_line() -> None:
@@ -243,7 +244,8 @@ def test_stats_only_conf_becomes_stats_mode_with_accounting() -> None:
     assert c.general.mode == "stats"
     assert c.sync.channels == ()
     a = c.stats.accounting
-    assert (a.enabled, a.file, a.syslog) == (True, "/var/log/conntrackd-py/flows.log", True)
+    # conntrackd.h DEFAULT_STATS_LOGFILE
+    assert (a.enabled, a.file, a.syslog) == (True, "/var/log/conntrackd-stats.log", True)
     assert not any(n.startswith("node.id") for n in notes)  # stats mode has no peers
 
 
