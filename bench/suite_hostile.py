@@ -6,8 +6,8 @@ system calls):
 
 - CPU per NACK byte: a sender holding `--n`/30 datagrams unacked (one per ~30 flows) receives
   one small NACK of the widest range (main before issue #13: one such 48-byte NACK made it
-  resend 4.67 MB, a 65 KB NACK datagram cost 6.7 s of CPU), one MTU-sized NACK datagram of overlapping ranges, and
-  one 65 KB datagram of them (dropped by length before decoding).
+  resend 4.67 MB, a 65 KB NACK datagram cost 6.7 s of CPU), one MTU-sized NACK datagram of
+  overlapping ranges, and one 65 KB datagram of them (dropped by length before decoding).
 - bytes out per byte in: what a peer's NACKs (and everything else it sends) can make us
   retransmit within a window, at most `resend_ratio` (10).
 - resyncs per replayed request: a captured (authenticated) RESYNC_REQUEST replayed once a
