@@ -210,7 +210,8 @@ class Cli(NamedTuple):
     """How a conntrackd flag selects a command.
 
     `value`: the request field the flag's optional value goes to (`-n [NODE]`); a bare flag
-    leaves the field's default. `when`: this command when the flag's value is exactly this
+    leaves the field's default. `table`: the flag takes conntrackd's optional `ct|expect`.
+    `when`: this command when the flag's value is exactly this
     (`-s sync` is `in_sync`, any other `-s KIND` is `stats`). `fixed`: request fields the flag
     sets (`-i` is a dump of the internal cache)."""
 
@@ -220,6 +221,8 @@ class Cli(NamedTuple):
     metavar: str | None = None
     when: str | None = None
     fixed: Mapping[str, object] = {}  # shared, never mutated
+    #: conntrackd's `[ct|expect]` argument: which table (ct, or expectations: none replicated)
+    table: bool = False
 
 
 class Option(NamedTuple):
@@ -306,34 +309,40 @@ _DUMP_OPTIONS = (
 )
 
 COMMANDS: tuple[Command, ...] = (
-    Command("commit", Commit, (Cli("-c", "commit the external cache into the kernel table"),),
-            run=_commit),
-    Command("flush", Flush, (Cli("-f", "flush the internal and/or external cache",
-                                 value="cache", metavar="internal|external|both"),),
+    Command("commit", Commit, (Cli("-c", "commit the external cache into the kernel table",
+                                   table=True),), run=_commit),
+    Command("flush", Flush, (Cli("-f", "flush the internal and/or external cache (default: "
+                                       "both)", value="cache", metavar="internal|external"),),
             {"cache": _choice(*FLUSH_CACHES)}, run=_flush),
-    Command("flush_kernel", FlushKernel, (Cli("-F", "flush the kernel conntrack table"),),
-            run=_flush_kernel),
+    Command("flush_kernel", FlushKernel, (Cli("-F", "flush the kernel conntrack table",
+                                              table=True),), run=_flush_kernel),
     Command("resync_internal", ResyncInternal,
-            (Cli("-R", "resync the internal cache with the kernel table"),), run=_resync_internal),
+            (Cli("-R", "resync the internal cache with the kernel table", table=True),),
+            run=_resync_internal),
     Command("bulk_send", BulkSend,
             (Cli("-B", "send a bulk update (every internal flow) to the peers"),), run=_bulk_send),
     Command("request_resync", RequestResync,
             (Cli("-n", "request a full resync from every peer (or node NODE)", value="node",
                  metavar="NODE"),), {"node": parse_node}, run=_request_resync),
     Command("purge", Purge,
-            (Cli("-t", "shorten the kernel timeouts of this node's flows to "
-                       "sync.purge_timeout (on becoming backup)"),),
+            (Cli("-t", "on becoming backup: the kernel entries this node replicates (those "
+                       "its filters accept) expire within sync.purge_timeout unless they carry "
+                       "traffic (their timeouts are shortened now; conntrackd 1.4.7 instead "
+                       "deletes them all PurgeTimeout seconds later, unless -c or -f comes "
+                       "first)"),),
             {"timeout": parse_purge_timeout}, run=_purge),
     Command("stop", Stop, (Cli("-k", "stop the daemon"),), run=_stop),
     Command("stats", Stats,
-            (Cli("-s", "statistics: all (default), " + ", ".join(sorted(STATS_KINDS)),
+            (Cli("-s", "statistics in conntrackd's layout: ct (default), network, cache, "
+                       "runtime, link, rsqueue, process, queue, expect, or a prefix of one; "
+                       "ours (shown as with -o yaml): all, general, accounting, control",
                  value="kind", metavar="KIND"),), {"kind": parse_stats_kind}, run=_stats),
     Command("in_sync", InSync,
             (Cli("-s", "'-s sync': exit 0 only when in sync with every peer", when="sync"),),
             run=_in_sync),
     Command("dump", Dump,
-            (Cli("-i", "dump the internal cache", fixed={"cache": "internal"}),
-             Cli("-e", "dump the external cache", fixed={"cache": "external"})),
+            (Cli("-i", "dump the internal cache", fixed={"cache": "internal"}, table=True),
+             Cli("-e", "dump the external cache", fixed={"cache": "external"}, table=True)),
             {"cache": _choice(*DUMP_CACHES), "proto": parse_proto, "nat": _choice(*NAT_KINDS),
              "origin": parse_node, "raw": parse_bool},
             run=_dump, check=_check_dump,

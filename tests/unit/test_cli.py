@@ -24,7 +24,14 @@ from conntrackd_py.commands import NODE_MAX
 
 def resolve(*argv: str) -> tuple[str, Any] | None:
     got = cli.resolve(cli._parser().parse_args(list(argv)))
-    return None if got is None else (got[0].name, got[1])
+    return None if got is None else (got.cmd.name, got.req)
+
+
+def shown(*argv: str) -> tuple[str | None, bool, str | None]:
+    """(conntrackd's -s word, expect, warning) of a command line."""
+    got = cli.resolve(cli._parser().parse_args(list(argv)))
+    assert got is not None
+    return got.stats_word, got.expect, got.warning
 
 
 @pytest.mark.parametrize(("argv", "name", "expected"), [
@@ -57,10 +64,57 @@ def resolve(*argv: str) -> tuple[str, Any] | None:
     (["-e", "-o", "json"], "dump", commands.Dump("external")),
     (["-C", "x.yaml", "-c"], "commit", commands.Commit()),
     (["-E"], "watch", commands.Watch()),
+    # conntrackd 1.4.7's forms: [ct|expect] and its words, by any prefix, in its order
+    (["-c", "ct"], "commit", commands.Commit()),
+    (["-c", "expect"], "commit", commands.Commit()),
+    (["-F", "c"], "flush_kernel", commands.FlushKernel()),
+    (["-R", "exp"], "resync_internal", commands.ResyncInternal()),
+    (["-i", "ct"], "dump", commands.Dump("internal")),
+    (["-e", "e"], "dump", commands.Dump("external")),
+    (["-i", "ct", "-x"], "dump", commands.Dump("internal")),
+    (["-f", "i"], "flush", commands.Flush("internal")),
+    (["-f", "ext"], "flush", commands.Flush("external")),
+    (["-s", "n"], "stats", commands.Stats("network")),
+    (["-s", "net"], "stats", commands.Stats("network")),
+    (["-s", "c"], "stats", commands.Stats("cache")),
+    (["-s", "ct"], "stats", commands.Stats(None)),
+    (["-s", "r"], "stats", commands.Stats("runtime")),
+    (["-s", "l"], "stats", commands.Stats("link")),
+    (["-s", "m"], "stats", commands.Stats("link")),
+    (["-s", "rs"], "stats", commands.Stats(None)),
+    (["-s", "q"], "stats", commands.Stats("queue")),
+    (["-s", "p"], "stats", commands.Stats(None)),
+    (["-s", "exp"], "stats", commands.Stats(None)),
+    (["-s", "general"], "stats", commands.Stats("general")),
 ])
 def test_every_conntrackd_flag_form_selects_its_command(argv: list[str], name: str,
                                                         expected: Any) -> None:
     assert resolve(*argv) == (name, expected)
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["-s"], ("ct", False, None)),
+    (["-s", "ct"], ("ct", False, None)),
+    (["-s", "n"], ("network", False, None)),
+    (["-s", "c"], ("cache", False, None)),
+    (["-s", "r"], ("runtime", False, None)),
+    (["-s", "rs"], ("rsqueue", False, None)),
+    (["-s", ""], ("network", False, None)),  # strncmp over 0 characters: the first word
+    (["-s", "p"], ("process", False, None)),
+    (["-s", "q"], ("queue", False, None)),
+    (["-s", "e"], ("expect", True, None)),
+    (["-s", "multicast"], ("link", False,
+                           "warning: use `link' instead of `multicast' as parameter.")),
+    (["-s", "all"], (None, False, None)),  # ours: the tree
+    (["-s", "control"], (None, False, None)),
+    (["-c"], (None, False, None)),
+    (["-c", "e"], (None, True, None)),
+    (["-i", "expect"], (None, True, None)),
+    (["-F", "ct"], (None, False, None)),
+])
+def test_conntrackd_words_select_its_layout_and_table(
+        argv: list[str], expected: tuple[str | None, bool, str | None]) -> None:
+    assert shown(*argv) == expected
 
 
 def test_no_action_flag_runs_the_daemon() -> None:
@@ -73,8 +127,15 @@ def test_no_action_flag_runs_the_daemon() -> None:
     (["-n", "99999999999999999999999"], "-n: a node id must be an integer 1..4294967295"),
     (["-n", "notanode"], "-n: a node id must be an integer"),
     (["-n", "0"], "-n: a node id"),
-    (["-s", "bogus"], "-s: a stats kind is one of"),
+    (["-s", "bogus"], "-s: unknown parameter 'bogus': one of network, cache"),
+    (["-s", "cx"], "-s: unknown parameter 'cx'"),
     (["-f", "bogus"], "-f: must be one of internal, external, both"),
+    (["-c", "foo"], "-c: unknown parameter 'foo': ct or expect"),
+    (["-i", "cte"], "-i: unknown parameter 'cte'"),
+    (["-F", ""], "-F: unknown parameter ''"),
+    (["-x"], "-x needs -i or -e"),
+    (["-c", "-x"], "-x needs -i or -e, not -c"),
+    (["-d", "-c"], "-d and -c together"),
     (["-i", "-p", "nope"], "--proto: a protocol is a name"),
     (["-e", "--node", "x"], "--node: a node id"),
     (["-i", "--node", "3"], "--node: applies to the external cache only"),
@@ -135,12 +196,23 @@ def daemon_socket(tmp_path: Path) -> Iterator[tuple[str, Path, list[dict[str, An
     t.join(5)
 
 
+def _raw_rows() -> list[list[Any]]:
+    from conntrackd_py.flow import Flow, Tuple, pack_flow
+    a, b, c = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]), bytes([10, 9, 9, 9])
+    tcp = Flow(Tuple(a, b, 6, 40000, 80), Tuple(c, a, 6, 80, 40000), status=0x2 | 0x4 | 0x20,
+               timeout=300, state=3, mark=7)
+    udp = Flow(Tuple(a, b, 17, 5000, 53), Tuple(b, a, 17, 53, 5000), status=0, timeout=30)
+    return [[2, *(x.hex() for x in pack_flow(tcp)), 12], [2, *(x.hex() for x in pack_flow(udp))],
+            [2, "00", "zz"]]
+
+
 ANSWERS = {
     "in_sync": b'{"ok": true, "result": {"in_sync": false}}\n',
     "stats": b'{"ok": true, "result": {"cache": {"internal": 3}}}\n',
-    "dump": b'{"ok": true, "result": ["tcp 6 a", "udp 17 b"]}\n',
+    "dump": json.dumps({"ok": True, "result": _raw_rows()}).encode() + b"\n",
     "commit": b'{"ok": true, "result": {"created": 2, "updated": 0, "failed": 1, '
               b'"errors": {"EEXIST": 1}, "seconds": 0.25}}\n',
+    "bulk_send": b'{"ok": true, "result": "bulk send started"}\n',
     "request_resync": b'{"ok": false, "error": "replication is off (general.mode: stats)"}\n',
     "flush": b'{"ok": true, "res',  # a daemon that dies mid-reply
 }
@@ -157,19 +229,40 @@ def test_results_and_exit_statuses_as_scripts_read_them(
     assert json.loads(capsys.readouterr().out) == {"cache": {"internal": 3}}
     assert cli.main(["-C", c, "-e", "-p", "tcp", "--node", "2"]) == 0
     io = capsys.readouterr()
-    assert io.out == "tcp 6 a\nudp 17 b\n"
-    assert "2 flow entries have been shown" in io.err
-    assert cli.main(["-C", c, "-c"]) == 1  # a flow failed
-    assert capsys.readouterr().out.startswith("commit: created 2, updated 0, failed 1")
+    # conntrackd's line, from the structured record; the origin node is ours
+    assert io.out == ("tcp      6 ESTABLISHED src=10.0.0.1 dst=10.0.0.2 sport=40000 dport=80 "
+                      "src=10.9.9.9 dst=10.0.0.1 sport=80 dport=40000 [ASSURED] mark=7 "
+                      "[node=2] [active since 12s]\n")
+    assert io.err == "conntrackd-py: 1 entries do not describe a flow (a peer's bytes); " \
+                     "not shown\n"
+    assert cli.main(["-C", c, "-e", "-o", "json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [(r["proto"], r["origin_node"], r["timeout"], r["reply"]["src"]) for r in records] \
+        == [("tcp", 2, 300, "10.9.9.9"), ("udp", 2, 30, "10.0.0.2")]
+    assert records[1]["unreplied"] is True
+    assert cli.main(["-C", c, "-c"]) == 1  # a flow failed: said on stderr, nothing on stdout
+    io = capsys.readouterr()
+    assert io.out == ""
+    assert io.err.startswith("conntrackd-py: commit: created 2, updated 0, failed 1")
+    assert cli.main(["-C", c, "-B"]) == 0  # silent on success, as conntrackd
+    assert capsys.readouterr().out == ""
+    assert cli.main(["-C", c, "-B", "--verbose"]) == 0
+    assert capsys.readouterr().out == "bulk send started\n"
     assert cli.main(["-C", c, "-n", "4"]) == 1
     assert capsys.readouterr().err == ("conntrackd-py: replication is off "
                                        "(general.mode: stats)\n")
     assert cli.main(["-C", c, "-f"]) == 1
     assert "in the middle of a reply" in capsys.readouterr().err
+    assert cli.main(["-C", c, "-s", "c"]) == 0  # conntrackd's `-s cache` layout
+    assert capsys.readouterr().out.startswith("cache:internal\tactive objects:\t\t           3\n")
+    n = len(seen)
+    assert cli.main(["-C", c, "-i", "expect"]) == 0  # no expectations: nothing to show
+    assert capsys.readouterr().out == ""
+    assert seen[n]["cmd"] == "in_sync"  # but the daemon must be there
     # what went over the socket: typed values, from the same parsers the daemon uses
     assert seen[2] == {"cmd": "dump", "args": {"cache": "external", "proto": 6, "origin": 2,
-                                               "raw": False}}
-    assert seen[4] == {"cmd": "request_resync", "args": {"node": 4}}
+                                               "raw": True}}
+    assert {"cmd": "request_resync", "args": {"node": 4}} in seen
 
 
 def test_no_daemon_is_one_line_and_status_1(tmp_path: Path,
