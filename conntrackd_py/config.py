@@ -350,6 +350,34 @@ class Metrics:
     listen: str | None = f(optional(listen), None)
 
 
+def _fifo_path(node: YNode, path: str) -> str:
+    name = string(node, path)
+    if not name.startswith("/"):
+        raise Invalid(path, f"{show(node)} is not an absolute path")
+    if "\0" in name or len(os.fsencode(name)) > 4095:
+        raise Invalid(path, "is not a usable file path")
+    return name
+
+
+def _vrrp_name(node: YNode, path: str) -> str:
+    """A vrrp_instance or vrrp_sync_group name as keepalived writes it into the FIFO."""
+    name = string(node, path)
+    if not 1 <= len(name) <= 64 or '"' in name or not name.isprintable():
+        raise Invalid(path, f"{show(node)} is not a keepalived instance name (1..64 printable "
+                      "characters, no '\"')")
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class Keepalived:
+    """Following keepalived's state through its notify FIFO, without a script per transition.
+
+    `notify_fifo` None is off. `instances` () means every vrrp_instance and vrrp_sync_group
+    named in the FIFO; otherwise only these."""
+    notify_fifo: str | None = f(optional(_fifo_path), None)
+    instances: tuple[str, ...] = f(listof(_vrrp_name, max_len=256), ())
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     node: Node = f(section(Node), need="this node's identity, e.g. 'node: {id: 1}'")
@@ -360,6 +388,7 @@ class Config:
     sync: Sync = sec(Sync)
     stats: Stats = sec(Stats)
     metrics: Metrics = sec(Metrics)
+    keepalived: Keepalived = sec(Keepalived)
     path: str | None = None
     #: set when the file was a conntrackd.conf (`load` reads those natively): the one line to
     #: warn with (what was derived, not mapped or approximated), and every note in full, each

@@ -510,3 +510,25 @@ def test_key_files_are_not_read_when_parsing() -> None:
 
 def test_embedded_default_yaml_is_what_default_config_parses() -> None:
     assert dataclasses.replace(loads(DEFAULT_YAML), path=None) == default_config()
+
+
+# --- keepalived: the daemon follows keepalived's notify FIFO (#14) -----------------------------
+
+def test_keepalived_fifo_is_off_by_default_and_takes_an_absolute_path_and_names() -> None:
+    assert (cfg("").keepalived.notify_fifo, cfg("").keepalived.instances) == (None, ())
+    k = cfg("keepalived: {notify_fifo: /run/conntrackd-py/ka.fifo, instances: [VI_1, G 2]}\n"
+            ).keepalived
+    assert (k.notify_fifo, k.instances) == ("/run/conntrackd-py/ka.fifo", ("VI_1", "G 2"))
+
+
+@pytest.mark.parametrize(("text", "key", "why"), [
+    ("keepalived: {notify_fifo: run/ka.fifo}", "keepalived.notify_fifo", "not an absolute path"),
+    ('keepalived: {instances: [\'a"b\']}', "keepalived.instances[0]", "instance name"),
+    ("keepalived: {instances: [" + "x" * 65 + "]}", "keepalived.instances[0]", "1..64"),
+    ("keepalived: {instances: [VI_1, VI_1]}", "keepalived.instances[1]", ""),
+    ("keepalived: {fifo: /x}", "keepalived.fifo", "unknown key"),
+])
+def test_keepalived_settings_are_checked(text: str, key: str, why: str) -> None:
+    msg = error("node: {id: 1}\n" + CHANNEL + text + "\n")
+    assert msg.startswith(key + ":"), msg
+    assert why in msg
