@@ -16,16 +16,12 @@ in kernel/, policy in filters.py and config.py.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
-import fcntl
 import logging
 import math
 import os
-import resource
 import signal
-import stat
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -44,8 +40,10 @@ from .config import Config, ConfigError, ListFilter, load, load_keys
 from .control import ControlServer
 from .ctlclient import ControlError
 from .flow import Flow
+from .keepalived import Follower, Step, Transition, open_fifo, read_transitions
 from .kernel.events import EventBatch
 from .kernel.table import CommitResult, Table
+from .lockfile import LockError, PidLock, next_epoch, open_nofollow, raise_nofile_limit
 from .metrics import MetricsServer
 from .remote import LogLimiter, Remote, dump_lines, plan_direct, watch_line
 from .stats import (
@@ -67,98 +65,6 @@ log = logging.getLogger(__name__)
 FD_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 #: a supervised task that failed starts again after this long
 RESTART_DELAY = 1.0
-
-
-class LockError(Exception):
-    pass
-
-
-def open_nofollow(path: str, flags: int, mode: int = 0o644) -> int:
-    """Open a file we own next to the lock, never through a symlink (O_NOFOLLOW: a link
-    planted there must not make root truncate or write its target) and not a device or FIFO.
-    LockError names the path when it is one."""
-    try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise LockError(f"{path} is a symbolic link; refusing to open it (remove it, or "
-                            "point general.lock_file at a regular file)") from None
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise LockError(f"{path} is not a regular file; refusing to use it")
-    return fd
-
-
-class PidLock:
-    """An flock()ed lock file holding our pid. A lock left by a dead process is taken over:
-    flock dies with its holder, so only a live daemon can block a restart."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.fd = -1
-
-    def acquire(self) -> None:
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                try:
-                    rfd = open_nofollow(self.path, os.O_RDONLY)
-                    with os.fdopen(rfd) as f:
-                        pid = f.read(32).strip()
-                except (OSError, LockError):
-                    pid = "?"
-                raise LockError(f"another conntrackd-py (pid {pid}) holds {self.path}") from None
-            raise
-        old = os.read(fd, 32).decode(errors="replace").strip()
-        if old and old.isdigit() and int(old) != os.getpid():
-            log.info("took over stale lock %s left by pid %s (not running)", self.path, old)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd >= 0:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-            os.close(self.fd)
-            self.fd = -1
-
-
-def next_epoch(path: str, wall: float) -> int:
-    """Epochs must grow across restarts (peers drop an older one as a replay), so the last
-    one is kept beside the lock file; the wall clock alone would do unless it steps back."""
-    previous: int | None
-    try:
-        fd = open_nofollow(path, os.O_RDONLY)
-        with os.fdopen(fd) as f:
-            previous = int(f.read(32).strip())
-    except (OSError, ValueError, LockError):
-        previous = None
-    epoch = sync_engine.new_epoch(wall, previous)
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{epoch}\n")
-    except (OSError, LockError) as e:
-        log.warning("cannot keep the epoch in %s (%s); restarts rely on the clock", path, e)
-    return epoch
-
-
-def raise_nofile_limit() -> tuple[int, int]:
-    """Soft RLIMIT_NOFILE up to the hard limit (the 1024 default is a few hundred idle
-    clients away); returns the (soft, hard) now in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-    return soft, hard
 
 
 def channel_specs(cfg: Config) -> list[ChannelSpec]:
@@ -247,6 +153,17 @@ class Daemon:
         self.metrics: MetricsServer | None = None
         self.accounting = (Accounting(cfg.stats.accounting) if cfg.stats.accounting.enabled
                            else None)
+        # A commit's echo (#14): while a commit and the dump after it run, a flow the commit
+        # wrote (a key of the external cache) is not news for peers: it is theirs. `_echo`
+        # answers "did our commit write this key?" during that window, None outside it.
+        self._echo: Callable[[bytes], bool] | None = None
+        self._echo_windows = 0
+        self.commit_echoes = 0
+        ka = getattr(cfg, "keepalived", None)
+        self.keepalived_fifo: str | None = getattr(ka, "notify_fifo", None)
+        self.keepalived = Follower(frozenset(getattr(ka, "instances", ())))
+        self.keepalived_transitions = 0
+        self.keepalived_lines_ignored = 0
 
     # --- containment --------------------------------------------------------------------
     def contained(self, where: str, exc: BaseException) -> None:
@@ -283,6 +200,12 @@ class Daemon:
         return trio.current_time()
 
     def _on_delta(self, key: bytes, value: bytes | None) -> None:
+        echo = self._echo
+        if echo is not None and value is not None and echo(key):
+            # our commit wrote it (the dump after the commit, or the commit's own event):
+            # replicated once it changes here, or by a bulk send (-B), as conntrackd does
+            self.commit_echoes += 1
+            return
         eng = self.engine
         if eng is not None:
             now = self._now()
@@ -399,7 +322,59 @@ class Daemon:
             await self.tracker.resync_from_kernel()
         except Exception as e:  # EMFILE for the dump socket, ...: the next overrun retries
             self.contained("reconcile after a commit", e)
+        finally:
+            self._end_echo_window()
         self.pump()
+
+    def _begin_echo_window(self) -> None:
+        self._echo_windows += 1
+        if self._echo is None:
+            ext, origins = self.external, self.external.origins()
+            get = ext.get
+            self._echo = lambda key: any(get(o, key) is not None for o in origins)
+
+    def _end_echo_window(self) -> None:
+        self._echo_windows -= 1
+        if self._echo_windows <= 0:
+            self._echo_windows = 0
+            self._echo = None
+
+    async def _follow_keepalived(self, path: str) -> None:
+        """keepalived's notify FIFO (#14): each transition runs primary-backup.sh's steps,
+        in the order keepalived wrote them, with no process per transition."""
+        async with trio.lowlevel.FdStream(open_fifo(path)) as stream:
+            async for t in read_transitions(stream, self._fifo_line_ignored):
+                await self.keepalived_transition(t)
+
+    def _fifo_line_ignored(self) -> None:
+        self.keepalived_lines_ignored += 1
+
+    async def keepalived_transition(self, t: Transition) -> None:
+        steps = self.keepalived.decide(t)
+        if not steps:
+            return
+        self.keepalived_transitions += 1
+        log.info("keepalived: %s %s is %s; running %s", t.kind.lower(), t.name, t.state,
+                 ", ".join(s.value for s in steps))
+        for step in steps:
+            try:
+                await self._step(step)
+            except ControlError as e:  # the script goes on after a failed command too
+                log.error("keepalived %s: %s failed: %s", t.state, step.value, e)
+
+    async def _step(self, step: Step) -> None:
+        if step is Step.COMMIT:
+            await self.commit()
+        elif step is Step.FLUSH:
+            self.flush_caches("both")
+        elif step is Step.RESYNC_INTERNAL:
+            await self.resync_internal()
+        elif step is Step.BULK_SEND:
+            self.bulk_send()
+        elif step is Step.PURGE:
+            await self.purge(None)
+        else:
+            self.request_resync(None)
 
     # --- Ops: what the control commands ask (commands.Ops) --------------------------------
     async def commit(self) -> CommitReport:
@@ -413,6 +388,7 @@ class Daemon:
         tracker = self.tracker
         if tracker is not None:
             tracker.events.subscribe_new(False)
+            self._begin_echo_window()  # ended by _reconcile_after_commit
         cfg = self.cfg
         job = CommitJob(self.external, self.netns, cfg.netlink.commit_batch,
                         None if cfg.sync.commit_timeout is None else int(cfg.sync.commit_timeout),
@@ -446,6 +422,8 @@ class Daemon:
             res["internal"] = len(self.tracker.cache)
             self.tracker.cache.clear()
         if which in ("external", "both"):
+            if self._echo is not None:  # a commit's window: keep knowing what it wrote
+                self._echo = frozenset(k for _o, k, _v, _s in self.external.items()).__contains__
             res["external"] = self.external.purge()
         return res
 
@@ -583,7 +561,11 @@ class Daemon:
             fd_exhausted=self.fd_exhausted,
             oversize_datagrams=sum(c.stats.oversize for c in self.transport.channels)
             if self.transport is not None else 0,
-            duplicate_node=rm.duplicate_node, peers_forgotten=rm.peers_forgotten)
+            duplicate_node=rm.duplicate_node, peers_forgotten=rm.peers_forgotten,
+            commit_echoes=self.commit_echoes,
+            keepalived_transitions=self.keepalived_transitions,
+            keepalived_lines_ignored=self.keepalived_lines_ignored,
+            keepalived_state=self.keepalived.state if self.keepalived_fifo else None)
 
     def _cache_stats(self) -> CacheStats:
         tr, ext = self.tracker, self.external
@@ -682,6 +664,10 @@ class Daemon:
             self.metrics = MetricsServer(cfg.metrics.listen, lambda: self.stats(None),
                                          on_error=self.contained)
             await nursery.start(self.metrics.serve)
+        if self.keepalived_fifo:
+            os.close(open_fifo(self.keepalived_fifo))  # a wrong path stops the start, named
+            nursery.start_soon(self._supervised, "keepalived notify fifo",
+                               self._follow_keepalived, self.keepalived_fifo)
         # the control socket last: once it answers, everything else is up
         self.control = ControlServer(cfg.general.control_socket, ops=self)
         await nursery.start(self.control.serve)

@@ -84,6 +84,13 @@ class RuntimeStats:
     #: DuplicateNode events: another host sends with our node id
     duplicate_node: int
     peers_forgotten: int
+    #: flows our own commit put in the kernel, not sent to peers as ours (a commit's echo)
+    commit_echoes: int = 0
+    #: keepalived notify FIFO: transitions acted on, lines that were not a transition
+    keepalived_transitions: int = 0
+    keepalived_lines_ignored: int = 0
+    #: the role keepalived last gave this node (MASTER, BACKUP, FAULT), when followed
+    keepalived_state: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -650,3 +650,89 @@ async def test_a_supervised_task_that_returns_is_not_started_again(
 
     await d._supervised("nothing to watch", once)
     assert runs["n"] == 1
+
+
+def keys_sent_to(peer: Peer) -> set[bytes]:
+    return {k for e in peer.received if isinstance(e, sync_engine.RemoteFlows) for k, _ in e.flows}
+
+
+async def test_a_commit_is_not_echoed_until_the_flow_changes_here(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    """#14: the flows a commit writes come back in the dump after it; they are the peer's, so
+    they are not sent to it as ours, while a connection of this node opened meanwhile is; a
+    committed flow that then changes here is sent."""
+    async with running(tmp_path) as (d, peer):
+        await wait_for(d.in_sync)
+        peer.update([mkflow(i) for i in range(20)])
+        await wait_for(lambda: d.external.count(2) == 20)
+        tr = tracker_of(d)
+        own_key, own_value = pack_flow(mkflow(100))
+
+        async def commit_into_the_fake_kernel(job: CommitJob, now: float) -> CommitReport:
+            for _o, k, v, _s in job.external.items():
+                tr.kernel[k] = v
+            tr.kernel[own_key] = own_value  # opened on this node during the commit
+            return await fake_commit(job, now)
+
+        d._run_commit = commit_into_the_fake_kernel
+        dumps = tr.stats.dumps
+        await d.commit()
+        await wait_for(lambda: tr.stats.dumps == dumps + 1)
+        assert len(tr.cache) == 21  # the internal cache has them all (-B sends them)
+        await wait_for(lambda: own_key in keys_sent_to(peer))
+        committed = {k for _o, k, _v, _s in d.external.items()}
+        assert not committed & keys_sent_to(peer)
+        rt = d.stats("runtime").runtime
+        assert rt is not None
+        assert rt.commit_echoes == 20
+        # later, one committed flow changes state on this node: news for the peer
+        t = mkflow(3).orig
+        changed = Flow(t, t.invert(), timeout=100)
+        await tr.events.send.send([(EventType.UPDATE, changed)])  # type: ignore[attr-defined]
+        await wait_for(lambda: pack_flow(changed)[0] in keys_sent_to(peer))
+        assert len(committed & keys_sent_to(peer)) == 1
+
+
+async def test_a_flush_during_the_commit_window_keeps_what_the_commit_wrote(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    """primary-backup.sh runs -f right after -c: the dump after the commit may end after the
+    external cache is gone, and still must not send the committed flows as ours."""
+    async with running(tmp_path) as (d, peer):
+        await wait_for(d.in_sync)
+        peer.update([mkflow(i) for i in range(10)])
+        await wait_for(lambda: d.external.count(2) == 10)
+        tr = tracker_of(d)
+        committed = {k for _o, k, _v, _s in d.external.items()}
+
+        async def commit_into_the_fake_kernel(job: CommitJob, now: float) -> CommitReport:
+            for _o, k, v, _s in job.external.items():
+                tr.kernel[k] = v
+            return await fake_commit(job, now)
+
+        d._run_commit = commit_into_the_fake_kernel
+        dumps = tr.stats.dumps
+        await d.commit()
+        assert d.flush_caches("both") == {"internal": 0, "external": 10}
+        await wait_for(lambda: tr.stats.dumps == dumps + 1)
+        await trio.sleep(1.0)
+        assert len(tr.cache) == 10
+        assert not committed & keys_sent_to(peer)
+        d.bulk_send()  # -B: everything, as conntrackd
+        await wait_for(lambda: committed <= keys_sent_to(peer))
+
+
+async def test_keepalived_transitions_run_primary_backup_sh_steps(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    from conntrackd_py.keepalived import Transition
+    async with running(tmp_path) as (d, peer):
+        await wait_for(d.in_sync)
+        peer.update([mkflow(i) for i in range(5)])
+        await wait_for(lambda: d.external.count(2) == 5)
+        await d.keepalived_transition(Transition("INSTANCE", "VI_1", "MASTER", 100))
+        rt = d.stats("runtime").runtime
+        assert rt is not None
+        assert rt.commits == 1
+        assert rt.keepalived_transitions == 1
+        assert len(d.external) == 0  # -f after -c
+        await d.keepalived_transition(Transition("INSTANCE", "VI_1", "MASTER", 100))
+        assert d.commits == 1  # the same role again: nothing

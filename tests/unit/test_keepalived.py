@@ -1,0 +1,60 @@
+"""keepalived's notify FIFO lines and the steps each transition runs (pure, no FIFO)."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conntrackd_py.keepalived import MAX_LINE, STEPS, Follower, Step, Transition, parse_line
+
+
+def test_parses_instance_and_group_lines_as_keepalived_writes_them() -> None:
+    assert parse_line(b'INSTANCE "VI_1" MASTER 100') == Transition("INSTANCE", "VI_1",
+                                                                   "MASTER", 100)
+    assert parse_line(b'GROUP "VG_1" BACKUP 0\n') == Transition("GROUP", "VG_1", "BACKUP", 0)
+    assert parse_line(b'INSTANCE "VI_1" MASTER_RX_LOWER_PRI 100') == Transition(
+        "INSTANCE", "VI_1", "MASTER_RX_LOWER_PRI", 100)
+    assert parse_line(b'INSTANCE "with space" FAULT 5') == Transition(
+        "INSTANCE", "with space", "FAULT", 5)
+
+
+def test_other_lines_are_not_transitions() -> None:
+    for line in (b"", b"VS [192.168.201.15]:tcp:80 UP",
+                 b"RS [1.2.3.4]:tcp:80 [192.168.201.15]:tcp:80 DOWN",
+                 b'INSTANCE VI_1 MASTER 100', b'INSTANCE "VI_1 MASTER 100', b'INSTANCE "" MASTER 1',
+                 b'INSTANCE "VI_1" MASTER -1', b'INSTANCE "VI_1" MASTER 100 extra',
+                 b'INSTANCE "VI_1"', b'INSTANCE "VI_1" 42 1', b"\xff\xfe",
+                 b'INSTANCE "VI_1" MASTER 1' + b"0" * MAX_LINE):
+        assert parse_line(line) is None, line
+
+
+@given(st.binary(max_size=600))
+def test_any_bytes_parse_or_are_refused(line: bytes) -> None:
+    t = parse_line(line)
+    assert t is None or (t.kind in ("INSTANCE", "GROUP") and t.name and t.state.isupper())
+
+
+def test_steps_are_primary_backup_sh() -> None:
+    assert STEPS["MASTER"] == (Step.COMMIT, Step.FLUSH, Step.RESYNC_INTERNAL, Step.BULK_SEND)
+    assert STEPS["BACKUP"] == (Step.PURGE, Step.REQUEST_RESYNC)
+    assert STEPS["FAULT"] == (Step.PURGE,)
+
+
+def test_follower_acts_once_per_role_and_only_on_named_instances() -> None:
+    f = Follower(frozenset({"VI_1"}))
+    assert f.decide(Transition("INSTANCE", "VI_2", "MASTER", 100)) == ()
+    assert f.decide(Transition("INSTANCE", "VI_1", "BACKUP", 100)) == STEPS["BACKUP"]
+    assert f.decide(Transition("INSTANCE", "VI_1", "MASTER_PRIORITY", 90)) == ()
+    assert f.decide(Transition("INSTANCE", "VI_1", "MASTER", 100)) == STEPS["MASTER"]
+    assert f.decide(Transition("INSTANCE", "VI_1", "MASTER", 100)) == ()  # reload repeats
+    assert f.decide(Transition("INSTANCE", "VI_1", "FAULT", 100)) == STEPS["FAULT"]
+    assert f.decide(Transition("INSTANCE", "VI_1", "STOP", 100)) == ()
+    assert f.decide(Transition("INSTANCE", "VI_1", "FAULT", 100)) == STEPS["FAULT"]
+
+
+def test_a_sync_group_and_its_instances_run_the_steps_once() -> None:
+    f = Follower()
+    assert f.decide(Transition("GROUP", "VG", "MASTER", 0)) == STEPS["MASTER"]
+    assert f.decide(Transition("INSTANCE", "VI_1", "MASTER", 100)) == ()
+    assert f.decide(Transition("INSTANCE", "VI_2", "MASTER", 100)) == ()
+    assert f.decide(Transition("GROUP", "VG", "BACKUP", 0)) == STEPS["BACKUP"]
