@@ -163,7 +163,8 @@ def test_d_returns_once_the_daemon_answers_and_fails_with_the_reason(
         q = cli(ns, conf, "-d")
         assert q.returncode == 1
         assert q.stderr.count("\n") == 1
-        assert "conntrackd-py.lock" in q.stderr and "Traceback" not in q.stderr
+        assert "conntrackd-py.lock" in q.stderr
+        assert "Traceback" not in q.stderr
         assert cli(ns, conf, "-k").returncode == 0
         deadline = time.monotonic() + 15
         while not gone(pid) and time.monotonic() < deadline:
@@ -181,4 +182,5 @@ def test_d_with_a_missing_sync_interface_exits_1_with_one_line(
     p = cli(ns, d.conf, "-d")
     assert p.returncode == 1
     assert p.stderr.count("\n") == 1
-    assert "nope0" in p.stderr and "Traceback" not in p.stderr
+    assert "nope0" in p.stderr
+    assert "Traceback" not in p.stderr
