@@ -9,6 +9,7 @@ lock held (exit 1, one line naming the lock).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -16,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,8 +26,24 @@ from lab import DaemonProc, Lab, Netns
 pytestmark = pytest.mark.kernel
 
 FIXTURES = Path(__file__).resolve().parents[1] / "data" / "conntrackd_outputs"
-sys.path.insert(0, str(FIXTURES))
-from capture import SYNC_IP, insert_flows  # noqa: E402  (the fixtures' own flows)
+
+
+def _capture() -> Any:
+    """The fixtures' own script (its flows and addresses), loaded from its file."""
+    spec = importlib.util.spec_from_file_location("capture", FIXTURES / "capture.py")
+    assert spec is not None
+    assert spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+CAPTURE = _capture()
+SYNC_IP: str = CAPTURE.SYNC_IP
+
+
+def insert_flows(ns: Netns) -> None:
+    CAPTURE.insert_flows(ns)
 
 
 def lab_ns(lab: Lab) -> Netns:

@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 
-from lab import Conntrackd, Lab
+from lab import Conntrackd, Lab, Netns
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SYNC_IP = "10.77.0.1"
@@ -37,9 +37,9 @@ OUTPUTS = {
 }
 
 
-def insert_flows(ns: object) -> None:
+def insert_flows(ns: Netns) -> None:
     for f in FLOWS:
-        ns.run("conntrack", "-I", *f.split())  # type: ignore[attr-defined]
+        ns.run("conntrack", "-I", *f.split())
 
 
 def main() -> int:
