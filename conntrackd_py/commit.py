@@ -52,6 +52,9 @@ class CommitJob:
     batch: int
     commit_timeout: int | None
     be_liberal: bool
+    #: a table the parent opened before the fork, so it knows the socket's netlink port id
+    #: (the events the commit causes carry it); None: the child opens its own
+    table: Table | None = None
 
 
 _INT_FIELDS = ("created", "updated", "failed", "undecodable")
@@ -96,7 +99,7 @@ def run_commit(job: CommitJob, now: float) -> CommitReport:
     before = job.external.undecodable
     t0 = time.perf_counter()
     entries = job.external.commit_entries(now, commit_timeout=job.commit_timeout)
-    table = Table(job.netns, batch=job.batch)
+    table = job.table if job.table is not None else Table(job.netns, batch=job.batch)
     try:
         res, bad = table.commit_entries_blocking(entries, be_liberal=job.be_liberal)
     finally:

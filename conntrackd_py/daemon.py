@@ -316,14 +316,19 @@ class Daemon:
                     counts.failed += 1
                     self.contained("direct delete", e)
 
-    async def _reconcile_after_commit(self) -> None:
-        assert self.tracker is not None
+    async def _reconcile_after_commit(self, port: int | None = None) -> None:
+        tracker = self.tracker
+        assert tracker is not None
         try:
-            await self.tracker.resync_from_kernel()
+            await tracker.resync_from_kernel()
         except Exception as e:  # EMFILE for the dump socket, ...: the next overrun retries
             self.contained("reconcile after a commit", e)
         finally:
             self._end_echo_window()
+            # the commit's socket is closed: its events were all queued before the dump
+            ignore: set[int] | None = getattr(tracker.events, "ignore_ports", None)
+            if ignore is not None and port is not None:
+                ignore.discard(port)
         self.pump()
 
     def _begin_echo_window(self) -> None:
@@ -390,9 +395,19 @@ class Daemon:
             tracker.events.subscribe_new(False)
             self._begin_echo_window()  # ended by _reconcile_after_commit
         cfg = self.cfg
+        # The events this commit causes (updates of entries the kernel had) carry its socket's
+        # port id: the event source drops them when it can (kernel/events.py ignore_ports)
+        ignore: set[int] | None = getattr(tracker.events, "ignore_ports", None) \
+            if tracker is not None else None
+        table = port = None
+        if ignore is not None:
+            table = self._table()
+            port = getattr(table, "port_id", None)
+            if port is not None:
+                ignore.add(port)
         job = CommitJob(self.external, self.netns, cfg.netlink.commit_batch,
                         None if cfg.sync.commit_timeout is None else int(cfg.sync.commit_timeout),
-                        not cfg.sync.tcp_window_tracking)
+                        not cfg.sync.tcp_window_tracking, table)
         try:
             report = await self._run_commit(job, now)
         except CommitError as e:
@@ -401,10 +416,12 @@ class Daemon:
             log.error("commit of the external cache failed: %s", e)
             raise ControlError(f"commit failed: {e}") from None
         finally:
+            if table is not None:
+                table.close()  # the parent's copy; the child had its own
             if tracker is not None:
                 tracker.events.subscribe_new(True)
                 assert self.nursery is not None
-                self.nursery.start_soon(self._reconcile_after_commit)
+                self.nursery.start_soon(self._reconcile_after_commit, port)
         self.external.undecodable += report.undecodable
         self.commits += 1
         self.last_commit = report
