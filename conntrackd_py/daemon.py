@@ -40,7 +40,6 @@ from .config import Config, ConfigError, ListFilter, load, load_keys
 from .control import ControlServer
 from .ctlclient import ControlError
 from .flow import Flow
-from .keepalived import Follower, Step, Transition, open_fifo, read_transitions
 from .kernel.events import EventBatch
 from .kernel.table import CommitResult, Table
 from .lockfile import LockError, PidLock, next_epoch, open_nofollow, raise_nofile_limit
@@ -58,6 +57,7 @@ from .stats import (
 from .sync.config import config_from
 from .tracker import Tracker
 from .transport import ChannelSpec, Transport
+from .vrrp import Follower, Step, Transition, open_fifo, read_transitions
 
 log = logging.getLogger(__name__)
 

@@ -723,7 +723,7 @@ async def test_a_flush_during_the_commit_window_keeps_what_the_commit_wrote(
 
 async def test_keepalived_transitions_run_primary_backup_sh_steps(
         tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
-    from conntrackd_py.keepalived import Transition
+    from conntrackd_py.vrrp import Transition
     async with running(tmp_path) as (d, peer):
         await wait_for(d.in_sync)
         peer.update([mkflow(i) for i in range(5)])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conntrackd_py.keepalived import MAX_LINE, STEPS, Follower, Step, Transition, parse_line
+from conntrackd_py.vrrp import MAX_LINE, STEPS, Follower, Step, Transition, parse_line
 
 
 def test_parses_instance_and_group_lines_as_keepalived_writes_them() -> None:
