@@ -106,6 +106,17 @@ def _auth_enabled(cfg: Config, keys: tuple[bytes, ...]) -> bool:
     return cfg.general.mode == "sync" and bool(keys)
 
 
+def _log_import(cfg: Config, running: Config | None) -> None:
+    """A conntrackd.conf read natively: its one-line warning (again on SIGHUP only when it
+    changed), each note at INFO."""
+    if cfg.import_warning is None or (
+            running is not None and running.import_warning == cfg.import_warning):
+        return
+    log.warning("%s", cfg.import_warning)
+    for note in cfg.import_notes:
+        log.info("%s: %s", cfg.path, note)
+
+
 CommitRunner = Callable[[CommitJob, float], Awaitable[CommitReport]]
 
 
@@ -135,7 +146,8 @@ class Daemon:
         self.transport: Transport | None = None
         self.external = ExternalCache(max_per_origin=cfg.sync.limits.max_flows_per_peer)
         self.remote = Remote(self.external, direct=not cfg.sync.external_cache,
-                             peer_timeout=cfg.sync.peer_timeout)
+                             peer_timeout=cfg.sync.peer_timeout,
+                             derived_node_id=cfg.import_warning is not None)
         self.commits = 0
         self.last_commit: CommitReport | None = None
         self.auth_enabled = False
@@ -159,9 +171,8 @@ class Daemon:
         self._echo: Callable[[bytes], bool] | None = None
         self._echo_windows = 0
         self.commit_echoes = 0
-        ka = getattr(cfg, "keepalived", None)
-        self.keepalived_fifo: str | None = getattr(ka, "notify_fifo", None)
-        self.keepalived = Follower(frozenset(getattr(ka, "instances", ())))
+        self.keepalived_fifo = cfg.keepalived.notify_fifo
+        self.keepalived = Follower(frozenset(cfg.keepalived.instances))
         self.keepalived_transitions = 0
         self.keepalived_lines_ignored = 0
 
@@ -610,6 +621,7 @@ class Daemon:
     # --- the main task ------------------------------------------------------------------
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.cfg
+        _log_import(cfg, None)
         soft, _ = raise_nofile_limit()
         lock = PidLock(cfg.general.lock_file)
         lock.acquire()
@@ -711,13 +723,16 @@ class Daemon:
             log.error("SIGHUP: reading %s failed (%s); keeping the running configuration",
                       self.cfg.path, type(e).__name__)
             return
+        _log_import(new, self.cfg)
         logging.getLogger().setLevel(level)
         if self.tracker is not None:
             self.tracker.accept = accept
-        needs_restart = [name for name in ("node", "general", "netlink", "sync")
+        needs_restart = [name for name in ("node", "general", "netlink", "sync", "keepalived")
                          if getattr(new, name) != getattr(self.cfg, name)]
         self.cfg = dataclasses.replace(self.cfg, logging=new.logging, filters=new.filters,
-                                       stats=new.stats, metrics=new.metrics)
+                                       stats=new.stats, metrics=new.metrics,
+                                       import_warning=new.import_warning,
+                                       import_notes=new.import_notes)
         self.reloads += 1
         log.info("SIGHUP: reloaded logging and filters from %s%s", self.cfg.path,
                  f"; changes to {', '.join(needs_restart)} need a restart" if needs_restart

@@ -90,6 +90,12 @@ def plan_direct(batch: Sequence[Pair]) -> DirectPlan:
     return DirectPlan(ups, dels, bad)
 
 
+_DERIVED_ID_HINT = (
+    ". node.id was derived from the sync address of a conntrackd.conf: give the nodes sync "
+    "addresses that differ in their last byte, or convert with `conntrackd-py import-conf` and "
+    "set node.id")
+
+
 @dataclass
 class Remote:
     """Applies the engine's events. `direct`: flows go to `pending` for the kernel writer
@@ -106,6 +112,8 @@ class Remote:
     duplicate_node: int = 0
     peers_forgotten: int = 0
     limiter: LogLimiter = field(default_factory=LogLimiter)
+    #: node.id came from a conntrackd.conf's sync address (Config.import_warning set)
+    derived_node_id: bool = False
 
     def take(self) -> list[Pair]:
         """The direct writer's queue, emptied."""
@@ -159,10 +167,10 @@ class Remote:
                 held = self.limiter.allow("duplicate_node", now)
                 if held is not None:
                     log.error("another host%s sends with our node id %d (epoch %08x): node ids "
-                              "must be unique; not in sync until it stops%s",
+                              "must be unique; not in sync until it stops%s%s",
                               f" ({source})" if source else "", node, epoch,
                               f" ({held} more such datagrams since the last line)" if held
-                              else "")
+                              else "", _DERIVED_ID_HINT if self.derived_node_id else "")
             case _:
                 assert_never(ev)
         return False

@@ -87,6 +87,18 @@ def test_repeating_events_are_counted_and_logged_rate_limited(
     assert "192.0.2.9" in dup[0]
 
 
+def test_a_duplicate_id_derived_from_a_conntrackd_conf_says_how_to_avoid_it(
+        caplog: pytest.LogCaptureFixture) -> None:
+    for derived in (False, True):
+        caplog.clear()
+        r = Remote(ExternalCache(), derived_node_id=derived)
+        with caplog.at_level(logging.INFO, logger="conntrackd_py.remote"):
+            r.apply(sync_engine.DuplicateNode(1, 5, "192.0.2.9"), 0.0)
+        (line,) = [m for m in caplog.messages if "node id" in m]
+        assert ("differ in their last byte" in line) is derived
+        assert ("import-conf" in line) is derived
+
+
 def test_log_limiter_names_what_it_held_back() -> None:
     lim = LogLimiter(interval=60.0)
     assert lim.allow("x", 0.0) == 0
