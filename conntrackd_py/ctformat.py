@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .flow import Flow, Tuple
 
-__all__ = ["dump_json", "dump_text", "dump_xml", "flow_line", "flow_record", "flow_xml",
-           "stats_text"]
+__all__ = ["dump_json", "dump_text", "dump_xml", "event_line", "flow_line", "flow_record",
+           "flow_xml", "stats_text", "watch_text"]
 
 #: libnetfilter_conntrack's state names, by protocol number (what conntrackd prints)
 _STATES: Mapping[int, tuple[str, ...]] = {
@@ -58,13 +58,14 @@ def _tuple_text(t: Tuple) -> str:
     return s
 
 
-def flow_line(f: Flow, origin: int | None = None, active: int | None = None) -> str:
-    """One `conntrackd -i`/`-e` line (conntrackd: no timeout, no use= column)."""
-    p = f.orig.proto
-    out = f"{_NAMES.get(p, 'unknown'):<8} {p} "
+def _head(p: int) -> str:
+    return f"{_NAMES.get(p, 'unknown'):<8} {p} "
+
+
+def _body(f: Flow) -> str:
+    """An entry's fields after its protocol columns, each followed by a space."""
     state = _state(f)
-    if state is not None:
-        out += state + " "
+    out = state + " " if state is not None else ""
     out += _tuple_text(f.orig)
     if not f.status & _SEEN_REPLY:
         out += "[UNREPLIED] "
@@ -78,11 +79,44 @@ def flow_line(f: Flow, origin: int | None = None, active: int | None = None) -> 
         out += f"zone={f.zone} "
     if f.helper:
         out += f"helper={f.helper} "
+    return out
+
+
+def flow_line(f: Flow, origin: int | None = None, active: int | None = None) -> str:
+    """One `conntrackd -i`/`-e` line (conntrackd: no timeout, no use= column)."""
+    out = _head(f.orig.proto) + _body(f)
     if origin is not None:
         out += f"[node={origin}] "  # ours: which peer the flow came from (external cache)
     if active is not None:
         return out + f"[active since {active}s]"
     return out.rstrip(" ")
+
+
+def event_line(event: str, f: Flow | None, orig: Tuple, origin: int | None = None) -> str:
+    """One `-E` line as `conntrack -E` prints it: the event right-aligned in 9 columns, then
+    the entry with its timeout. A destroyed entry is known by its key alone (its original
+    tuple): the rest of its line is left out."""
+    head = f"{'[' + event.upper() + ']':>9} " + _head(orig.proto)
+    tail = f"[node={origin}]" if origin is not None else ""
+    if f is None:
+        return (head + _tuple_text(orig) + tail).rstrip(" ")
+    return (head + f"{f.timeout} " + _body(f) + tail).rstrip(" ")
+
+
+def watch_text(item: object) -> str:
+    """A `watch` stream item as an `-E` line: a structured change `[event, where, origin,
+    key hex, value hex or None]` formatted here; a text line (an older daemon) as it is."""
+    from .flow import PackError, unpack_flow, unpack_key
+    if not isinstance(item, list) or len(item) != 5:
+        return str(item)
+    event, _where, origin, key, value = item
+    try:
+        kb = bytes.fromhex(key)
+        _zone, orig = unpack_key(kb)
+        f = unpack_flow(kb, bytes.fromhex(value)) if isinstance(value, str) else None
+    except (PackError, ValueError, TypeError):
+        return f"[{str(event).upper()}] undecodable entry, key {str(key)[:80]}"
+    return event_line(str(event), f, orig, origin if isinstance(origin, int) else None)
 
 
 def _xml_tuple(t: Tuple, direction: str) -> str:

@@ -141,3 +141,21 @@ def test_stats_layouts_that_differ_say_where() -> None:
 def test_every_conntrackd_word_has_a_layout() -> None:
     from conntrackd_py import cli
     assert set(ctformat.STATS_LAYOUTS) == set(cli.STATS_WORDS) - {"multicast"}
+
+
+def test_watch_lines_are_conntrack_E_lines() -> None:
+    # conntrack 1.4.7 -E for a conntrack -I then -U (its [USERSPACE] portid= suffix, which
+    # says a program made the change, is left out of the fixture)
+    a, b = ip("10.1.0.1"), ip("10.1.0.2")
+    new = Flow(Tuple(a, b, 6, 1000, 80), Tuple(b, a, 6, 80, 1000), status=0x2, timeout=100,
+               state=1)
+    upd = new._replace(status=0x2 | 0x4, timeout=200, state=3)
+    got = [ctformat.watch_text([ev, "internal", None, *(x.hex() for x in pack_flow(f))])
+           for ev, f in (("new", new), ("update", upd))]
+    assert got == (FIXTURES / "conntrack_E.txt").read_text().splitlines()
+    key = pack_flow(new)[0].hex()
+    assert ctformat.watch_text(["destroy", "external", 3, key, None]) == (
+        "[DESTROY] tcp      6 src=10.1.0.1 dst=10.1.0.2 sport=1000 dport=80 [node=3]")
+    assert ctformat.watch_text(["update", "internal", None, "zz", None]).startswith(
+        "[UPDATE] undecodable")
+    assert ctformat.watch_text("[UPDATE] internal: text") == "[UPDATE] internal: text"
