@@ -7,6 +7,11 @@ and writes them, on another CPU and outside this process's GIL: a burst of DESTR
 slow or full disk never slows event ingestion. When the buffer is full (the child or its disk
 cannot keep up), new records are dropped and counted.
 
+Sinks, any number at once: the file, syslog, and IPFIX collectors (`stats.accounting.ipfix`,
+encoded and sent by the writer process: the event path costs the same with or without them).
+Each sink's records written and lost are counted (`sinks`); `records_dropped` counts the
+records no sink got (buffer full, writer died, or every sink failed them).
+
 The output file survives log rotation: `reopen()` (called on SIGHUP) and the child's
 once-a-second check of the path's inode (the file was moved or deleted) both reopen it.
 Top talkers (bytes by source address) use a bounded Misra-Gries sketch, not a dict that grows
@@ -16,23 +21,30 @@ with every address.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import heapq
+import json
 import logging
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import msgpack
 import trio
 
-from .acctwriter import INFO, LOST, REOPENED, WRITTEN, json_line, record, text_line
+from . import stats as stats_module
+from .acctwriter import INFO, LOST, REOPENED, SINK, WRITTEN, json_line, record, text_line
 from .config import Accounting as AccountingConfig
 from .flow import Flow, addr_text, proto_name
 from .kernel import codec
 from .kernel.nl import set_sysctl
 from .stats import AccountingStats, Direction, ProtoTotals, TopTalker
+
+#: AccountingStats fields this version of stats.py has (`sinks` is newer than some)
+_STATS_FIELDS = {f.name for f in dataclasses.fields(AccountingStats)}
 
 __all__ = ["Accounting", "HeavyHitters", "enable_kernel_accounting", "json_line", "record",
            "text_line"]
@@ -85,8 +97,30 @@ class HeavyHitters:
         return sorted(self.counts.items(), key=lambda kv: kv[1], reverse=True)[:n]
 
 
+def ipfix_options(cfg: AccountingConfig, node_id: int, netns_name: str | None
+                  ) -> dict[str, object] | None:
+    """The writer's IPFIX options from `stats.accounting.ipfix` (None: no collectors).
+    Read with getattr: the section may be a dataclass or absent."""
+    ipfix = getattr(cfg, "ipfix", None)
+    collectors = list(getattr(ipfix, "collectors", None) or ())
+    if not collectors:
+        return None
+    domain = getattr(ipfix, "observation_domain", None)
+    return {"collectors": collectors,
+            "domain": node_id if domain is None else int(domain),
+            "mtu": int(getattr(ipfix, "mtu", 1400)),
+            "template_refresh": float(getattr(ipfix, "template_refresh", 600.0)),
+            "template_refresh_packets": int(getattr(ipfix, "template_refresh_packets", 0)),
+            "netns": netns_name}
+
+
 class Accounting:
-    def __init__(self, cfg: AccountingConfig, clock: Callable[[], float] = time.time) -> None:
+    """`node_id` is the IPFIX observation domain unless the config names one; `netns_name`
+    is where the IPFIX socket is made (tests and benches, whose process is outside the
+    namespace; the daemon runs inside its own and passes None)."""
+
+    def __init__(self, cfg: AccountingConfig, clock: Callable[[], float] = time.time, *,
+                 node_id: int = 0, netns_name: str | None = None) -> None:
         self.cfg = cfg
         self.clock = clock
         self.capacity = cfg.buffer
@@ -107,8 +141,11 @@ class Accounting:
         #: proto number -> [flows, orig_packets, orig_bytes, reply_packets, reply_bytes]
         self.totals: dict[int, list[int]] = {}
         self.talkers = HeavyHitters(max(1, cfg.top_talkers) * 10)
+        #: sink name -> [records written, records lost] ("file", "syslog", "ipfix <collector>")
+        self.sinks: dict[str, list[int]] = {}
         self.path = cfg.file
-        self.outputs = self.path is not None or cfg.syslog
+        self.ipfix = ipfix_options(cfg, node_id, netns_name)
+        self.outputs = self.path is not None or cfg.syslog or self.ipfix is not None
         self._reopen = False
         self._wake = trio.Event()
         self._progress = trio.Event()
@@ -159,7 +196,16 @@ class Accounting:
             records_written=self.records_written, records_dropped=self.records_dropped,
             records_pending=self.buffered + self.in_flight, buffer=self.capacity,
             write_errors=self.write_errors, writer_restarts=self.writer_restarts,
-            file=self.path, format=self.cfg.format)
+            file=self.path, format=self.cfg.format,
+            **self._sink_stats())
+
+    def _sink_stats(self) -> dict[str, Any]:
+        """`sinks=` for AccountingStats once stats.py has it: {name: SinkStats(written,
+        lost)}."""
+        sink_stats = getattr(stats_module, "SinkStats", None)
+        if "sinks" not in _STATS_FIELDS or sink_stats is None:
+            return {}
+        return {"sinks": {k: sink_stats(*v) for k, v in sorted(self.sinks.items())}}
 
     # --- the writer ---------------------------------------------------------------------------
     def reopen(self) -> None:
@@ -193,6 +239,15 @@ class Accounting:
                 log.info("%s", msg[1])
             elif msg[0] == INFO:
                 log.info("%s", msg[1])
+            elif msg[0] == SINK:
+                counts = self.sinks.get(msg[1])
+                if counts is None:
+                    counts = self.sinks[msg[1]] = [0, 0]
+                if msg[3] and not counts[1]:
+                    log.warning("accounting: sink %s lost %d records (counted from now on)",
+                                msg[1], msg[3])
+                counts[0] += msg[2]
+                counts[1] += msg[3]
         self._settle()
 
     async def _reports(self, stream: trio.abc.ReceiveStream, done: trio.Event) -> None:
@@ -250,7 +305,8 @@ class Accounting:
     async def _run_child(self, task_status: trio.TaskStatus[None]) -> None:
         """One writer process, fed until cancelled; raises if the process fails."""
         cmd = [sys.executable, "-m", "conntrackd_py.acctwriter", self.path or "",
-               self.cfg.format, "1" if self.cfg.syslog else "0", self.cfg.writer_priority]
+               self.cfg.format, "1" if self.cfg.syslog else "0", self.cfg.writer_priority,
+               json.dumps(self.ipfix) if self.ipfix else ""]
         proc = await trio.lowlevel.open_process(cmd, stdin=subprocess.PIPE,
                                                 stdout=subprocess.PIPE)
         self._unpacker = msgpack.Unpacker(use_list=False, raw=False)

@@ -10,10 +10,17 @@ Parent -> child (stdin), a msgpack stream of
                                kernel gives no timestamps)
     1                          reopen the file now (SIGHUP after a rotation)
 Child -> parent (stdout), a msgpack stream:
-    [0, n]                     n records written
-    [1, n, "why"]              n records lost to a write error (the file is reopened next time)
+    [0, n]                     n records written (by at least one sink)
+    [1, n, "why"]              n records lost: every sink failed them (a file write error: the
+                               file is reopened next time), or they were malformed
     [2, "text"]                something to log at info level
     [3, "text"]                the file was reopened (counted, and logged at info level)
+    [4, sink, written, lost]   one sink's share of a batch: "file", "syslog", or
+                               "ipfix <address>:<port>" (one per collector)
+
+Sinks, any number at once: the file and/or syslog (`Sink`, formatted lines) and IPFIX over UDP
+to each configured collector (`IpfixSink`, encoded by `ipfix`). argv: path, format, syslog
+(0/1), priority, and the IPFIX options as JSON ("" when off).
 
 The file survives log rotation: besides the explicit reopen, the path's inode is checked at
 most once a second before a write, and the file reopened when it was moved or deleted.
@@ -23,18 +30,25 @@ This module must not import trio: it is the whole child process.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
+import socket
 import sys
 import time
+from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 import msgpack
 
 from .flow import Counters, Flow, TcpState, Tuple, addr_text, proto_name
+from .ipfix import Exporter, parse_collector
+from .netns import socket_in
 
 #: report kinds (child -> parent)
-WRITTEN, LOST, INFO, REOPENED = 0, 1, 2, 3
+WRITTEN, LOST, INFO, REOPENED, SINK = 0, 1, 2, 3, 4
+#: (flow, time seen) pairs, as the sinks take them
+Records = Sequence[tuple[Flow, float]]
 #: seconds between checks that the output file is still where the path says
 STAT_INTERVAL = 1.0
 #: nice values of the writer's `stats.accounting.writer_priority` (idle: SCHED_IDLE): the
@@ -183,20 +197,16 @@ class Sink:
             return True
         return (st.st_dev, st.st_ino) != self.ino
 
-    def write(self, batch: list[Any]) -> int:
-        """Format and write records ([flow arrays, seen] pairs); returns how many were not
-        records (skipped); raises OSError."""
+    @property
+    def name(self) -> str:
+        return "file" if self.path is not None else "syslog"
+
+    def write(self, records: Records) -> None:
+        """Format and write records; raises OSError."""
         fmt = self.format
-        lines: list[str] = []
-        bad = 0
-        for rec in batch:
-            try:
-                a, seen = rec
-                lines.append(fmt(flow_from_wire(a), seen))
-            except (ValueError, TypeError):  # not what the daemon packs: never expected
-                bad += 1
+        lines = [fmt(flow, seen) for flow, seen in records]
         if not lines:
-            return bad
+            return
         if self.path is not None:
             now = time.monotonic()
             check = now - self.last_stat >= STAT_INTERVAL
@@ -214,7 +224,6 @@ class Sink:
                 self.syslog_open = True
             for line in lines:
                 syslog.syslog(syslog.LOG_INFO, line)
-        return bad
 
     def close(self) -> None:
         if self.file is not None:
@@ -222,7 +231,58 @@ class Sink:
             self.file = None
 
 
-def serve(inp: int, out: IO[bytes], sink: Sink) -> None:
+class IpfixSink:
+    """IPFIX over UDP: one exporting process (sequence numbers, template refresh) whose
+    messages go to every collector. A message a collector's send fails is lost for that
+    collector only (counted per collector); the socket blocks when its buffer is full, so the
+    local queue slows the writer down rather than dropping (the daemon's buffer absorbs it).
+    """
+
+    def __init__(self, collectors: Sequence[str], domain: int, *, mtu: int = 1400,
+                 template_refresh: float = 600.0, template_refresh_packets: int = 0,
+                 netns: str | None = None, clock: Callable[[], float] = time.time,
+                 say: Any = lambda *msg: None) -> None:
+        self.targets = [parse_collector(c) for c in collectors]
+        self.names = [f"ipfix {h}:{p}" if ":" not in h else f"ipfix [{h}]:{p}"
+                      for h, p in self.targets]
+        self.exporter = Exporter(domain, mtu=mtu, template_refresh=template_refresh,
+                                 template_refresh_packets=template_refresh_packets)
+        self.netns, self.clock, self.say = netns, clock, say
+        self.socks: dict[int, socket.socket] = {}
+        self._errors: set[tuple[str, int | None]] = set()  # (collector, errno) said once
+
+    def _sock(self, family: int) -> socket.socket:
+        s = self.socks.get(family)
+        if s is None:
+            s = self.socks[family] = socket_in(self.netns, family, socket.SOCK_DGRAM)
+        return s
+
+    def write(self, records: Records) -> list[tuple[str, int, int]]:
+        """Send the records to every collector: (name, records sent, records lost) each."""
+        msgs = self.exporter.encode(records, self.clock())
+        total = sum(m.records for m in msgs)
+        out = []
+        for name, (host, port) in zip(self.names, self.targets, strict=True):
+            lost = 0
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            for m in msgs:
+                try:
+                    self._sock(family).sendto(m.data, (host, port))
+                except OSError as e:
+                    lost += m.records
+                    if (name, e.errno) not in self._errors:  # once per collector and cause
+                        self._errors.add((name, e.errno))
+                        self.say(INFO, f"accounting: cannot send IPFIX to {name[6:]}: {e}")
+            out.append((name, total - lost, lost))
+        return out
+
+    def close(self) -> None:
+        for s in self.socks.values():
+            s.close()
+        self.socks.clear()
+
+
+def serve(inp: int, out: IO[bytes], *sinks: Sink | IpfixSink) -> None:
     """Read requests from fd `inp` until EOF, answering on `out`."""
     pack = msgpack.Packer().pack
 
@@ -230,21 +290,47 @@ def serve(inp: int, out: IO[bytes], sink: Sink) -> None:
         out.write(pack(list(msg)))
         out.flush()
 
-    sink.say = report
+    for sink in sinks:
+        sink.say = report
     unpacker = msgpack.Unpacker(use_list=False, raw=False)
+    files = [s for s in sinks if isinstance(s, Sink)]
 
     def flush(batch: list[Any]) -> None:
-        try:
-            bad = sink.write(batch)
-        except OSError as e:
-            sink.file = None  # a fresh open next time
-            report(LOST, len(batch), f"cannot write {len(batch)} accounting records to "
-                                  f"{sink.path}: {e}")
-            return
+        records: list[tuple[Flow, float]] = []
+        bad = 0
+        for rec in batch:
+            try:
+                a, seen = rec
+                records.append((flow_from_wire(a), float(seen)))
+            except (ValueError, TypeError):  # not what the daemon packs: never expected
+                bad += 1
         if bad:
             report(LOST, bad, f"dropped {bad} malformed accounting records")
-        if len(batch) > bad:
-            report(WRITTEN, len(batch) - bad)
+        n = len(records)
+        if not n:
+            return
+        lost_everywhere = n
+        why = ""
+        for sink in sinks:
+            if isinstance(sink, IpfixSink):
+                for name, sent, lost in sink.write(records):
+                    report(SINK, name, sent, lost)
+                    lost_everywhere = min(lost_everywhere, lost)
+                    why = why or f"cannot send {lost} accounting records to {name}"
+                continue
+            try:
+                sink.write(records)
+            except OSError as e:
+                sink.file = None  # a fresh open next time
+                report(SINK, sink.name, 0, n)
+                why = f"cannot write {n} accounting records to {sink.path}: {e}"
+                continue
+            report(SINK, sink.name, n, 0)
+            lost_everywhere = 0
+        if lost_everywhere:
+            report(LOST, lost_everywhere, why)
+        if n > lost_everywhere:
+            report(WRITTEN, n - lost_everywhere)
 
     while data := os.read(inp, 1 << 20):
         unpacker.feed(data)
@@ -256,7 +342,9 @@ def serve(inp: int, out: IO[bytes], sink: Sink) -> None:
             if batch:  # records before the reopen go to the old file
                 flush(batch)
                 batch = []
-            if sink.path is not None:
+            for sink in files:
+                if sink.path is None:
+                    continue
                 try:
                     sink.open()
                 except OSError as e:
@@ -264,16 +352,32 @@ def serve(inp: int, out: IO[bytes], sink: Sink) -> None:
                     report(INFO, f"cannot reopen accounting file {sink.path}: {e}")
         if batch:
             flush(batch)
-    sink.close()
+    for sink in sinks:
+        sink.close()
+
+
+def sinks_from_argv(argv: list[str]) -> list[Sink | IpfixSink]:
+    """The sinks the daemon asked for (see the module docstring for argv)."""
+    path, fmt, use_syslog = argv[0] or None, argv[1], argv[2] == "1"
+    sinks: list[Sink | IpfixSink] = []
+    if path is not None or use_syslog:
+        sinks.append(Sink(path, fmt, use_syslog))
+    opts = json.loads(argv[4]) if len(argv) > 4 and argv[4] else None
+    if opts and opts.get("collectors"):
+        sinks.append(IpfixSink(
+            opts["collectors"], int(opts.get("domain", 0)), mtu=int(opts.get("mtu", 1400)),
+            template_refresh=float(opts.get("template_refresh", 600.0)),
+            template_refresh_packets=int(opts.get("template_refresh_packets", 0)),
+            netns=opts.get("netns")))
+    return sinks
 
 
 def main(argv: list[str]) -> int:
     # the daemon handles the signals; a terminal's ^C or a HUP to the group must not kill this
     for sig in (signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
-    path, fmt, use_syslog = argv[0] or None, argv[1], argv[2] == "1"
     set_priority(argv[3] if len(argv) > 3 else "normal")
-    serve(sys.stdin.fileno(), sys.stdout.buffer, Sink(path, fmt, use_syslog))
+    serve(sys.stdin.fileno(), sys.stdout.buffer, *sinks_from_argv(argv))
     return 0
 
 
