@@ -59,7 +59,7 @@ class Ops(Protocol):
 
     def in_sync(self) -> bool: ...
 
-    def watch(self) -> AsyncIterator[str]: ...
+    def watch(self) -> AsyncIterator[object]: ...  # text lines, or structured changes
 
 
 # --- argument parsers: one JSON value (or command-line text) in, a typed value or ControlError

@@ -341,7 +341,7 @@ def _runtime(s: Mapping[str, Any]) -> str:
             f"\tnetlink overrun:\t\t{_u12(_g(ev, 'overruns'))}\n"
             f"\tflush kernel table:\t\t{_u12(0)}\n"
             f"\tresync with kernel table:\t{_u12(_g(tr, 'dumps'))}\n"
-            f"\tcurrent buffer size (in bytes):\t{_u12(0)}\n\n")
+            f"\tcurrent buffer size (in bytes):\t{_u12(_g(ev, 'rcvbuf'))}\n\n")
     out += ("runtime stats:\n"
             f"\tchild process failed:\t\t{_u12(0)}\n"
             f"\t\tchild process segfault:\t{_u12(0)}\n"
