@@ -406,3 +406,30 @@ def test_a_control_call_reads_the_socket_with_or_without_yaml(tmp_path: Path) ->
     assert cli._control_socket(str(conf)) == "/tmp/y.sock"
     conf.write_text('node: {id: 3}\ngeneral:\n  note: "a\n  control_socket: /tmp/no"\n')
     assert cli._control_socket(str(conf)) == cli.DEFAULT_CONTROL_SOCKET  # YAML's reading
+
+
+DEBIAN_EXAMPLES = sorted(Path("/usr/share/doc/conntrackd/examples").glob("**/conntrackd.conf"))
+
+
+@pytest.mark.skipif(not DEBIAN_EXAMPLES, reason="conntrackd's examples are not installed")
+@pytest.mark.parametrize("path", DEBIAN_EXAMPLES, ids=lambda p: str(p.parent.name))
+def test_a_control_call_reads_a_conntrackd_conf_socket_as_the_full_load_does(
+        path: Path) -> None:
+    from conntrackd_py.config import is_conntrackd_conf, load
+    text = path.read_text()
+    assert load(path).general.control_socket == "/var/run/conntrackd.ctl"
+    assert cli.looks_like_conntrackd_conf(text) is is_conntrackd_conf(text) is True
+    assert cli.conntrackd_socket(text) == "/var/run/conntrackd.ctl"  # its UNIX { Path }
+    assert cli._control_socket(str(path)) == "/var/run/conntrackd.ctl"
+
+
+def test_conntrackd_conf_socket_reading_is_careful() -> None:
+    assert not cli.looks_like_conntrackd_conf("general:\n  control_socket: /x\n")
+    assert not cli.looks_like_conntrackd_conf("# only a comment\n")
+    assert cli.looks_like_conntrackd_conf("# c\n\nGeneral {\n}\n")
+    assert cli.looks_like_conntrackd_conf("Sync\n{\n}\n")
+    text = "General {\n  UNIX {\n    Path /run/a.ctl\n  }\n}\n"
+    assert cli.conntrackd_socket(text) == "/run/a.ctl"
+    assert cli.conntrackd_socket(text.replace("Path /run/a.ctl", "# Path /x\n Path /b")) == "/b"
+    assert cli.conntrackd_socket("General {\n}\n") is None  # the full load decides
+    assert cli.conntrackd_socket(text + text) is None  # two: the full load decides
