@@ -2,7 +2,9 @@
 # Everything a fresh Debian machine needs to run and test conntrackd-py (idempotent, as root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-pkgs=(conntrack conntrackd nftables iproute2 keepalived python3-venv)
+# nfdump: the IPFIX collector (nfcapd) the accounting export's live test runs; ulogd2: the
+# reference IPFIX exporter the ipfix bench compares with
+pkgs=(conntrack conntrackd nftables iproute2 keepalived python3-venv nfdump ulogd2)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -12,7 +14,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 # Debian starts the packaged daemons where an init system runs; the lab runs its own copies
 # inside namespaces only, so stop any that the package started in this (root) namespace.
-for svc in conntrackd keepalived; do
+for svc in conntrackd keepalived ulogd2; do
   if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$svc" 2>/dev/null; then
     systemctl stop "$svc" || true
   fi

@@ -9,6 +9,7 @@ keys. Suites build their own lab namespaces (root needed) and clean them up.
     compare      conntrackd-py vs conntrackd side by side: throughput, commit, resync,
                  latency, CPU, RSS, wire, loss, TCP life cycles; ratio_* figures
     hostile      cost per hostile input on the sync link (sans I/O: no root, no namespace)
+    ipfix        the IPFIX export's cost against ulogd2 (bench/suite_ipfix.py, once present)
 
 The suites share the lab's helpers (lab.bench: daemon pairs, pinning, CPU probes, kernel
 load; lab.measure: the replication measurements), never each other.
@@ -17,6 +18,7 @@ load; lab.measure: the replication measurements), never each other.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -42,6 +44,9 @@ def _suites() -> dict[str, Suite]:
     suites["compare"] = suite_compare.run
     import suite_hostile
     suites["hostile"] = suite_hostile.run
+    if (Path(__file__).resolve().parent / "suite_ipfix.py").exists():
+        # the accounting helper's IPFIX suite (issue 17): listed once its file exists
+        suites["ipfix"] = importlib.import_module("suite_ipfix").run
     return suites
 
 
