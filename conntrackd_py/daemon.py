@@ -337,9 +337,8 @@ class Daemon:
         finally:
             self._end_echo_window()
             # the commit's socket is closed: its events were all queued before the dump
-            ignore: set[int] | None = getattr(tracker.events, "ignore_ports", None)
-            if ignore is not None and port is not None:
-                ignore.discard(port)
+            if port is not None:
+                tracker.events.ignore_ports.discard(port)
         self.pump()
 
     def _begin_echo_window(self) -> None:
@@ -407,15 +406,12 @@ class Daemon:
             self._begin_echo_window()  # ended by _reconcile_after_commit
         cfg = self.cfg
         # The events this commit causes (updates of entries the kernel had) carry its socket's
-        # port id: the event source drops them when it can (kernel/events.py ignore_ports)
-        ignore: set[int] | None = getattr(tracker.events, "ignore_ports", None) \
-            if tracker is not None else None
+        # port id: opened here, before the fork, the event source drops them from the start
         table = port = None
-        if ignore is not None:
+        if tracker is not None:
             table = self._table()
-            port = getattr(table, "port_id", None)
-            if port is not None:
-                ignore.add(port)
+            port = table.port_id
+            tracker.events.ignore_ports.add(port)
         job = CommitJob(self.external, self.netns, cfg.netlink.commit_batch,
                         None if cfg.sync.commit_timeout is None else int(cfg.sync.commit_timeout),
                         not cfg.sync.tcp_window_tracking, table)

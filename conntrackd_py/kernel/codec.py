@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from enum import IntEnum
 from typing import Any, Final
 
@@ -569,6 +570,37 @@ def decode_events(buf: bytes | bytearray | memoryview, nbytes: int) -> list[tupl
             continue
         out.append((kind, decode_flow(buf, msg.start, msg.end)))
     return out
+
+
+def decode_events_except(buf: bytes | bytearray | memoryview, nbytes: int,
+                         ports: AbstractSet[int]) -> tuple[list[tuple[EventType, Flow]], int]:
+    """`decode_events` without the events that a request on one of our sockets caused (the
+    kernel puts that socket's netlink port id in an event's nlmsg_pid; 0 for the kernel's own
+    changes), and how many were left out. Their attributes are never decoded."""
+    out: list[tuple[EventType, Flow]] = []
+    skipped = 0
+    off = 0
+    while off + 16 <= nbytes:
+        length, mtype, flags, _seq, pid = _hdr_unpack(buf, off)
+        if length < 16 or off + length > nbytes:
+            raise CodecError(f"netlink message length {length} at offset {off} out of bounds")
+        start, end = off + 16, off + length
+        off += (length + 3) & ~3
+        if mtype == CT_NEW:
+            kind = EventType.NEW if flags & (NLM_F_CREATE | NLM_F_EXCL | NLM_F_MULTI) else (
+                EventType.UPDATE
+            )
+        elif mtype == CT_DELETE:
+            kind = EventType.DESTROY
+        else:
+            continue
+        if pid in ports:
+            skipped += 1
+            continue
+        out.append((kind, decode_flow(buf, start, end)))
+    if off < nbytes:
+        raise CodecError(f"{nbytes - off} trailing bytes after the last netlink message")
+    return out, skipped
 
 
 # --- encoding ------------------------------------------------------------------------------

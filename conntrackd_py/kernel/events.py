@@ -42,6 +42,8 @@ class EventStats:
     overruns: int = 0
     malformed: int = 0
     reads: int = 0
+    #: events our own commit caused (their nlmsg_pid is in `ignore_ports`), not decoded
+    ignored_own: int = 0
 
 
 class EventSource:
@@ -53,6 +55,9 @@ class EventSource:
         self.stats = EventStats()
         self._rx = MultiReceiver(self.sock)
         self._overrun_logged = False
+        #: netlink port ids of our own request sockets whose changes are not news (a commit's:
+        #: conntrackd does not propagate what its own commit wrote); empty on the hot path
+        self.ignore_ports: set[int] = set()
 
     def close(self) -> None:
         self.sock.close()
@@ -79,6 +84,10 @@ class EventSource:
 
     def _decode(self, view: memoryview, n: int) -> EventBatch:
         try:
+            if self.ignore_ports:
+                batch, skipped = codec.decode_events_except(view, n, self.ignore_ports)
+                self.stats.ignored_own += skipped
+                return batch
             return codec.decode_events(view, n)
         except codec.CodecError as e:
             self.stats.malformed += 1

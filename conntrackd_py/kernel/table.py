@@ -66,6 +66,11 @@ class Table:
     def close(self) -> None:
         self._req.close()
 
+    @property
+    def port_id(self) -> int:
+        """The netlink port id of this table's socket: the events its changes cause carry it."""
+        return int(self._req.sock.getsockname()[0])
+
     async def dump(self, family: int = 0) -> list[Flow]:
         flows: list[Flow] = []
 

@@ -439,3 +439,29 @@ def test_a_delete_of_an_impossible_key_raises_encode_error() -> None:
         codec.encode_delete(70000, _O4, 1)
     with pytest.raises(codec.EncodeError):
         codec.encode_get(0, _O4._replace(src=b"\1\2\3"), 1)
+
+
+def _with_pids(data: bytes, pid_of: Any) -> bytes:
+    """The same netlink messages, the i-th carrying nlmsg_pid `pid_of(i)`."""
+    buf = bytearray(data)
+    off = i = 0
+    while off + 16 <= len(buf):
+        length = int.from_bytes(buf[off:off + 4], "little")
+        buf[off + 12:off + 16] = pid_of(i).to_bytes(4, "little")
+        off += (length + 3) & ~3
+        i += 1
+    return bytes(buf)
+
+
+def test_events_our_own_socket_caused_are_left_out_by_port_id() -> None:
+    """A commit's updates come back as events carrying its socket's port id (nlmsg_pid)."""
+    data = b"".join(EVENTS)  # one receive of several events
+    every = codec.decode_events(data, len(data))
+    assert len(every) == len(EVENTS) > 2
+    mixed = _with_pids(data, lambda i: 777 if i % 2 else 0)
+    kept, skipped = codec.decode_events_except(mixed, len(mixed), {777})
+    assert kept == every[::2]
+    assert skipped == len(every) // 2
+    assert codec.decode_events_except(mixed, len(mixed), {5}) == (every, 0)
+    with pytest.raises(codec.CodecError):
+        codec.decode_events_except(mixed[:-3], len(mixed) - 3, {777})
