@@ -330,7 +330,7 @@ global_defs {{
     vrrp_version 3
     script_user root
     enable_script_security
-    vrrp_garp_master_repeat 2
+    vrrp_garp_master_repeat 2{fifo}
 }}
 vrrp_instance FW {{
     state BACKUP
@@ -355,12 +355,18 @@ vrrp_instance FW {{
 class Keepalived(LabDaemon):
     """keepalived (VRRPv3) in a firewall namespace, moving both VIPs of a ClusterTopology and
     running the shipped notify script (`notify_script()`) against `daemon` (None: no
-    replication). Each notification's start and end go to `workdir/notify.log`."""
+    replication). Each notification's start and end go to `workdir/notify.log`.
+
+    With `notify_fifo` keepalived also writes its state changes to that FIFO
+    (`vrrp_notify_fifo`, lines like `INSTANCE "FW" MASTER 150`) and the notify script runs no
+    conntrackd-py command: the daemon follows the FIFO itself.
+    """
 
     kind = "keepalived"
 
     def __init__(self, ns: Netns, workdir: str, topo: ClusterTopology, priority: int,
-                 daemon: DaemonProc | None, advert: float = 0.2) -> None:
+                 daemon: DaemonProc | None, advert: float = 0.2,
+                 notify_fifo: str | None = None) -> None:
         super().__init__(ns, workdir)
         shipped = os.path.join(workdir, "conntrackd-py-notify.sh")
         with open(shipped, "wb") as f:
@@ -372,7 +378,7 @@ class Keepalived(LabDaemon):
         with open(notify, "w") as f:
             f.write("#!/bin/sh\n"
                     f'echo "$(date +%s.%N) start $1" >> {self.events}\n')
-            if daemon is not None:
+            if daemon is not None and notify_fifo is None:
                 cli = os.path.join(bindir, "conntrackd-py")
                 if not os.access(cli, os.X_OK):
                     cli = shutil.which("conntrackd-py") or cli
@@ -385,8 +391,9 @@ class Keepalived(LabDaemon):
             f"10.{a}.1.1/24 dev lan0", f"10.{a}.2.1/24 dev wan0"))
         self.conf = os.path.join(workdir, "keepalived.conf")
         with open(self.conf, "w") as f:
-            f.write(_KEEPALIVED_CONF.format(name=ns.name, priority=priority, advert=advert,
-                                            vips=vips, notify=notify))
+            f.write(_KEEPALIVED_CONF.format(
+                name=ns.name, priority=priority, advert=advert, vips=vips, notify=notify,
+                fifo="" if notify_fifo is None else f"\n    vrrp_notify_fifo {notify_fifo}"))
         self.start()
 
     def start(self) -> None:

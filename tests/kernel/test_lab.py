@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -19,6 +20,7 @@ from lab import (
     SYNC_GROUP,
     DaemonProc,
     FirewallTopology,
+    Keepalived,
     Lab,
     add_sync_loss,
     cluster_topology,
@@ -257,3 +259,28 @@ def test_a_daemons_address_filter_is_a_parameter(lab: Lab, tmp_path: Path) -> No
     dump = d.call("dump", cache="internal")
     assert sum(f"src={topo.client_ip} " in line and "dport=6200" in line for line in dump) == 20
     assert not [line for line in dump if topo.client_ip6 in line]
+
+
+def test_keepalived_writes_its_state_to_the_notify_fifo(lab: Lab, tmp_path: Path) -> None:
+    """Keepalived(notify_fifo=...) gets `vrrp_notify_fifo`: keepalived writes its transitions
+    there (`INSTANCE "FW" MASTER 150`), while the notify script still logs start/done."""
+    topo = cluster_topology(lab, n_fw=2, vip_on=None)
+    fifo = str(tmp_path / "vrrp.fifo")
+    os.mkfifo(fifo)
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader first: writes never block
+    try:
+        k = Keepalived(topo.fws[0], str(tmp_path / "k"), topo, 150, None, notify_fifo=fifo)
+        assert f"vrrp_notify_fifo {fifo}" in Path(k.conf).read_text()
+        wait_until(k.is_master, 15, "fw1 to become master")
+        got = b""
+
+        def master_line() -> bool:
+            nonlocal got
+            with contextlib.suppress(BlockingIOError):
+                got += os.read(fd, 4096)
+            return b'INSTANCE "FW" MASTER 150' in got
+
+        wait_until(master_line, 5, "the MASTER line in the FIFO")
+        k.kill()
+    finally:
+        os.close(fd)
