@@ -511,17 +511,13 @@ def _from_conntrackd_conf(text: str, name: str) -> Config:
     converts to, with the warning line and the notes. Errors name the conntrackd.conf."""
     from .importconf import read  # importconf builds on this module's names: imported late
     res = read(text, name)  # ConfSyntaxError is a ConfigError naming the file and line
-    where = f"{name} (read as a conntrackd.conf; `conntrackd-py import-conf {name}` shows the " \
-            "conversion)"
     if res.node_id_problem is not None:
-        raise ConfigError(f"{res.node_id_problem.removeprefix('node.id: ')}; in a "
-                          "conntrackd.conf, give the Multicast block this node's "
-                          "IPv4_interface (conntrackd reads it too), or convert the file "
-                          "with import-conf and set node.id", "node.id", where)
+        raise ConfigError(res.node_id_problem, "node.id", name)
     try:
-        cfg = _parse(res.yaml, where, name)
+        cfg = _parse(res.yaml, name, name)
     except ConfigError as e:  # a line of the converted YAML would mislead: name the key only
-        raise ConfigError(e.problem, e.key, where) from None
+        raise ConfigError(f"{e.problem} (in what this conntrackd.conf converts to: see "
+                          f"`conntrackd-py import-conf {name}`)", e.key, name) from None
     return dataclasses.replace(cfg, import_warning=res.warning, import_notes=res.notes)
 
 

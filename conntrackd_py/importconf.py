@@ -559,9 +559,16 @@ def read(text: str, filename: str = "<conntrackd.conf>") -> Conversion:
         parts.append(f"approximated: {_names(conv.approximated)}")
     warning = (f"{_printable(filename)} read as a conntrackd.conf: {'; '.join(parts)}; details: "
                f"conntrackd-py import-conf {_printable(filename)}")
-    problem = None
-    if conv.node_id_from in ("collision", "placeholder"):
-        problem = next(n for n in notes if n.startswith("node.id:"))
+    problem = None  # for `config.load`, which reads the file as it is: the fix in its terms
+    if conv.node_id_from == "placeholder":
+        problem = ("conntrackd has no node id, and this file names no sync address of this node "
+                   "to derive one from: give the Multicast block this node's IPv4_interface "
+                   "(or IPv6_interface; conntrackd reads it too), or convert the file with "
+                   "`conntrackd-py import-conf` and set node.id")
+    elif conv.node_id_from == "collision":
+        problem = ("conntrackd has no node id, and none can be derived: this node's sync "
+                   "address and a UDP peer's share their last two bytes; convert the file with "
+                   "`conntrackd-py import-conf` and set node.id (different on every node)")
     return Conversion("\n".join(header) + "\n\n" + body, tuple(notes), warning, problem, data)
 
 

@@ -222,8 +222,10 @@ def test_a_value_out_of_range_names_our_key_and_the_conntrackd_conf(tmp_path: Pa
     with pytest.raises(ConfigError) as e:
         load(p)
     assert e.value.key == "sync.channels[0].multicast.port"
-    assert e.value.filename.startswith(f"{p} (read as a conntrackd.conf")
+    assert e.value.filename == str(p)
     assert e.value.line is None  # a line of the converted YAML would mislead
+    assert e.value.problem.endswith(f"(in what this conntrackd.conf converts to: see "
+                                    f"`conntrackd-py import-conf {p}`)")
 
 
 # --- node ids ---------------------------------------------------------------------------------
@@ -255,8 +257,9 @@ def test_a_conntrackd_conf_whose_node_id_cannot_be_derived_is_refused_with_the_f
     p.write_text(TUNED.replace("172.16.0.2", "172.16.1.1").replace("172.16.0.1", "172.17.1.1"))
     with pytest.raises(ConfigError) as e:
         load(p)
-    assert e.value.key == "node.id"
+    assert (e.value.key, e.value.filename) == ("node.id", str(p))
     assert "share their last two bytes" in e.value.problem
+    assert "set node.id" in e.value.problem
     p.write_text("Sync {\n Mode FTFW {\n }\n Multicast {\n  IPv4_address 225.0.0.50\n }\n}\n")
     with pytest.raises(ConfigError) as e:
         load(p)
