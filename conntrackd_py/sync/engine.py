@@ -174,6 +174,9 @@ class Engine:
             peer = self._peers[node] = Peer(node, dg.epoch, self._open_stream(dg), now)
             self._events.append(PeerUp(node, dg.epoch))
         elif dg.epoch != peer.epoch:
+            if dg.epoch in peer.past_epochs:
+                c.stale_epoch += 1  # one we followed before: a replay, even once it is silent
+                return
             if now - peer.last_seen < self.config.peer_timeout:  # its epoch is alive
                 if not after(dg.epoch, peer.epoch):
                     c.stale_epoch += 1  # an older epoch while the newer is alive: a replay
@@ -310,6 +313,7 @@ class Engine:
 
     def _restart(self, peer: Peer, dg: Datagram, now: float) -> None:
         self._dropped_before += peer.stream.reorder_dropped
+        peer.past_epochs.append(peer.epoch)
         peer.epoch = dg.epoch
         peer.stream = self._open_stream(dg)
         peer.forget_recent()

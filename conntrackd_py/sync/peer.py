@@ -98,8 +98,8 @@ class Peer:
     """One other node (and its current epoch's stream), as the engine tracks it."""
 
     __slots__ = ("_order", "acked", "behind_since", "bracket_at", "epoch", "last_heard",
-                 "last_seen", "node", "recent", "request_due", "stall_since", "stall_target",
-                 "state", "stream", "tokens", "up")
+                 "last_seen", "node", "past_epochs", "recent", "request_due", "stall_since",
+                 "stall_target", "state", "stream", "tokens", "up")
 
     def __init__(self, node: int, epoch: int, stream: Stream, now: float) -> None:
         self.node = node
@@ -120,6 +120,8 @@ class Peer:
         self.tokens = 0.0  # retransmission budget, bytes (see SyncConfig.resend_ratio)
         self.recent: dict[int, bytes] = {}  # seq -> the datagram accepted (no auth only)
         self._order: deque[int] = deque()
+        # epochs of it we followed before: never again (a replay), even once it is silent
+        self.past_epochs: deque[int] = deque(maxlen=8)
 
     def forget_recent(self) -> None:
         self.recent.clear()

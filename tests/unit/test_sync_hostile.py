@@ -176,6 +176,35 @@ def test_a_restarted_peer_is_always_asked_for_a_resync() -> None:
     assert c[2].engine.counters.resync_requests_sent >= 2
 
 
+def test_a_replayed_earlier_epoch_is_refused_even_once_the_peer_is_silent() -> None:
+    c = Cluster(2, keys=(K1,))
+    captured: list[bytes] = []
+
+    def tap(src: int, dst: int, data: bytes) -> bool:
+        if src == 1:
+            captured.append(data)
+        return True
+
+    c.bus.tap = tap
+    c.pump_all()
+    Workload(c, creates=100).run()
+    c.run(1.0)
+    old = list(captured)
+    c[1].engine = Engine(c[1].cfg, _epoch(c, 1) + 1, lambda: c[1].internal.items(), c.now)
+    c[1].pump()
+    c.run(2.0)
+    c.assert_converged()
+    c[1].attached = False  # node 1 dies; an attacker replays its earlier epoch from the start
+    c.run(c[2].cfg.peer_timeout + 1)
+    restarts = len(c[2].events_of(PeerRestarted))
+    for d in old:
+        c[2].engine.receive_datagram(d, c.now)
+    c[2].pump()
+    assert len(c[2].events_of(PeerRestarted)) == restarts  # not taken for a restart
+    assert c[2].engine.counters.stale_epoch >= len(old)
+    assert c[2].views[1] == c[1].internal  # the view is what node 1 last had
+
+
 # --- two hosts with one node id ----------------------------------------------------------------
 
 
