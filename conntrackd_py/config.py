@@ -506,6 +506,13 @@ def is_conntrackd_conf(text: str) -> bool:
     return False
 
 
+def _short_words(words: str) -> str:
+    """A conntrackd.conf statement for an error message: bounded, control characters escaped."""
+    text = words if len(words) <= 60 else words[:57] + "..."
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
 def _from_conntrackd_conf(text: str, name: str) -> Config:
     """A conntrackd.conf read through import-conf's reader (`importconf.read`): the Config it
     converts to, with the warning line and the notes. Errors name the conntrackd.conf."""
@@ -515,9 +522,17 @@ def _from_conntrackd_conf(text: str, name: str) -> Config:
         raise ConfigError(res.node_id_problem, "node.id", name)
     try:
         cfg = _parse(res.yaml, name, name)
-    except ConfigError as e:  # a line of the converted YAML would mislead: name the key only
-        raise ConfigError(f"{e.problem} (in what this conntrackd.conf converts to: see "
-                          f"`conntrackd-py import-conf {name}`)", e.key, name) from None
+    except ConfigError as e:  # the conntrackd.conf statement that set the key, or its block
+        key, origin = e.key, None
+        while key and origin is None:
+            origin = res.origins.get(key)
+            key = re.sub(r"(\.[^.\[\]]*|\[\d+\])$", "", key) if origin is None else key
+        if origin is None:
+            raise ConfigError(f"{e.problem} (in what this conntrackd.conf converts to: see "
+                              f"`conntrackd-py import-conf {name}`)", e.key, name) from None
+        line, words = origin
+        raise ConfigError(f"{e.problem} (from {_short_words(words)!r}, read as {e.key})",
+                          e.key, name, line) from None
     return dataclasses.replace(cfg, import_warning=res.warning, import_notes=res.notes)
 
 

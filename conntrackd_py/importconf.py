@@ -155,6 +155,31 @@ class _Converter:
     approximated: list[tuple[int, str]] = field(default_factory=list)
     #: how node.id was found: "derived" (from an address), "placeholder", or "" (stats mode)
     node_id_from: str = ""
+    #: (id of an output dict, its key) -> the statement that set it, for `origins`
+    origin: dict[tuple[int, str], Stmt] = field(default_factory=dict)
+
+    def mark(self, container: dict[str, Any], key: str, st: Stmt) -> None:
+        self.origin[(id(container), key)] = st
+
+    def origins(self, data: dict[str, Any]) -> dict[str, tuple[int, str]]:
+        """Key paths of the output ("sync.channels[0].multicast.port") -> (line, words) of the
+        conntrackd.conf statement that set them."""
+        out: dict[str, tuple[int, str]] = {}
+
+        def walk(node: Any, path: str) -> None:
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    p = f"{path}.{k}" if path else k
+                    st = self.origin.get((id(node), k))
+                    if st is not None:
+                        out[p] = (st.line, " ".join(st.words))
+                    walk(v, p)
+            elif isinstance(node, list):
+                for i, v in enumerate(node):
+                    if isinstance(v, dict):
+                        walk(v, f"{path}[{i}]")
+        walk(data, "")
+        return out
 
     def note(self, st: Stmt, msg: str, approx: bool = False) -> None:
         self.notes.append((st.line, f"{self.filename}:{st.line}: {' '.join(st.words)}: {msg}"))
@@ -186,6 +211,7 @@ class _Converter:
         v = self.value(st, kind)
         if v is not None:
             section[key] = transform(v) if transform else v
+            self.mark(section, key, st)
 
     # --- sections -------------------------------------------------------------------------
     def convert(self, stmts: list[Stmt]) -> dict[str, Any]:
@@ -216,6 +242,7 @@ class _Converter:
                     self.note(st, "unknown sync mode; not converted")
                     continue
                 s["mode"] = mode
+                self.mark(s, "mode", st)
                 self.mode(st.body, s)
             elif st.key in ("multicast", "udp") and st.body is not None:
                 self.channel(st)
@@ -288,7 +315,10 @@ class _Converter:
                 self.note(st, "not recognised; not converted")
         if peers:
             ch["peers"] = peers
-        self.channels.append((default, {"multicast" if is_mc else "udp": ch}))
+            self.mark(ch, "peers", block)
+        kind = "multicast" if is_mc else "udp"
+        self.channels.append((default, {kind: ch}))
+        self.mark(self.channels[-1][1], kind, block)
 
     def general(self, body: list[Stmt]) -> None:
         g, lg = self.out["general"], self.out["logging"]
@@ -341,6 +371,7 @@ class _Converter:
                 self.note(st, "the syslog facility is always 'daemon'", approx=True)
         else:  # `LogFile on`: conntrackd's default file (DEFAULT_LOGFILE in conntrackd.h)
             lg["target"], lg["file"] = "file", DEFAULT_LOGFILE if on else arg
+            self.mark(lg, "file", st)
 
     def filters(self, block: Stmt) -> None:
         assert block.body is not None
@@ -374,6 +405,7 @@ class _Converter:
                 continue
             existing = fl.setdefault(kind, {}).setdefault(policy, [])
             existing += [v for v in values if v not in existing]
+            self.mark(fl[kind], policy, st)
 
     def protocol(self, word: str, st: Stmt) -> Any:
         name = _PROTOCOL_ALIASES.get(word.lower(), word.lower())
@@ -517,6 +549,8 @@ class Conversion:
     warning: str
     node_id_problem: str | None
     data: dict[str, Any]
+    #: key paths of the YAML -> (line, statement) of the conntrackd.conf that set them
+    origins: dict[str, tuple[int, str]]
 
 
 #: names listed in the warning line at most (a hostile file may have thousands)
@@ -569,7 +603,8 @@ def read(text: str, filename: str = "<conntrackd.conf>") -> Conversion:
         problem = ("conntrackd has no node id, and none can be derived: this node's sync "
                    "address and a UDP peer's share their last two bytes; convert the file with "
                    "`conntrackd-py import-conf` and set node.id (different on every node)")
-    return Conversion("\n".join(header) + "\n\n" + body, tuple(notes), warning, problem, data)
+    return Conversion("\n".join(header) + "\n\n" + body, tuple(notes), warning, problem, data,
+                      conv.origins(data))
 
 
 def convert(text: str, filename: str = "<conntrackd.conf>") -> tuple[str, list[str]]:

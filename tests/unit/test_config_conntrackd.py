@@ -222,10 +222,22 @@ def test_a_value_out_of_range_names_our_key_and_the_conntrackd_conf(tmp_path: Pa
     with pytest.raises(ConfigError) as e:
         load(p)
     assert e.value.key == "sync.channels[0].multicast.port"
-    assert e.value.filename == str(p)
-    assert e.value.line is None  # a line of the converted YAML would mislead
-    assert e.value.problem.endswith(f"(in what this conntrackd.conf converts to: see "
-                                    f"`conntrackd-py import-conf {p}`)")
+    group_line = p.read_text().splitlines().index("\t\tGroup 70000") + 1
+    assert (e.value.filename, e.value.line) == (str(p), group_line)
+    assert e.value.problem.endswith("(from 'Group 70000', read as "
+                                    "sync.channels[0].multicast.port)")
+
+
+def test_an_error_inside_a_list_names_the_block_that_made_it(tmp_path: Path) -> None:
+    p = tmp_path / "conntrackd.conf"
+    p.write_text(TUNED.replace("\t\tIPv4_Destination_Address 172.16.0.1\n",
+                               "\t\tIPv4_Destination_Address 172.16.0.1\n"
+                               "\t\tIPv6_Destination_Address fd00::7\n"))
+    with pytest.raises(ConfigError) as e:
+        load(p)
+    assert e.value.key == "sync.channels[0].udp.peers[1]"
+    assert e.value.line == 10  # the UDP block
+    assert "read as sync.channels[0].udp.peers[1]" in e.value.problem
 
 
 # --- node ids ---------------------------------------------------------------------------------
