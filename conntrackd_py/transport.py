@@ -5,7 +5,7 @@ opaque datagrams only: who sent them and what they mean is the sync engine's bus
 node id is inside every datagram, so addresses do not matter here).
 
 Failover: traffic goes out on one active channel; every channel receives. The active channel
-is left when its interface goes down (rtnetlink link events, decoded with pyroute2) or when it
+is left when its interface goes down (rtnetlink link events) or when it
 has heard nothing for `silence_timeout` while another channel has; with `failback` traffic
 returns to the first channel once it is up and heard again.
 """
@@ -37,6 +37,8 @@ RTMGRP_LINK = 1
 NETLINK_ROUTE = 0
 IFF_UP = 0x1
 IFF_RUNNING = 0x40
+#: struct ifinfomsg after the netlink header: family, pad, type, then index and flags
+_IFINFO = struct.Struct("=4xiI")
 
 
 @dataclass(frozen=True)
@@ -298,8 +300,6 @@ class Transport:
         by_index = {ch.ifindex: ch for ch in self.channels if ch.ifindex}
         if not by_index:
             return
-        from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg  # only rtnetlink needs pyroute2
-
         sock = netns.socket_in(self.netns_name, socket.AF_NETLINK, socket.SOCK_RAW,
                                NETLINK_ROUTE)
         sock.bind((0, RTMGRP_LINK))
@@ -317,12 +317,11 @@ class Transport:
                         length, mtype = struct.unpack_from("=IH", data, off)
                         if length < 16:
                             break
-                        if mtype in (16, 17):  # RTM_NEWLINK / RTM_DELLINK
-                            msg = ifinfmsg(data[off:off + length])
-                            msg.decode()
-                            ch = by_index.get(msg["index"])
+                        if mtype in (16, 17) and length >= 32:  # RTM_NEWLINK / RTM_DELLINK
+                            index, flags = _IFINFO.unpack_from(data, off + 16)
+                            ch = by_index.get(index)
                             if ch is not None:
-                                up = mtype == 16 and bool(msg["flags"] & IFF_RUNNING)
+                                up = mtype == 16 and bool(flags & IFF_RUNNING)
                                 if up != ch.link_up:
                                     ch.link_up = up
                                     log.warning("sync link %s is %s", ch.spec.interface,
