@@ -174,8 +174,10 @@ class Engine:
             peer = self._peers[node] = Peer(node, dg.epoch, self._open_stream(dg), now)
             self._events.append(PeerUp(node, dg.epoch))
         elif dg.epoch != peer.epoch:
-            if dg.epoch in peer.past_epochs:
-                c.stale_epoch += 1  # one we followed before: a replay, even once it is silent
+            if self._authenticated and dg.epoch in peer.past_epochs:
+                # one we followed before: a replay, even once the peer is silent (without
+                # auth the epoch that replaced it may have been forged: no such rule)
+                c.stale_epoch += 1
                 return
             if now - peer.last_seen < self.config.peer_timeout:  # its epoch is alive
                 if not after(dg.epoch, peer.epoch):
