@@ -506,6 +506,16 @@ def is_conntrackd_conf(text: str) -> bool:
     return False
 
 
+def origin_of(key: str, origins: Mapping[str, tuple[int, str]]) -> tuple[int, str] | None:
+    """The origin of key path `key` ("a.b[2].c"), else of its closest parent that has one."""
+    while key:
+        if key in origins:
+            return origins[key]
+        parent = re.sub(r"(\.[^.\[\]]*|\[\d+\])$", "", key)
+        key = parent if parent != key else ""
+    return None
+
+
 def _short_words(words: str) -> str:
     """A conntrackd.conf statement for an error message: bounded, control characters escaped."""
     text = words if len(words) <= 60 else words[:57] + "..."
@@ -523,10 +533,7 @@ def _from_conntrackd_conf(text: str, name: str) -> Config:
     try:
         cfg = _parse(res.yaml, name, name)
     except ConfigError as e:  # the conntrackd.conf statement that set the key, or its block
-        key, origin = e.key, None
-        while key and origin is None:
-            origin = res.origins.get(key)
-            key = re.sub(r"(\.[^.\[\]]*|\[\d+\])$", "", key) if origin is None else key
+        origin = origin_of(e.key, res.origins)
         if origin is None:
             raise ConfigError(f"{e.problem} (in what this conntrackd.conf converts to: see "
                               f"`conntrackd-py import-conf {name}`)", e.key, name) from None

@@ -24,6 +24,7 @@ from conntrackd_py.config import (
     is_conntrackd_conf,
     load,
     loads,
+    origin_of,
     to_dict,
 )
 from conntrackd_py.importconf import AUTH_NOTE, derive_node_id
@@ -338,3 +339,26 @@ def test_a_conntrackd_conf_in_a_file_goes_through_the_same_bounds(tmp_path: Path
     p.write_bytes(b"Sync {\n \xff\n}\n")
     with pytest.raises(ConfigError, match="not UTF-8"):
         load(p)
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    # a rule across keys: named by one of them; a required key missing: by its block
+    ("Sync {\n Mode ALARM {\n  RefreshTime 10\n  CacheTimeout 5\n }\n Multicast {\n"
+     "  IPv4_address 225.0.0.50\n  IPv4_interface 10.0.0.1\n }\n}\n",
+     "sync.alarm.cache_timeout"),
+    ("Sync {\n Mode FTFW {\n }\n UDP {\n  IPv4_address 10.0.0.1\n }\n}\n",
+     "sync.channels[0].udp.peers"),
+])
+def test_errors_on_keys_without_a_statement_of_their_own_name_the_nearest(text: str,
+                                                                          key: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        loads(text, "c.conf")
+    assert e.value.key == key
+
+
+def test_the_origin_of_a_key_is_its_own_or_its_closest_parents() -> None:
+    origins = {"sync.channels[0].udp": (10, "UDP"), "sync.mode": (2, "Mode FTFW")}
+    assert origin_of("sync.channels[0].udp.peers[1]", origins) == (10, "UDP")
+    assert origin_of("sync.mode", origins) == (2, "Mode FTFW")
+    for key in ("sync", "sync.channels", "node.id", "", "[3]", "a..b"):  # none: and it ends
+        assert origin_of(key, origins) is None
