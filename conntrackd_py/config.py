@@ -58,6 +58,7 @@ from .config_parse import (
     scalar,
     sec,
     section,
+    short,
     show,
     size,
     socket_path,
@@ -65,6 +66,7 @@ from .config_parse import (
     unicast,
 )
 from .flow import PROTO_BY_NAME, TcpState
+from .ipfix import parse_collector
 from .sync.config import SyncConfig, config_from
 
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -329,6 +331,34 @@ class Sync:
     failback: bool = f(boolean, True)
 
 
+def _collector(node: YNode, path: str) -> str:
+    text = string(node, path)
+    try:
+        parse_collector(text)
+    except ValueError as e:
+        raise Invalid(path, f"{show(node)} is not a collector: {short(str(e))} (expected "
+                      "ADDRESS, ADDRESS:PORT or [IPv6 ADDRESS]:PORT; addresses only)") from None
+    return text
+
+
+def _collector_identity(text: str) -> tuple[str, int]:
+    return parse_collector(text)
+
+
+@dataclass(frozen=True, slots=True)
+class Ipfix:
+    """IPFIX (RFC 7011) export of destroyed flows; no collectors = off."""
+    collectors: tuple[str, ...] = f(listof(_collector, max_len=16, key=_collector_identity), ())
+    #: seconds between template retransmissions (RFC 7011 templateRefreshTimeout)
+    template_refresh: float = f(duration(positive=True, hi=86400.0), 600.0)
+    #: messages between template retransmissions; 0 = by time only
+    template_refresh_packets: int = f(integer(0, 1 << 31), 0)
+    #: the observation domain id; null = this node's sync node id
+    observation_domain: int | None = f(optional(integer(0, 4294967295)), None)
+    #: the path MTU to the collectors
+    mtu: int = f(integer(576, 65535), 1400)
+
+
 @dataclass(frozen=True, slots=True)
 class Accounting:
     enabled: bool = f(boolean, False)
@@ -338,6 +368,7 @@ class Accounting:
     buffer: int = f(integer(1, 10_000_000), 50000)
     top_talkers: int = f(integer(0, 10000), 20)
     writer_priority: str = f(choice("idle", "low", "normal"), "idle")
+    ipfix: Ipfix = sec(Ipfix)
 
 
 @dataclass(frozen=True, slots=True)

@@ -532,3 +532,33 @@ def test_keepalived_settings_are_checked(text: str, key: str, why: str) -> None:
     msg = error("node: {id: 1}\n" + CHANNEL + text + "\n")
     assert msg.startswith(key + ":"), msg
     assert why in msg
+
+
+# --- stats.accounting.ipfix (#17) ---------------------------------------------------------------
+
+def test_ipfix_is_off_by_default_and_takes_collectors_as_written() -> None:
+    assert cfg("").stats.accounting.ipfix.collectors == ()
+    x = cfg("stats: {accounting: {enabled: true, ipfix: {collectors: ['10.0.0.1:4739', "
+            "'[fd00::1]:4739', 10.0.0.2], template_refresh: 30s, template_refresh_packets: 20, "
+            "observation_domain: 7, mtu: 9000}}}\n").stats.accounting
+    assert x.enabled
+    assert (x.file, x.syslog) == (None, False)  # collectors alone are a valid sink
+    i = x.ipfix
+    assert i.collectors == ("10.0.0.1:4739", "[fd00::1]:4739", "10.0.0.2")
+    assert (i.template_refresh, i.template_refresh_packets, i.observation_domain, i.mtu) == (
+        30.0, 20, 7, 9000)
+
+
+@pytest.mark.parametrize(("value", "key", "why"), [
+    ("{collectors: [collector.example:4739]}", "collectors[0]", "is not a collector"),
+    ("{collectors: ['10.0.0.1:0']}", "collectors[0]", "out of range"),
+    ("{collectors: ['10.0.0.1:4739', '10.0.0.1']}", "collectors[1]", ""),  # same place twice
+    ("{collectors: ['[fd00::1']}", "collectors[0]", "is not a collector"),
+    ("{mtu: 500}", "mtu", "576..65535"),
+    ("{observation_domain: 4294967296}", "observation_domain", ""),
+    ("{template_refresh: 0}", "template_refresh", ""),
+])
+def test_ipfix_settings_are_checked(value: str, key: str, why: str) -> None:
+    msg = error("node: {id: 1}\n" + CHANNEL + f"stats: {{accounting: {{ipfix: {value}}}}}\n")
+    assert msg.startswith(f"stats.accounting.ipfix.{key}:"), msg
+    assert why in msg
