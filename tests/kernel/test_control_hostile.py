@@ -53,6 +53,13 @@ BAD_COMMAND_LINES = [
     ("-s", "{}"),
     ("-e", "--node", "x"),
     ("-i", "-p", "nope"),
+    # conntrackd's forms, mistyped
+    ("-c", "foo"),
+    ("-s", "\x01"),
+    ("-f", "x" * 5000),
+    ("-e", "expectx"),
+    ("-x",),
+    ("-d", "-k"),
 ]
 
 
