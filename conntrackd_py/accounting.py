@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 DESTROY = codec.EventType.DESTROY
 #: how often the writer hands buffered records over when the buffer is not filling up
 DRAIN_INTERVAL = 0.2
+#: records buffered that wake the writer before DRAIN_INTERVAL (at most)
+WAKE_BATCH = 2048
 #: asks the writer process to reopen its file (any msgpack integer; records are arrays)
 REOPEN = msgpack.packb(1)
 #: seconds to wait before starting a writer process again after it died
@@ -128,8 +130,10 @@ class Accounting:
         #: compact bytes rather than live Flow objects the garbage collector would scan)
         self.buffered = 0
         self._packer = msgpack.Packer(autoreset=False)
-        #: the writer is woken early when this many records are buffered
-        self.wake_at = max(1, self.capacity // 4)
+        #: the writer is woken early when this many records are buffered: in a burst, batches
+        #: of at most WAKE_BATCH records keep the writer busy while events still arrive (a
+        #: batch is ~0.3 MB in the 1 MiB pipe) instead of a quarter of the buffer at once
+        self.wake_at = max(1, min(self.capacity // 4, WAKE_BATCH))
         self.flows = 0
         self.records_dropped = 0
         self.records_written = 0

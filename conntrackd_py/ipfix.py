@@ -31,7 +31,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .flow import Flow
 
@@ -120,7 +120,6 @@ IPV6_TEMPLATE = _fields(SOURCE_IPV6_ADDRESS, DESTINATION_IPV6_ADDRESS,
 #: the data records, in template field order
 _V4 = struct.Struct("!4s4sHHB4s4sHHQQQQQQ")
 _V6 = struct.Struct("!16s16sHHB16s16sHHQQQQQQ")
-_U64 = (1 << 64) - 1
 
 
 def template_set(templates: Sequence[tuple[int, Sequence[Field]]]) -> bytes:
@@ -139,30 +138,39 @@ def template_set(templates: Sequence[tuple[int, Sequence[Field]]]) -> bytes:
 TEMPLATES = template_set([(IPV4_TEMPLATE_ID, IPV4_TEMPLATE), (IPV6_TEMPLATE_ID, IPV6_TEMPLATE)])
 
 
-def encode_record(flow: Flow, end_fallback: float) -> tuple[int, bytes] | None:
-    """(template id, data record) of a destroyed flow; None when its addresses are neither
-    IPv4 nor IPv6 (never from the kernel)."""
-    o, r = flow.orig, flow.reply
-    c = flow.counters
-    if o.proto in ICMP:
-        sport, dport, post_sport, post_dport = 0, (o.icmp_type << 8) | o.icmp_code, 0, 0
+#: Flow and Tuple field positions: records are read by position so that a Flow and the plain
+#: arrays msgpack makes of it (what the writer process receives) encode alike, without
+#: building NamedTuples first
+_ORIG, _REPLY, _COUNTERS, _START, _STOP = (Flow._fields.index(k) for k in (
+    "orig", "reply", "counters", "start_ns", "stop_ns"))
+_pack4, _pack6 = _V4.pack, _V6.pack
+
+
+def encode_record(flow: Sequence[Any], end_fallback: float) -> tuple[int, bytes] | None:
+    """(template id, data record) of a destroyed flow, a Flow or its msgpack arrays; None when
+    its addresses are neither IPv4 nor IPv6 (never from the kernel). Raises struct.error,
+    TypeError or IndexError for what is not a flow."""
+    o, r = flow[_ORIG], flow[_REPLY]
+    src, dst, proto, sport, dport = o[0], o[1], o[2], o[3], o[4]
+    if proto == 1 or proto == 58:  # ICMP, ICMPv6: type and code, no ports
+        sport, dport, post_sport, post_dport = 0, (o[6] << 8) | o[7], 0, 0
     else:
-        sport, dport, post_sport, post_dport = o.sport, o.dport, r.dport, r.sport
-    end = flow.stop_ns // 1_000_000 if flow.stop_ns else int(end_fallback * 1000)
-    start = flow.start_ns // 1_000_000 if flow.start_ns else end
+        post_sport, post_dport = r[4], r[3]
+    stop = flow[_STOP]
+    end = stop // 1_000_000 if stop else int(end_fallback * 1000)
+    start = flow[_START] // 1_000_000 if flow[_START] else end
+    c = flow[_COUNTERS]
     if c is None:
         op = ob = rp = rb = 0
     else:
-        op, ob, rp, rb = (min(v, _U64) for v in c)
-    n = len(o.src)
-    if n == 4 and len(r.src) == 4:
-        return IPV4_TEMPLATE_ID, _V4.pack(
-            o.src, o.dst, sport, dport, o.proto, r.dst, r.src, post_sport, post_dport,
-            ob, op, rb, rp, start, end)
-    if n == 16 and len(r.src) == 16:
-        return IPV6_TEMPLATE_ID, _V6.pack(
-            o.src, o.dst, sport, dport, o.proto, r.dst, r.src, post_sport, post_dport,
-            ob, op, rb, rp, start, end)
+        op, ob, rp, rb = c
+    n = len(src)
+    if n == 4:
+        return IPV4_TEMPLATE_ID, _pack4(src, dst, sport, dport, proto, r[1], r[0], post_sport,
+                                        post_dport, ob, op, rb, rp, start, end)
+    if n == 16:
+        return IPV6_TEMPLATE_ID, _pack6(src, dst, sport, dport, proto, r[1], r[0], post_sport,
+                                        post_dport, ob, op, rb, rp, start, end)
     return None
 
 
@@ -202,8 +210,10 @@ class Exporter:
         n = self.template_refresh_packets
         return bool(n) and self._since_templates >= n
 
-    def encode(self, records: Iterable[tuple[Flow, float]], now: float) -> list[Message]:
-        """Messages carrying these (flow, time seen) records, each within the MTU."""
+    def encode(self, records: Iterable[tuple[Sequence[Any], float]], now: float
+               ) -> list[Message]:
+        """Messages carrying these (flow, time seen) records, each within the MTU; a record
+        that is not a flow is skipped and counted in `bad`."""
         out: list[Message] = []
         sets: list[bytes] = []
         size = HEADER.size
@@ -244,7 +254,10 @@ class Exporter:
                 size += len(TEMPLATES)
 
         for flow, seen in records:
-            rec = encode_record(flow, seen)
+            try:
+                rec = encode_record(flow, seen)
+            except (struct.error, TypeError, IndexError, ValueError):
+                rec = None
             if rec is None:
                 self.bad += 1
                 continue

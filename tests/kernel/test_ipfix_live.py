@@ -18,13 +18,13 @@ import shutil
 import socket
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import trio
 
 from conntrackd_py.accounting import Accounting, enable_kernel_accounting
 from conntrackd_py.config import Accounting as AccCfg
+from conntrackd_py.config import Ipfix
 from conntrackd_py.netns import socket_in
 from conntrackd_py.tracker import Tracker
 from lab import FirewallTopology, terminate, udp_echo_server
@@ -43,14 +43,9 @@ EXCHANGES: list[tuple[int, int, int]] = [
 FMT = "fmt:%sa|%da|%sp|%dp|%pr|%ipkt|%ibyt|%opkt|%obyt|%xsa|%xda|%xsp|%xdp"
 
 
-def ipfix_cfg(path: Path, collector: str) -> SimpleNamespace:
-    """`stats.accounting` with a file and one IPFIX collector (until config.py has the
-    section: accounting.py reads it with getattr)."""
-    base = AccCfg(enabled=True, file=str(path))
-    ipfix = SimpleNamespace(collectors=(collector,), template_refresh=600.0,
-                            template_refresh_packets=0, observation_domain=None, mtu=1400)
-    return SimpleNamespace(**{f: getattr(base, f) for f in AccCfg.__dataclass_fields__},
-                           ipfix=ipfix)
+def ipfix_cfg(path: Path, collector: str) -> AccCfg:
+    """`stats.accounting` with a file and one IPFIX collector: two sinks at once."""
+    return AccCfg(enabled=True, file=str(path), ipfix=Ipfix(collectors=(collector,)))
 
 
 def exchange(ns: str, family: int, dst: str, n: int, size: int) -> int:
@@ -103,8 +98,7 @@ async def test_nfcapd_receives_every_flow_with_the_kernels_counts(
     echo = udp_echo_server(t.server, ECHO)
     path = tmp_path / "acct.jsonl"
     collector = f"{t.server_ip}:{COLLECTOR_PORT}"
-    acc = Accounting(ipfix_cfg(path, collector), node_id=42,  # type: ignore[arg-type]
-                     netns_name=t.fw.name)
+    acc = Accounting(ipfix_cfg(path, collector), node_id=42, netns_name=t.fw.name)
     tracker = Tracker(netns_name=t.fw.name, rcvbuf=8 << 20, on_flow_event=acc.on_flow_event)
     sent: dict[int, tuple[int, int, int]] = {}  # sport -> (family, datagrams, size)
     try:

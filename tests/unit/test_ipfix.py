@@ -8,7 +8,7 @@ import ipaddress
 import os
 import socket
 import struct
-from types import SimpleNamespace
+from dataclasses import replace
 from typing import Any
 
 import msgpack
@@ -17,6 +17,7 @@ import pytest
 from conntrackd_py.accounting import Accounting, ipfix_options
 from conntrackd_py.acctwriter import LOST, SINK, WRITTEN, IpfixSink, serve
 from conntrackd_py.config import Accounting as AccCfg
+from conntrackd_py.config import Ipfix
 from conntrackd_py.flow import Counters, Flow, Status, Tuple
 from conntrackd_py.ipfix import (
     HEADER,
@@ -248,11 +249,10 @@ def test_records_every_sink_lost_are_reported_lost() -> None:
 
 
 def test_accounting_counts_per_sink_reports_and_takes_ipfix_options() -> None:
-    ipfix = SimpleNamespace(collectors=("10.9.0.1:4739",), observation_domain=None, mtu=1200,
-                            template_refresh=30.0, template_refresh_packets=10)
-    cfg = SimpleNamespace(**{f: getattr(AccCfg(enabled=True), f)
-                             for f in AccCfg.__dataclass_fields__}, ipfix=ipfix)
-    acc = Accounting(cfg, node_id=4, netns_name="ns1")  # type: ignore[arg-type]
+    ipfix = Ipfix(collectors=("10.9.0.1:4739",), mtu=1200, template_refresh=30.0,
+                  template_refresh_packets=10)
+    cfg = AccCfg(enabled=True, ipfix=ipfix)
+    acc = Accounting(cfg, node_id=4, netns_name="ns1")
     assert acc.outputs  # IPFIX alone is an output
     assert acc.ipfix == {"collectors": ["10.9.0.1:4739"], "domain": 4, "mtu": 1200,
                          "template_refresh": 30.0, "template_refresh_packets": 10,
@@ -263,6 +263,5 @@ def test_accounting_counts_per_sink_reports_and_takes_ipfix_options() -> None:
     assert acc.sinks == {"ipfix 10.9.0.1:4739": [3, 2]}
     assert acc.records_written == 5
     assert ipfix_options(AccCfg(enabled=True), 1, None) is None
-    assert ipfix_options(cfg, 4, None)["domain"] == 4  # type: ignore[arg-type,index]
-    ipfix.observation_domain = 99
-    assert ipfix_options(cfg, 4, None)["domain"] == 99  # type: ignore[arg-type,index]
+    other = AccCfg(enabled=True, ipfix=replace(ipfix, observation_domain=99))
+    assert (ipfix_options(other, 4, None) or {})["domain"] == 99
