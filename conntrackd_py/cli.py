@@ -647,6 +647,8 @@ def run_daemon(cfg: Any, detach: bool = False) -> int:
         if line is None:
             raise
         logging.getLogger("conntrackd_py").error("%s", line)
+        if ready_fd is None and lg.target != "stderr":  # in the foreground: say it here too
+            print(f"conntrackd-py: {line}", file=sys.stderr)
         return 1
     return 0
 

@@ -197,8 +197,9 @@ def test_d_with_a_missing_sync_interface_exits_1_with_one_line(
     d.stop()
     text = Path(d.conf).read_text().replace("sync0", "nope0")
     Path(d.conf).write_text(text)
-    p = cli(ns, d.conf, "-d")
-    assert p.returncode == 1
-    assert p.stderr.count("\n") == 1
-    assert "nope0" in p.stderr
-    assert "Traceback" not in p.stderr
+    for flags in (("-d",), ()):  # detached, and in the foreground (its log is a file)
+        p = cli(ns, d.conf, *flags)
+        assert p.returncode == 1
+        assert p.stderr.count("\n") == 1
+        assert "nope0" in p.stderr
+        assert "Traceback" not in p.stderr
