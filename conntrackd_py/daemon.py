@@ -26,14 +26,13 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from . import filters as filters_mod
 from . import sdnotify
 from . import sync as sync_engine
-from .accounting import Accounting, enable_kernel_accounting
 from .cache import ExternalCache
 from .commit import CommitError, CommitJob, commit_forked, run_commit
 from .config import Config, ConfigError, ListFilter, load, load_keys
@@ -42,8 +41,14 @@ from .ctlclient import ControlError
 from .flow import Flow
 from .kernel.events import EventBatch
 from .kernel.table import CommitResult, Table
-from .lockfile import LockError, PidLock, next_epoch, open_nofollow, raise_nofile_limit
-from .metrics import MetricsServer
+from .lockfile import (
+    LockError,
+    PidLock,
+    next_epoch,
+    open_nofollow,
+    process_age,
+    raise_nofile_limit,
+)
 from .remote import LogLimiter, Remote, dump_lines, plan_direct, watch_line
 from .stats import (
     CacheStats,
@@ -58,6 +63,10 @@ from .sync.config import config_from
 from .tracker import Tracker
 from .transport import ChannelSpec, Transport
 from .vrrp import Follower, Step, Transition, open_fifo, read_transitions
+
+if TYPE_CHECKING:  # imported when the config uses them: start-up time (#14)
+    from .accounting import Accounting
+    from .metrics import MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +172,10 @@ class Daemon:
         self.nursery: trio.Nursery | None = None
         self.control: ControlServer | None = None
         self.metrics: MetricsServer | None = None
-        self.accounting = (Accounting(cfg.stats.accounting) if cfg.stats.accounting.enabled
-                           else None)
+        self.accounting: Accounting | None = None
+        if cfg.stats.accounting.enabled:
+            from .accounting import Accounting
+            self.accounting = Accounting(cfg.stats.accounting)
         # A commit's echo (#14): while a commit and the dump after it run, a flow the commit
         # wrote (a key of the external cache) is not news for peers: it is theirs. `_echo`
         # answers "did our commit write this key?" during that window, None outside it.
@@ -629,8 +640,10 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 await self._start(nursery)
-                log.info("conntrackd-py node %d ready (mode %s, epoch %08x)", cfg.node.id,
-                         cfg.sync.mode if cfg.general.mode == "sync" else "stats", self.epoch)
+                age = process_age()
+                log.info("conntrackd-py node %d ready (mode %s, epoch %08x)%s", cfg.node.id,
+                         cfg.sync.mode if cfg.general.mode == "sync" else "stats", self.epoch,
+                         "" if age is None else f", {age:.3f} s after the process started")
                 sdnotify.notify("READY=1")
                 nursery.start_soon(self._supervised, "systemd watchdog", sdnotify.watchdog)
                 task_status.started()
@@ -658,6 +671,7 @@ class Daemon:
                 max_datagram=sync_cfg.mtu + sync_cfg.oversize_slack)
         self.auth_enabled = _auth_enabled(cfg, keys)
         if self.accounting is not None:
+            from .accounting import enable_kernel_accounting
             enable_kernel_accounting(self.netns)
             nursery.start_soon(self._supervised, "accounting writer", self.accounting.writer)
         self.tracker = self._make_tracker(
@@ -686,6 +700,7 @@ class Daemon:
                                    self._make_table(self.netns, batch=cfg.netlink.commit_batch))
             self.pump()
         if cfg.metrics.listen:
+            from .metrics import MetricsServer
             self.metrics = MetricsServer(cfg.metrics.listen, lambda: self.stats(None),
                                          on_error=self.contained)
             await nursery.start(self.metrics.serve)

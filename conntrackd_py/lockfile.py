@@ -14,6 +14,7 @@ import logging
 import os
 import resource
 import stat
+import time
 
 from .sync import new_epoch
 
@@ -101,6 +102,18 @@ def next_epoch(path: str, wall: float) -> int:
     return epoch
 
 
+def process_age() -> float | None:
+    """Seconds since this process started (the kernel's start time in /proc/self/stat, in
+    clock ticks since boot), for the "ready after" log line; None where it cannot tell."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        return max(time.clock_gettime(time.CLOCK_BOOTTIME) - started, 0.0)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def raise_nofile_limit() -> tuple[int, int]:
     """Soft RLIMIT_NOFILE up to the hard limit (the 1024 default is a few hundred idle
     clients away); returns the (soft, hard) now in force."""
@@ -112,4 +125,5 @@ def raise_nofile_limit() -> tuple[int, int]:
     return soft, hard
 
 
-__all__ = ["LockError", "PidLock", "next_epoch", "open_nofollow", "raise_nofile_limit"]
+__all__ = ["LockError", "PidLock", "next_epoch", "open_nofollow", "process_age",
+           "raise_nofile_limit"]
