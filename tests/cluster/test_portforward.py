@@ -11,6 +11,9 @@ conntrackd matches an address filter against a flow's original source and reply 
 but its endpoints are the client and the server, so it is replicated and the backup can carry
 it after a hard kill of the master.
 
+The same runs a second time with both daemons (and keepalived's notify script) on Debian's own
+FTFW conntrackd.conf, read natively with -C: swapping the binary needs no config rewrite.
+
 Teeth: run once against the old rule (original source and original *destination*, in a copy of
 the tree with filters.py's `f.reply.src` put back to `f.orig.dst`, run with PYTHONPATH on the
 copy), this test failed with
@@ -22,7 +25,9 @@ copy), this test failed with
 from __future__ import annotations
 
 import os
+import re
 import time
+from pathlib import Path
 
 import pytest
 
@@ -61,15 +66,47 @@ def ignored_addresses(topo: ClusterTopology) -> list[str]:
             topo.sync_ip(2)]
 
 
-def build(lab: Lab, tmp: str) -> tuple[ClusterTopology, list[DaemonProc], list[Keepalived]]:
+#: Debian's conntrackd 1.4.7 FTFW example, unchanged (tests/data/conntrackd/README.md)
+DEBIAN_FTFW = Path(__file__).parent.parent / "data" / "conntrackd" / "sync-ftfw.conf"
+
+
+def conntrackd_conf(topo: ClusterTopology, k: int, workdir: str) -> str:
+    """Debian's FTFW example for fwK: only what names this machine is changed (the sync
+    address and interface, the Address Ignore list, and the files put in `workdir`)."""
+    text = DEBIAN_FTFW.read_text()
+    for old, new in (("IPv4_interface 192.168.100.100", f"IPv4_interface {topo.sync_ip(k)}"),
+                     ("Interface eth2", "Interface sync0"),
+                     ("LogFile on", f"LogFile {workdir}/daemon.log"),
+                     ("LockFile /var/lock/conntrack.lock", f"LockFile {workdir}/lock"),
+                     ("Path /var/run/conntrackd.ctl", f"Path {workdir}/ctl.sock")):
+        assert text.count(f"\t{old}\n") == 1, old
+        text = text.replace(f"\t{old}\n", f"\t{new}\n")
+    ignore = "".join(f"\t\t\t{'IPv6' if ':' in a else 'IPv4'}_address {a}\n"
+                     for a in ignored_addresses(topo))
+    text, n = re.subn(r"(\t\tAddress Ignore \{\n)(?:\t\t\tIPv4_address [^\n]*\n)+",
+                      lambda m: m.group(1) + ignore, text)
+    assert n == 1
+    return text
+
+
+def build(lab: Lab, tmp: str, conntrackd: bool = False
+          ) -> tuple[ClusterTopology, list[DaemonProc], list[Keepalived]]:
+    """The cluster; with `conntrackd` each daemon runs on its own conntrackd.conf (`-C`, read
+    natively), and keepalived's notify script calls the CLI with that file too."""
     topo = cluster_topology(lab, n_fw=2, nat=False, vip_on=None)
     daemons = []
     for k, fw in enumerate(topo.fws, 1):
         harden_for_failover(fw, SERVICE)
         fw.nft(_PORT_FORWARD.format(vip=topo.lan_vip, port=FORWARDED, server=topo.server_ip,
                                     service=SERVICE))
-        d = DaemonProc(fw, os.path.join(tmp, f"d{k}"), k, topo.sync_ip(k),
-                       ignore_addresses=ignored_addresses(topo))
+        workdir = os.path.join(tmp, f"d{k}")
+        d = DaemonProc(fw, workdir, k, topo.sync_ip(k), ignore_addresses=ignored_addresses(topo))
+        if conntrackd:
+            d.stop()
+            d.conf = os.path.join(workdir, "conntrackd.conf")
+            with open(d.conf, "w") as fh:
+                fh.write(conntrackd_conf(topo, k, workdir))
+            d.start()
         daemons.append(d)
     kas = []
     for k, fw in enumerate(topo.fws, 1):
@@ -82,10 +119,19 @@ def build(lab: Lab, tmp: str) -> tuple[ClusterTopology, list[DaemonProc], list[K
     return topo, daemons, kas
 
 
+@pytest.mark.parametrize("config", ["yaml", "conntrackd.conf"])
 def test_port_forward_to_an_ignored_vip_survives_a_hard_kill_of_the_master(
-        lab: Lab, tmp_path: object) -> None:
-    topo, daemons, kas = build(lab, str(tmp_path))
+        lab: Lab, tmp_path: object, config: str) -> None:
+    """With "conntrackd.conf" both daemons run on Debian's FTFW example (-C, no conversion):
+    node ids derived from the sync addresses (1 and 2), no authentication, the example's
+    protocol filter (TCP SCTP DCCP) and Address Ignore list (this cluster's addresses)."""
+    topo, daemons, kas = build(lab, str(tmp_path), conntrackd=config == "conntrackd.conf")
     d1, d2 = daemons
+    if config == "conntrackd.conf":
+        for k, d in enumerate(daemons, 1):
+            assert d.stats("runtime")  # the daemon answers on the file's UNIX Path
+            assert "read as a conntrackd.conf" in d.read_log()  # the one warning line
+            assert f"node.id {k} derived from the sync address" in d.read_log()
     stream = TcpStream(topo.client, topo.server, topo.server_ip, SERVICE,
                        connect=(topo.lan_vip, FORWARDED))
     mine = f"sport={stream.sport} "
