@@ -57,14 +57,16 @@ CONNTRACKD_VERSION = "1.4.7"
 
 HELP_DIFFERENCES = """differences from conntrackd 1.4.7, on purpose:
   -t        shortens the kernel timeouts of the flows this node replicates to
-            sync.purge_timeout now (flows that still carry traffic here live on);
-            conntrackd deletes them all PurgeTimeout seconds later unless -c or -f
-            comes first. Both clear a backup's stale flows within that time.
+            sync.purge_timeout now (a flow that still carries traffic here lives
+            on; a later -c restores the timeouts of the flows it commits);
+            conntrackd deletes them all PurgeTimeout seconds later, unless -c or -f
+            cancels that first. Both clear a new backup's stale flows in that time.
   -c        exits 1 (and says so on stderr) when some flows could not be committed.
   -i, -e    [active since Ns] only when the daemon reports the time; -x carries no
             <id> (kernel ids are not replicated); -e adds [node=N], the flow's origin.
   -s        conntrackd's layouts over our counters; counts conntrackd keeps and we
             do not (cache failures, netlink buffer size, rsqueue objects) are 0.
+  -E        conntrack -E's lines; a [DESTROY] line carries the original tuple only.
   expect    expectations are not replicated: `-i expect` etc. print nothing.
   errors    an unknown option exits 1 (conntrackd: 0).
   -o        json: structured records; yaml: our own statistics tree."""
