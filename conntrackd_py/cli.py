@@ -559,6 +559,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"conntrackd-py: configuration {args.config or '(embedded default)'} is valid")
         for line in _check_warnings(cfg):
             print(f"conntrackd-py: {line}")
+        if args.verbose:  # a conntrackd.conf read natively: each note in full
+            for note in getattr(cfg, "import_notes", ()):
+                print(f"conntrackd-py: note: {note}")
         return 0
     return run_daemon(cfg, detach=args.daemon)
 
@@ -566,11 +569,15 @@ def main(argv: list[str] | None = None) -> int:
 def _check_warnings(cfg: Any) -> list[str]:
     """What `--check` points out in a valid config."""
     from .config import auth_off
+    out = []
+    imported = getattr(cfg, "import_warning", None)  # a conntrackd.conf: what did not map
+    if imported:
+        out.append(f"warning: {imported}")
     if auth_off(cfg):
-        return ["warning: authentication is off (sync.auth.required: false and no "
-                "sync.auth.key_files): anyone who can reach the sync link can put flows into "
-                "this node's kernel table"]
-    return []
+        out.append("warning: authentication is off (sync.auth.required: false and no "
+                   "sync.auth.key_files): anyone who can reach the sync link can put flows "
+                   "into this node's kernel table")
+    return out
 
 
 #: start-up failures that are the operator's to fix: one line, exit 1, no traceback

@@ -433,3 +433,18 @@ def test_conntrackd_conf_socket_reading_is_careful() -> None:
     assert cli.conntrackd_socket(text.replace("Path /run/a.ctl", "# Path /x\n Path /b")) == "/b"
     assert cli.conntrackd_socket("General {\n}\n") is None  # the full load decides
     assert cli.conntrackd_socket(text + text) is None  # two: the full load decides
+
+
+@pytest.mark.skipif(not DEBIAN_EXAMPLES, reason="conntrackd's examples are not installed")
+def test_check_of_a_conntrackd_conf_names_what_did_not_map(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    path = str(next(p for p in DEBIAN_EXAMPLES if p.parent.name == "ftfw"))
+    assert cli.main(["--check", "-C", path]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("is valid")
+    assert out[1].startswith(f"conntrackd-py: warning: {path} read as a conntrackd.conf")
+    assert "HashSize" in out[1]
+    assert not any(x.startswith("conntrackd-py: note:") for x in out)
+    assert cli.main(["--check", "--verbose", "-C", path]) == 0
+    notes = [x for x in capsys.readouterr().out.splitlines() if ": note: " in x]
+    assert any(f"{path}:256: HashSize" in x for x in notes)
