@@ -63,7 +63,8 @@ HELP_DIFFERENCES = """differences from conntrackd 1.4.7, on purpose:
             cancels that first. Both clear a new backup's stale flows in that time.
   -c        exits 1 (and says so on stderr) when some flows could not be committed.
   -i, -e    [active since Ns] only when the daemon reports the time; -x carries no
-            <id> (kernel ids are not replicated); -e adds [node=N], the flow's origin.
+            <id> (kernel ids are not replicated); with --verbose, -e adds [node=N],
+            the flow's origin node (and -o json has it as origin_node).
   -s        conntrackd's layouts over our counters; counts conntrackd keeps and we
             do not (cache failures, netlink buffer size, rsqueue objects) are 0.
   -E        conntrack -E's lines; a [DESTROY] line carries the original tuple only.
@@ -485,7 +486,7 @@ def _show_result(act: Action, req: Any, res: Any, output: str, xml: bool,
         _print(res, output)
         return 0 if isinstance(res, dict) and res.get("in_sync") is True else 1
     if name == "dump":
-        return _show_dump(req, res, output, xml)
+        return _show_dump(req, res, output, xml, verbose)
     if name == "stats":
         if act.stats_word is not None and output == "text" and isinstance(res, dict):
             from .ctformat import stats_text
@@ -517,15 +518,17 @@ def _show_result(act: Action, req: Any, res: Any, output: str, xml: bool,
     return 0
 
 
-def _show_dump(req: Any, res: Any, output: str, xml: bool) -> int:
+def _show_dump(req: Any, res: Any, output: str, xml: bool, verbose: bool) -> int:
     from . import ctformat
     if not isinstance(res, list):
         print("conntrackd-py: the daemon's dump is not a list", file=sys.stderr)
         return 1
     rows = [r for r in res if isinstance(r, list)]
     if output == "text":
-        lines, bad = (ctformat.dump_xml if xml else ctformat.dump_text)(rows, req.proto,
-                                                                        req.nat)
+        if xml:
+            lines, bad = ctformat.dump_xml(rows, req.proto, req.nat)
+        else:
+            lines, bad = ctformat.dump_text(rows, req.proto, req.nat, origins=verbose)
         for line in lines:
             print(line)
     else:

@@ -206,9 +206,10 @@ def _decoded(rows: Iterable[Sequence[Any]], proto: int | None, nat: str | None
 
 
 def dump_text(rows: Iterable[Sequence[Any]], proto: int | None = None,
-              nat: str | None = None) -> tuple[list[str], int]:
+              nat: str | None = None, origins: bool = False) -> tuple[list[str], int]:
+    """conntrackd's lines; with `origins`, each external flow's origin node too (ours)."""
     flows, bad = _decoded(rows, proto, nat)
-    return [flow_line(f, o, a) for f, o, a in flows], bad
+    return [flow_line(f, o if origins else None, a) for f, o, a in flows], bad
 
 
 def dump_xml(rows: Iterable[Sequence[Any]], proto: int | None = None,
