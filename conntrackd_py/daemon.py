@@ -182,6 +182,8 @@ class Daemon:
         self._echo: Callable[[bytes], bool] | None = None
         self._echo_windows = 0
         self.commit_echoes = 0
+        # -t: the pending flush (conntrackd's reset_cache_alarm)
+        self._purge: tuple[trio.CancelScope, float] | None = None  # (scope, when)
         self.keepalived_fifo = cfg.keepalived.notify_fifo
         self.keepalived = Follower(frozenset(cfg.keepalived.instances))
         self.keepalived_transitions = 0
@@ -411,6 +413,7 @@ class Daemon:
         # while the commit runs on the same CPU: leave the NEW group for the commit, then
         # learn the entries from a dump (which also covers any other connection opened in
         # that window).
+        self._cancel_purge("a commit")
         tracker = self.tracker
         if tracker is not None:
             tracker.events.subscribe_new(False)
@@ -453,6 +456,8 @@ class Daemon:
 
     def flush_caches(self, which: str) -> dict[str, int]:
         res = {}
+        if which in ("internal", "both"):
+            self._cancel_purge("a flush of the internal cache")
         if which in ("internal", "both") and self.tracker is not None:
             res["internal"] = len(self.tracker.cache)
             self.tracker.cache.clear()
@@ -501,18 +506,47 @@ class Daemon:
         return "resync requested"
 
     async def purge(self, timeout: int | None) -> dict[str, int]:  # noqa: ASYNC109 (Ops name)
-        # -t (keepalived: on BACKUP): the flows this node carried as master are zombies
-        # now; shorten their kernel timeouts to the purge timeout so they expire, as
-        # conntrackd does. The external cache (the new master's flows) is left alone.
+        """-t, as conntrackd 1.4.7's RESET_TIMERS: the flows this node carried as master are
+        zombies once it is a backup. One flush is scheduled `timeout` (purge_timeout) seconds
+        later, not re-armed while pending: every kernel entry the filters would replicate, and
+        the internal cache. A commit (-c) or a flush of the internal cache (-f) cancels it. The
+        external cache (the new master's flows) is left alone."""
         t = int(self.cfg.sync.purge_timeout) if timeout is None else timeout
-        table = self._table()
+        now = self._now()
+        if self._purge is not None:
+            return {"flush_in": max(0, math.ceil(self._purge[1] - now))}
+        scope = trio.CancelScope()
+        self._purge = (scope, now + t)
+        assert self.nursery is not None
+        self.nursery.start_soon(self._purge_later, t, scope)
+        log.info("flushing the kernel's conntrack table in %d s (-t; a commit cancels it)", t)
+        return {"flush_in": t}
+
+    async def _purge_later(self, delay: int, scope: trio.CancelScope) -> None:
         try:
-            accept = self.tracker.accept if self.tracker is not None else None
-            n = await table.shorten_timeouts(t, accept)
+            with scope:  # a commit cancels the flush even once it has begun
+                await trio.sleep(delay)
+                tracker = self.tracker
+                table = self._table()
+                try:
+                    n = await table.flush(tracker.accept if tracker is not None else None)
+                finally:
+                    table.close()
+                if tracker is not None:
+                    tracker.cache.clear()
+                log.info("flushed the kernel's conntrack table (scheduled by -t): %s",
+                         "everything" if n < 0 else f"{n} entries")
+        except Exception as e:  # a failed flush never stops the daemon
+            self.contained("scheduled flush (-t)", e)
         finally:
-            table.close()
-        log.info("purge: %d kernel entries now expire within %d s", n, t)
-        return {"shortened": n, "timeout": t}
+            if self._purge is not None and self._purge[0] is scope:
+                self._purge = None
+
+    def _cancel_purge(self, why: str) -> None:
+        if self._purge is not None:
+            self._purge[0].cancel()
+            self._purge = None
+            log.info("scheduled flush of the kernel's table (-t) cancelled by %s", why)
 
     def stop(self) -> str:
         assert self.nursery is not None

@@ -156,11 +156,17 @@ class FakeTable(Table):
     def port_id(self) -> int:
         return 4242
 
+    async def flush(self, match: Callable[[Flow], bool] | None = None) -> int:
+        await trio.lowlevel.checkpoint()
+        FLUSHES.append((trio.current_time(), match))
+        return 0
+
     def close(self) -> None:
         pass
 
 
 TABLES: list[FakeTable] = []
+FLUSHES: list[tuple[float, Callable[[Flow], bool] | None]] = []
 
 
 async def fake_commit(job: CommitJob, now: float) -> CommitReport:
@@ -745,3 +751,34 @@ async def test_keepalived_transitions_run_primary_backup_sh_steps(
         assert len(d.external) == 0  # -f after -c
         await d.keepalived_transition(Transition("INSTANCE", "VI_1", "MASTER", 100))
         assert d.commits == 1  # the same role again: nothing
+
+
+async def test_purge_schedules_one_filtered_flush_that_a_commit_cancels(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    """-t as conntrackd 1.4.7's: one flush of the kernel table (entries the filters would
+    replicate) and of the internal cache, purge_timeout later; not re-armed while pending;
+    -c and -f cancel it."""
+    FLUSHES.clear()
+    async with running(tmp_path) as (d, _peer):
+        tr = tracker_of(d)
+        own_key, own_value = pack_flow(mkflow(1))
+        tr.cache.upsert(own_key, own_value)
+        t0 = trio.current_time()
+        assert await d.purge(5) == {"flush_in": 5}
+        await trio.sleep(2)
+        assert await d.purge(5) == {"flush_in": 3}  # pending: not re-armed
+        await trio.sleep(2.9)
+        assert FLUSHES == []
+        await trio.sleep(0.2)
+        assert [(round(t - t0, 3), m) for t, m in FLUSHES] == [(5.0, tr.accept)]
+        assert len(tr.cache) == 0
+        # armed again, then a commit cancels it; and again, then -f internal
+        FLUSHES.clear()
+        await d.purge(1)
+        await d.commit()
+        await d.purge(1)
+        d.flush_caches("internal")
+        await d.purge(1)
+        d.flush_caches("external")  # not this one: the flush happens
+        await trio.sleep(3)
+        assert len(FLUSHES) == 1
