@@ -63,8 +63,9 @@ HELP_DIFFERENCES = """differences from conntrackd 1.4.7, on purpose:
             cancels that first. Both clear a new backup's stale flows in that time.
   -c        exits 1 (and says so on stderr) when some flows could not be committed.
   -i, -e    [active since Ns] only when the daemon reports the time; -x carries no
-            <id> (kernel ids are not replicated); with --verbose, -e adds [node=N],
-            the flow's origin node (and -o json has it as origin_node).
+            <id> (kernel ids are not replicated). -e shows no reply tuple, as
+            conntrackd's (whose external cache has none); ours has it: --verbose
+            shows it and the origin node [node=N] (-o json: reply, origin_node).
   -s        conntrackd's layouts over our counters; counts conntrackd keeps and we
             do not (cache failures, netlink buffer size, rsqueue objects) are 0.
   -E        conntrack -E's lines; a [DESTROY] line carries the original tuple only.
@@ -525,10 +526,8 @@ def _show_dump(req: Any, res: Any, output: str, xml: bool, verbose: bool) -> int
         return 1
     rows = [r for r in res if isinstance(r, list)]
     if output == "text":
-        if xml:
-            lines, bad = ctformat.dump_xml(rows, req.proto, req.nat)
-        else:
-            lines, bad = ctformat.dump_text(rows, req.proto, req.nat, origins=verbose)
+        show = ctformat.dump_xml if xml else ctformat.dump_text
+        lines, bad = show(rows, req.proto, req.nat, full=verbose)
         for line in lines:
             print(line)
     else:

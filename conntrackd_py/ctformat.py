@@ -62,14 +62,16 @@ def _head(p: int) -> str:
     return f"{_NAMES.get(p, 'unknown'):<8} {p} "
 
 
-def _body(f: Flow) -> str:
-    """An entry's fields after its protocol columns, each followed by a space."""
+def _body(f: Flow, reply: bool = True) -> str:
+    """An entry's fields after its protocol columns, each followed by a space; without the
+    reply tuple when `reply` is false (conntrackd's external cache has none)."""
     state = _state(f)
     out = state + " " if state is not None else ""
     out += _tuple_text(f.orig)
     if not f.status & _SEEN_REPLY:
         out += "[UNREPLIED] "
-    out += _tuple_text(f.reply)
+    if reply:
+        out += _tuple_text(f.reply)
     if f.status & _ASSURED:
         out += "[ASSURED] "
     out += f"mark={f.mark} "
@@ -82,9 +84,11 @@ def _body(f: Flow) -> str:
     return out
 
 
-def flow_line(f: Flow, origin: int | None = None, active: int | None = None) -> str:
-    """One `conntrackd -i`/`-e` line (conntrackd: no timeout, no use= column)."""
-    out = _head(f.orig.proto) + _body(f)
+def flow_line(f: Flow, origin: int | None = None, active: int | None = None,
+              reply: bool = True) -> str:
+    """One `conntrackd -i`/`-e` line (conntrackd: no timeout, no use= column; its `-e` lines
+    have no reply tuple: `reply=False`)."""
+    out = _head(f.orig.proto) + _body(f, reply)
     if origin is not None:
         out += f"[node={origin}] "  # ours: which peer the flow came from (external cache)
     if active is not None:
@@ -130,8 +134,14 @@ def _xml_tuple(t: Tuple, direction: str) -> str:
     return out + "</layer4></meta>"
 
 
-def flow_xml(f: Flow) -> str:
-    """One `conntrackd -i -x` element, on one line as conntrackd prints it."""
+#: the reply direction of an entry of conntrackd's external cache (it replicates none)
+_NO_REPLY = ('<meta direction="reply"><layer3 protonum="0" protoname="unknown"><src></src>'
+             '<dst></dst></layer3><layer4 protonum="0" protoname="unknown"></layer4></meta>')
+
+
+def flow_xml(f: Flow, reply: bool = True) -> str:
+    """One `conntrackd -i -x` element, on one line as conntrackd prints it (`-e -x`:
+    `reply=False`, conntrackd's empty reply direction)."""
     ind = '<meta direction="independent">'
     state = _state(f)
     if state is not None:
@@ -149,8 +159,8 @@ def flow_xml(f: Flow) -> str:
         ind += "<unreplied/>"
     if f.helper:
         ind += f"<helper>{f.helper}</helper>"
-    return (f"<flow>{_xml_tuple(f.orig, 'original')}{_xml_tuple(f.reply, 'reply')}"
-            f"{ind}</meta></flow>")
+    back = _xml_tuple(f.reply, "reply") if reply else _NO_REPLY
+    return f"<flow>{_xml_tuple(f.orig, 'original')}{back}{ind}</meta></flow>"
 
 
 def _tuple_record(t: Tuple) -> dict[str, Any]:
@@ -206,16 +216,19 @@ def _decoded(rows: Iterable[Sequence[Any]], proto: int | None, nat: str | None
 
 
 def dump_text(rows: Iterable[Sequence[Any]], proto: int | None = None,
-              nat: str | None = None, origins: bool = False) -> tuple[list[str], int]:
-    """conntrackd's lines; with `origins`, each external flow's origin node too (ours)."""
+              nat: str | None = None, full: bool = False) -> tuple[list[str], int]:
+    """conntrackd's lines: an external flow (a row with an origin) without its reply tuple,
+    as conntrackd shows its external cache; with `full` (ours), every tuple and the origin
+    node."""
     flows, bad = _decoded(rows, proto, nat)
-    return [flow_line(f, o if origins else None, a) for f, o, a in flows], bad
+    return [flow_line(f, o if full else None, a, reply=full or o is None)
+            for f, o, a in flows], bad
 
 
 def dump_xml(rows: Iterable[Sequence[Any]], proto: int | None = None,
-             nat: str | None = None) -> tuple[list[str], int]:
+             nat: str | None = None, full: bool = False) -> tuple[list[str], int]:
     flows, bad = _decoded(rows, proto, nat)
-    return [flow_xml(f) for f, _, _ in flows], bad
+    return [flow_xml(f, reply=full or o is None) for f, o, _ in flows], bad
 
 
 def dump_json(rows: Iterable[Sequence[Any]], proto: int | None = None,

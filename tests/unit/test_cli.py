@@ -229,14 +229,15 @@ def test_results_and_exit_statuses_as_scripts_read_them(
     assert json.loads(capsys.readouterr().out) == {"cache": {"internal": 3}}
     assert cli.main(["-C", c, "-e", "-p", "tcp", "--node", "2"]) == 0
     io = capsys.readouterr()
-    # conntrackd's line, from the structured record; the origin node is ours
+    # conntrackd's external line (no reply tuple), from the structured record
     assert io.out == ("tcp      6 ESTABLISHED src=10.0.0.1 dst=10.0.0.2 sport=40000 dport=80 "
-                      "src=10.9.9.9 dst=10.0.0.1 sport=80 dport=40000 [ASSURED] mark=7 "
-                      "[active since 12s]\n")
+                      "[ASSURED] mark=7 [active since 12s]\n")
     assert io.err == "conntrackd-py: 1 entries do not describe a flow (a peer's bytes); " \
                      "not shown\n"
     assert cli.main(["-C", c, "-e", "-p", "tcp", "--verbose"]) == 0  # ours: the origin
-    assert capsys.readouterr().out.endswith(" mark=7 [node=2] [active since 12s]\n")
+    assert capsys.readouterr().out.endswith(
+        " src=10.9.9.9 dst=10.0.0.1 sport=80 dport=40000 [ASSURED] mark=7 [node=2] "
+        "[active since 12s]\n")
     assert cli.main(["-C", c, "-e", "-o", "json"]) == 0
     records = json.loads(capsys.readouterr().out)
     assert [(r["proto"], r["origin_node"], r["timeout"], r["reply"]["src"]) for r in records] \

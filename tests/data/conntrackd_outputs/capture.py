@@ -2,8 +2,10 @@
 
 The same flows are inserted with `conntrack -I` (so both daemons see the same kernel entries
 and events) in a lab namespace: an established TCP flow, a UDP flow, an ICMP echo and a
-destination-NATed TCP flow. tests/kernel/test_dropin_cli.py replays FLOWS against our daemon
-and compares field by field. Run: `.venv/bin/python tests/data/conntrackd_outputs/capture.py`.
+destination-NATed TCP flow. A second namespace, linked by a veth (sync0 on both), runs a peer
+whose external cache receives them (`-e` outputs). tests/kernel/test_dropin_cli.py replays
+FLOWS through our daemons and compares field by field.
+Run (root): `.venv/bin/python tests/data/conntrackd_outputs/capture.py`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from lab import Conntrackd, Lab, Netns
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SYNC_IP = "10.77.0.1"
+PEER_IP = "10.77.0.2"
 
 #: `conntrack -I` arguments of each flow (addresses on no interface: entries only)
 FLOWS = (
@@ -28,10 +31,13 @@ FLOWS = (
     "-u SEEN_REPLY,ASSURED,DST_NAT -t 600 --dst-nat 10.99.0.7:80",
 )
 
+#: the peer's file name -> conntrackd client flags
+PEER_OUTPUTS = {"peer_e.txt": ("-e",), "peer_e_x.xml": ("-e", "-x")}
+
 #: file name -> conntrackd client flags
 OUTPUTS = {
     "i.txt": ("-i",), "i_ct.txt": ("-i", "ct"), "i_x.xml": ("-i", "-x"), "e.txt": ("-e",),
-    "e_x.xml": ("-e", "-x"), "s.txt": ("-s",),
+    "e_x.xml": ("-e", "-x"), "s.txt": ("-s",), "i_expect.txt": ("-i", "expect"),
     **{f"s_{k}.txt": ("-s", k) for k in ("network", "cache", "runtime", "link", "rsqueue",
                                           "process", "queue", "ct", "expect")},
 }
@@ -42,25 +48,36 @@ def insert_flows(ns: Netns) -> None:
         ns.run("conntrack", "-I", *f.split())
 
 
+def pair(lab: Lab) -> tuple[Netns, Netns]:
+    """Two namespaces linked by sync0, multicast routed on it."""
+    ns, peer = lab.netns("ref"), lab.netns("peer")
+    lab.link(ns, "sync0", peer, "sync0")
+    for n, addr in ((ns, SYNC_IP), (peer, PEER_IP)):
+        n.ip("addr", "add", f"{addr}/24", "dev", "sync0")
+        n.ip("link", "set", "sync0", "multicast", "on")
+        n.ip("link", "set", "lo", "up")
+        n.ip("route", "add", "224.0.0.0/4", "dev", "sync0")
+        n.sysctl("net.netfilter.nf_conntrack_timestamp", 1)
+    return ns, peer
+
+
 def main() -> int:
     with Lab() as lab, tempfile.TemporaryDirectory() as tmp:
-        ns = lab.netns("ref")
-        ns.ip("link", "add", "sync0", "type", "veth", "peer", "name", "sync1")
-        ns.ip("link", "set", "sync1", "up")
-        ns.ip("addr", "add", f"{SYNC_IP}/24", "dev", "sync0")
-        ns.ip("link", "set", "sync0", "up", "multicast", "on")
-        ns.ip("link", "set", "lo", "up")
-        ns.ip("route", "add", "224.0.0.0/4", "dev", "sync0")
-        ns.sysctl("net.netfilter.nf_conntrack_timestamp", 1)
-        ctd = Conntrackd(ns, tmp, SYNC_IP)
+        ns, peer = pair(lab)
+        os.mkdir(os.path.join(tmp, "a"))
+        os.mkdir(os.path.join(tmp, "b"))
+        ctd = Conntrackd(ns, os.path.join(tmp, "a"), SYNC_IP)
+        other = Conntrackd(peer, os.path.join(tmp, "b"), PEER_IP)
         insert_flows(ns)
         time.sleep(1.5)
-        for name, flags in OUTPUTS.items():
-            with open(os.path.join(HERE, name), "w") as f:
-                f.write(ctd.ctl(*flags))
+        for d, outputs in ((ctd, OUTPUTS), (other, PEER_OUTPUTS)):
+            for name, flags in outputs.items():
+                with open(os.path.join(HERE, name), "w") as f:
+                    f.write(d.ctl(*flags))
         with open(os.path.join(HERE, "kernel.txt"), "w") as f:
             f.write("\n".join(ns.conntrack_list()) + "\n")
         ctd.stop()
+        other.stop()
     return 0
 
 
