@@ -56,11 +56,6 @@ DEFAULT_CONTROL_SOCKET = "/run/conntrackd-py.sock"
 CONNTRACKD_VERSION = "1.4.7"
 
 HELP_DIFFERENCES = """differences from conntrackd 1.4.7, on purpose:
-  -t        shortens the kernel timeouts of the flows this node replicates to
-            sync.purge_timeout now (a flow that still carries traffic here lives
-            on; a later -c restores the timeouts of the flows it commits);
-            conntrackd deletes them all PurgeTimeout seconds later, unless -c or -f
-            cancels that first. Both clear a new backup's stale flows in that time.
   -c        exits 1 (and says so on stderr) when some flows could not be committed.
   -i, -e    [active since Ns] only when the daemon reports the time; -x carries no
             <id> (kernel ids are not replicated). -e shows no reply tuple, as
@@ -471,8 +466,8 @@ def _print_tree(d: dict[str, Any], depth: int) -> None:
 _SUMMARY = {
     "flush": lambda r: "flushed: " + ", ".join(f"{k} cache {v} entries" for k, v in r.items())
     if isinstance(r, dict) else str(r),
-    "purge": lambda r: f"{r['shortened']} kernel entries now expire within {r['timeout']} s"
-    if isinstance(r, dict) and {"shortened", "timeout"} <= r.keys() else str(r),
+    "purge": lambda r: f"the kernel conntrack table is flushed in {r['flush_in']} s (-c or "
+    "-f cancels it)" if isinstance(r, dict) and "flush_in" in r else str(r),
     "resync_internal": lambda r: f"internal cache: {r['internal']} entries"
     if isinstance(r, dict) and "internal" in r else str(r),
 }

@@ -118,7 +118,7 @@ def parse_proto(v: object) -> int:
 
 
 def parse_purge_timeout(v: object) -> int:
-    """Seconds left to the flows -t shortens, 0..2**31 (the kernel's timeout field)."""
+    """Seconds until the flush -t schedules, 0..2**31."""
     return _int(v, 0, PURGE_MAX, "a purge timeout")
 
 
@@ -325,11 +325,10 @@ COMMANDS: tuple[Command, ...] = (
             (Cli("-n", "request a full resync from every peer (or node NODE)", value="node",
                  metavar="NODE"),), {"node": parse_node}, run=_request_resync),
     Command("purge", Purge,
-            (Cli("-t", "on becoming backup: the kernel entries this node replicates (those "
-                       "its filters accept) expire within sync.purge_timeout unless they carry "
-                       "traffic (their timeouts are shortened now; conntrackd 1.4.7 instead "
-                       "deletes them all PurgeTimeout seconds later, unless -c or -f comes "
-                       "first)"),),
+            (Cli("-t", "on becoming backup: flush the kernel entries this node replicates "
+                       "(those its filters accept) and the internal cache "
+                       "sync.purge_timeout seconds later, once (as conntrackd 1.4.7's -t); "
+                       "-c or -f cancels it"),),
             {"timeout": parse_purge_timeout}, run=_purge),
     Command("stop", Stop, (Cli("-k", "stop the daemon"),), run=_stop),
     Command("stats", Stats,

@@ -58,15 +58,26 @@ def lab_ns(lab: Lab) -> Netns:
 
 
 @pytest.fixture
-def ours(lab: Lab, tmp_path: Path) -> Iterator[DaemonProc]:
-    ns = lab_ns(lab)
-    d = DaemonProc(ns, str(tmp_path), 1, SYNC_IP)
+def pair(lab: Lab, tmp_path: Path) -> Iterator[tuple[DaemonProc, DaemonProc]]:
+    """Our daemons where conntrackd's ran: the flows in the first one's namespace, the second
+    one its peer (its external cache receives them)."""
+    ns, peer = CAPTURE.pair(lab)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = DaemonProc(ns, str(tmp_path / "a"), 1, SYNC_IP)
+    b = DaemonProc(peer, str(tmp_path / "b"), 2, CAPTURE.PEER_IP)
     insert_flows(ns)
-    deadline = time.monotonic() + 10
-    while d.internal_count() < 4 and time.monotonic() < deadline:
+    deadline = time.monotonic() + 15
+    while (a.internal_count() < 4 or b.external_count() < 4) and time.monotonic() < deadline:
         time.sleep(0.05)
-    yield d
-    d.stop()
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+@pytest.fixture
+def ours(pair: tuple[DaemonProc, DaemonProc]) -> DaemonProc:
+    return pair[0]
 
 
 def ctl(d: DaemonProc, *flags: str) -> subprocess.CompletedProcess[str]:
@@ -90,8 +101,24 @@ def test_i_lines_match_conntrackds_field_by_field(ours: DaemonProc) -> None:
         # the layout: a protocol column 8 wide, its number, no timeout column, no use=
         assert all(re.match(r"(tcp|udp|icmp) +\d+ [A-Z]*[ s]", x) for x in p.stdout.split("\n")
                    if x)
-    assert ctl(ours, "-i", "expect").stdout == ""
+    assert ctl(ours, "-i", "expect").stdout == (FIXTURES / "i_expect.txt").read_text() == ""
     assert ctl(ours, "-e").stdout == (FIXTURES / "e.txt").read_text() == ""
+
+
+def test_a_peers_e_lines_and_xml_match_conntrackds(
+        pair: tuple[DaemonProc, DaemonProc]) -> None:
+    _, b = pair
+    want = sorted(fields(x) for x in (FIXTURES / "peer_e.txt").read_text().splitlines())
+    p = ctl(b, "-e")
+    assert p.returncode == 0
+    assert sorted(fields(x) for x in p.stdout.splitlines()) == want
+    x = ctl(b, "-e", "-x")
+    assert sorted(x.stdout.splitlines()) == \
+        sorted((FIXTURES / "peer_e_x.xml").read_text().splitlines())
+    # ours in full: the reply tuple (the NATed one's inside server) and the origin node
+    full = ctl(b, "-e", "--verbose", "--dst-nat").stdout
+    assert "dport=8080 src=10.99.0.7 dst=10.88.0.2 sport=80 dport=40002 [ASSURED]" in full
+    assert "[node=1]" in full
 
 
 def test_xml_matches_conntrackds_but_the_kernel_ids(ours: DaemonProc) -> None:
@@ -136,8 +163,9 @@ def test_control_commands_are_silent_and_exit_0(ours: DaemonProc) -> None:
                   ("-R",), ("-R", "ct"), ("-B",), ("-n",), ("-t",)):
         p = ctl(ours, *flags)
         assert (p.returncode, p.stdout, p.stderr) == (0, "", ""), flags
-    p = ctl(ours, "-t", "--verbose")
-    assert re.fullmatch(r"\d+ kernel entries now expire within \d+ s\n", p.stdout)
+    p = ctl(ours, "-t", "--verbose")  # conntrackd's -t: one flush, scheduled
+    assert re.fullmatch(r"the kernel conntrack table is flushed in \d+ s \(-c or -f cancels "
+                        r"it\)\n", p.stdout)
 
 
 def test_usage_errors_exit_1_in_one_line(ours: DaemonProc) -> None:
