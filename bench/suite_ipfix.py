@@ -20,6 +20,9 @@ last one arrived.
   records_lost_X      flows destroyed - records received, after 3 s of quiet
 
 The two exporters share the machine's CPUs during the burst, as they would on one firewall.
+The writer runs at the default `writer_priority: idle` (SCHED_IDLE: it waits while the CPUs
+are busy with the burst); CTPY_WRITER_PRIORITY=normal measures it at the ordinary priority,
+where export keeps pace with event ingestion.
 `--repeat` runs; figures are medians (with min and max).
 """
 
