@@ -49,7 +49,7 @@ from .lockfile import (
     process_age,
     raise_nofile_limit,
 )
-from .remote import LogLimiter, Remote, dump_lines, plan_direct, watch_line
+from .remote import LogLimiter, Remote, dump_lines, plan_direct, watch_item
 from .stats import (
     CacheStats,
     CommitReport,
@@ -166,7 +166,7 @@ class Daemon:
         self.internal_errors: Counter[str] = Counter()
         self._limiter = LogLimiter()
         self._wake = trio.Event()
-        self._watchers: list[trio.MemorySendChannel[str]] = []
+        self._watchers: list[trio.MemorySendChannel[object]] = []
         self._direct_wake = trio.Event()
         self._event_loop_runs = 0
         self.nursery: trio.Nursery | None = None
@@ -240,8 +240,6 @@ class Daemon:
                     eng.local_update(key, value, now)
             except Exception as e:  # one flow the engine refuses must not lose the burst
                 self.contained("replicating a local flow", e)
-        if self._watchers:
-            self._notify_watchers("internal", key, value)
 
     def _on_events(self, batch: EventBatch) -> None:
         assert self.tracker is not None
@@ -580,25 +578,36 @@ class Daemon:
                         "bytes); not listed", which, bad)
         return list(lines)
 
-    def _notify_watchers(self, where: str, key: bytes, value: bytes | None) -> None:
-        line = watch_line(where, key, value)
+    def _notify_watchers(self, event: str, origin: int | None, key: bytes,
+                         value: bytes | None) -> None:
+        item = watch_item(event, origin, key, value)
         for ch in list(self._watchers):
             try:
-                ch.send_nowait(line)
+                ch.send_nowait(item)
             except trio.WouldBlock:
-                pass  # a slow watcher loses lines rather than slowing the daemon
+                pass  # a slow watcher loses items rather than slowing the daemon
             except trio.BrokenResourceError:
                 self._watchers.remove(ch)
+        if not self._watchers and self.tracker is not None:
+            self.tracker.on_change = None
 
-    async def watch(self) -> AsyncIterator[str]:
-        send, recv = trio.open_memory_channel[str](10000)
+    def _watch_internal(self, event: str, key: bytes, value: bytes | None) -> None:
+        self._notify_watchers(event, None, key, value)
+
+    async def watch(self) -> AsyncIterator[object]:
+        """Every change of either cache while the client listens: `remote.watch_item`s."""
+        send, recv = trio.open_memory_channel[object](10000)
         self._watchers.append(send)
+        if self.tracker is not None:
+            self.tracker.on_change = self._watch_internal
         try:
-            async for line in recv:
-                yield line
+            async for item in recv:
+                yield item
         finally:
             if send in self._watchers:
                 self._watchers.remove(send)
+            if not self._watchers and self.tracker is not None:
+                self.tracker.on_change = None
 
     def stats(self, kind: str | None) -> Snapshot:
         want = sections(kind)

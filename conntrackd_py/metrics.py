@@ -145,6 +145,12 @@ class StatsCollector(Collector):
         yield CounterMetricFamily(P + "oversize_datagrams", "Sync datagrams longer than the MTU "
                                   "plus slack, dropped by the transport.",
                                   value=r.oversize_datagrams)
+        yield CounterMetricFamily(P + "commit_echoes", "Flows our own commit wrote into the "
+                                  "kernel, not sent to peers as ours (sent once they change "
+                                  "here, or by a bulk send).", value=r.commit_echoes)
+        yield CounterMetricFamily(P + "keepalived_transitions", "keepalived states (MASTER, "
+                                  "BACKUP, FAULT) read from its notify FIFO and acted on.",
+                                  value=r.keepalived_transitions)
 
     def _cache(self, c: CacheStats) -> Iterator[Metric]:
         g = GaugeMetricFamily(P + "cache_flows", "Flows in each cache.", labels=["cache"])
@@ -183,6 +189,9 @@ class StatsCollector(Collector):
                                       value=ev.overruns)
             yield CounterMetricFamily(P + "netlink_malformed",
                                       "Event messages that did not decode.", value=ev.malformed)
+            yield CounterMetricFamily(P + "kernel_events_own", "Events our own commit caused "
+                                      "(by the commit socket's port id), dropped undecoded.",
+                                      value=ev.ignored_own)
         tr = c.tracker
         if tr is not None:
             yield CounterMetricFamily(P + "kernel_dumps", "Full dumps of the kernel table.",

@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 
 Pair = tuple[bytes, bytes | None]
 Validate = Callable[[Sequence[Pair]], tuple[list[Pair], dict[str, int]]]
-#: where ("external node 2"), key, value or None: a watcher's line
-Watch = Callable[[str, bytes, bytes | None], None]
+#: a watcher's change: event ("new", "update", "destroy"), origin (None: internal), key, value
+Watch = Callable[[str, int | None, bytes, bytes | None], None]
 
 def default_validate() -> Validate:
     """flow.filter_untrusted: every field of a peer's flow in the kernel's range."""
@@ -128,14 +128,17 @@ class Remote:
                 good, refused = self.validate(flows)
                 if refused:
                     self._refused(origin, refused, now)
+                if watch is not None:  # before applying: "new" is a key the cache lacks
+                    get = ext.get
+                    changes = [("destroy" if v is None else "update"
+                                if get(origin, k) is not None else "new", k, v) for k, v in good]
                 if self.direct:
                     self.pending.extend(good)
                 else:
                     ext.apply(origin, good, now)
                 if watch is not None:
-                    where = f"external node {origin}"
-                    for k, v in good:
-                        watch(where, k, v)
+                    for event, k, v in changes:
+                        watch(event, origin, k, v)
                 return self.direct and bool(good)
             case sync_engine.ResyncAborted(origin=origin):
                 log.warning("full resync from node %d aborted; its stale entries stay until the "
@@ -205,6 +208,15 @@ def dump_lines(pairs: Iterable[tuple[int | None, bytes, bytes]], proto: int | No
         line = f.format()
         out.append(line if o is None else f"{line} [node={o}]")
     return out, bad
+
+
+def watch_item(event: str, origin: int | None, key: bytes,
+               value: bytes | None) -> list[object]:
+    """One `watch` item: [event, where, origin, key hex, value hex or None], event "new",
+    "update" or "destroy", where "internal" or "external" (origin None for internal). The
+    client formats it (`conntrack -E` lines); the bytes are the caches' own."""
+    return [event, "internal" if origin is None else "external", origin, key.hex(),
+            None if value is None else value.hex()]
 
 
 def watch_line(where: str, key: bytes, value: bytes | None) -> str:

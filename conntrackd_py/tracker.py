@@ -27,6 +27,7 @@ from .kernel.table import Table
 log = logging.getLogger(__name__)
 
 Delta = Callable[[bytes, bytes | None], None]
+Change = Callable[[str, bytes, bytes | None], None]
 
 
 @dataclass
@@ -56,6 +57,8 @@ class Tracker:
         self.accept = accept
         self.on_delta = on_delta
         self.on_flow_event = on_flow_event
+        #: while someone watches (-E): each change as ("new"|"update"|"destroy", key, value)
+        self.on_change: Change | None = None
         self.stats = TrackerStats()
         if set_events_sysctl:
             try:
@@ -110,6 +113,14 @@ class Tracker:
                 self.on_delta(k, v)
             for k in res.removed:
                 self.on_delta(k, None)
+        change = self.on_change
+        if change is not None:
+            for k, v in res.added:
+                change("new", k, v)
+            for k, v in res.updated:
+                change("update", k, v)
+            for k in res.removed:
+                change("destroy", k, None)
         gc.freeze()
 
     def apply(self, batch: EventBatch) -> None:
@@ -117,6 +128,7 @@ class Tracker:
         accept = self.accept
         on_delta = self.on_delta
         on_flow = self.on_flow_event
+        change = self.on_change
         destroy = codec.EventType.DESTROY
         for kind, flow in batch:
             if on_flow is not None:
@@ -126,12 +138,20 @@ class Tracker:
                 continue
             key = pack_key(flow.zone, flow.orig)
             if kind == destroy:
-                if cache.remove(key) and on_delta is not None:
-                    on_delta(key, None)
+                if cache.remove(key):
+                    if on_delta is not None:
+                        on_delta(key, None)
+                    if change is not None:
+                        change("destroy", key, None)
             else:
                 value = pack_value(flow)
-                if cache.upsert(key, value) and on_delta is not None:
-                    on_delta(key, value)
+                if change is not None:  # only while watched: one more lookup per event
+                    event = "update" if key in cache else "new"
+                if cache.upsert(key, value):
+                    if on_delta is not None:
+                        on_delta(key, value)
+                    if change is not None:
+                        change(event, key, value)
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Dump, then read events. The socket subscribed in __init__, so events that race the

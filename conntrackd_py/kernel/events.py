@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -44,6 +45,8 @@ class EventStats:
     reads: int = 0
     #: events our own commit caused (their nlmsg_pid is in `ignore_ports`), not decoded
     ignored_own: int = 0
+    #: the receive buffer the kernel granted (SO_RCVBUF read back: twice what was set)
+    rcvbuf: int = 0
 
 
 class EventSource:
@@ -52,7 +55,8 @@ class EventSource:
     def __init__(self, *, rcvbuf: int = DEFAULT_RCVBUF, reliable: bool = False,
                  groups: int = ALL_GROUPS, netns_name: str | None = None) -> None:
         self.sock = open_socket(groups, rcvbuf=rcvbuf, reliable=reliable, netns_name=netns_name)
-        self.stats = EventStats()
+        self.stats = EventStats(
+            rcvbuf=self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
         self._rx = MultiReceiver(self.sock)
         self._overrun_logged = False
         #: netlink port ids of our own request sockets whose changes are not news (a commit's:

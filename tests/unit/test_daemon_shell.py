@@ -79,6 +79,7 @@ class FakeTracker(Tracker):
         self.accept = kw["accept"]
         self.on_delta = kw["on_delta"]
         self.on_flow_event = kw["on_flow_event"]
+        self.on_change = None
         self.stats = TrackerStats()
         self.events = FakeEvents()  # type: ignore[assignment]
         self.ready = trio.Event()
@@ -782,3 +783,40 @@ async def test_purge_schedules_one_filtered_flush_that_a_commit_cancels(
         d.flush_caches("external")  # not this one: the flush happens
         await trio.sleep(3)
         assert len(FLUSHES) == 1
+
+
+async def test_watch_yields_structured_changes_of_both_caches(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    """-E: [event, where, origin, key hex, value hex or None]; "new" only for a key the cache
+    did not hold. The tracker's hook is set while someone watches, and only then."""
+    async with running(tmp_path) as (d, peer):
+        await wait_for(d.in_sync)
+        tr = tracker_of(d)
+        assert tr.on_change is None
+        items: list[object] = []
+
+        async def watch() -> None:
+            async for item in d.watch():
+                items.append(item)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            await wait_for(lambda: tr.on_change is not None)
+            f = mkflow(7)
+            k, v = pack_flow(f)
+            t = f.orig
+            changed = Flow(t, t.invert(), timeout=99)
+            send = tr.events.send  # type: ignore[attr-defined]
+            await send.send([(EventType.NEW, f), (EventType.UPDATE, changed),
+                             (EventType.DESTROY, changed)])
+            peer.update([mkflow(8)])
+            peer.update([Flow(mkflow(8).orig, mkflow(8).reply, timeout=5)])
+            await wait_for(lambda: len(items) == 5)
+            nursery.cancel_scope.cancel()
+        pk = pack_flow(mkflow(8))[0].hex()
+        assert items[:3] == [["new", "internal", None, k.hex(), v.hex()],
+                             ["update", "internal", None, k.hex(), pack_flow(changed)[1].hex()],
+                             ["destroy", "internal", None, k.hex(), None]]
+        assert [(i[0], i[1], i[2], i[3]) for i in items[3:]] == [  # type: ignore[index]
+            ("new", "external", 2, pk), ("update", "external", 2, pk)]
+        await wait_for(lambda: tr.on_change is None)

@@ -11,7 +11,15 @@ import pytest
 from conntrackd_py import sync as sync_engine
 from conntrackd_py.cache import ExternalCache
 from conntrackd_py.flow import Flow, Tuple, pack_flow, unpack_key
-from conntrackd_py.remote import LogLimiter, Pair, Remote, dump_lines, plan_direct, watch_line
+from conntrackd_py.remote import (
+    LogLimiter,
+    Pair,
+    Remote,
+    dump_lines,
+    plan_direct,
+    watch_item,
+    watch_line,
+)
 
 
 def kv(i: int) -> tuple[bytes, bytes]:
@@ -55,12 +63,21 @@ def test_validation_is_the_injected_function() -> None:
     assert r.invalid == {"shape": 1}
 
 
-def test_watch_sees_only_the_flows_kept() -> None:
-    lines: list[tuple[str, bytes]] = []
+def test_watch_sees_only_the_flows_kept_new_then_update() -> None:
+    seen: list[tuple[str, int | None, bytes]] = []
     r = Remote(ExternalCache())
-    r.apply(sync_engine.RemoteFlows(4, [kv(1), bad_zone(2)]), 1.0,
-            lambda where, k, v: lines.append((where, k)))
-    assert lines == [("external node 4", kv(1)[0])]
+    for _ in range(2):
+        r.apply(sync_engine.RemoteFlows(4, [kv(1), bad_zone(2)]), 1.0,
+                lambda event, origin, k, v: seen.append((event, origin, k)))
+    r.apply(sync_engine.RemoteFlows(4, [(kv(1)[0], None)]), 1.0,
+            lambda event, origin, k, v: seen.append((event, origin, k)))
+    assert seen == [("new", 4, kv(1)[0]), ("update", 4, kv(1)[0]), ("destroy", 4, kv(1)[0])]
+
+
+def test_watch_items_carry_the_caches_bytes() -> None:
+    k, v = kv(1)
+    assert watch_item("new", None, k, v) == ["new", "internal", None, k.hex(), v.hex()]
+    assert watch_item("destroy", 3, k, None) == ["destroy", "external", 3, k.hex(), None]
 
 
 def test_resync_bracket_sweeps_stale_entries() -> None:
