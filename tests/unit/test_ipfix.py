@@ -28,6 +28,7 @@ from conntrackd_py.ipfix import (
     Exporter,
     parse_collector,
 )
+from conntrackd_py.stats import SinkStats
 
 nip = pytest.importorskip("netflow.ipfix")
 
@@ -262,6 +263,7 @@ def test_accounting_counts_per_sink_reports_and_takes_ipfix_options() -> None:
                     + msgpack.packb([WRITTEN, 5]))
     assert acc.sinks == {"ipfix 10.9.0.1:4739": [3, 2]}
     assert acc.records_written == 5
+    assert acc.snapshot().sinks == {"ipfix 10.9.0.1:4739": SinkStats(written=3, lost=2)}
     assert ipfix_options(AccCfg(enabled=True), 1, None) is None
     other = AccCfg(enabled=True, ipfix=replace(ipfix, observation_domain=99))
     assert (ipfix_options(other, 4, None) or {})["domain"] == 99
