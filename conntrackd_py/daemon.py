@@ -175,7 +175,7 @@ class Daemon:
         self.accounting: Accounting | None = None
         if cfg.stats.accounting.enabled:
             from .accounting import Accounting
-            self.accounting = Accounting(cfg.stats.accounting)
+            self.accounting = Accounting(cfg.stats.accounting, node_id=cfg.node.id)
         # A commit's echo (#14): while a commit and the dump after it run, a flow the commit
         # wrote (a key of the external cache) is not news for peers: it is theirs. `_echo`
         # answers "did our commit write this key?" during that window, None outside it.

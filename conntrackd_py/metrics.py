@@ -331,6 +331,13 @@ class StatsCollector(Collector):
         yield CounterMetricFamily(P + "accounting_writer_restarts",
                                   "Times the accounting writer process was started again.",
                                   value=a.writer_restarts)
+        sinks = CounterMetricFamily(P + "accounting_sink_records", "Accounting records per "
+                                    "sink (file, syslog, each IPFIX collector), written or lost.",
+                                    labels=["sink", "result"])
+        for name, st in sorted(a.sinks.items()):
+            sinks.add_metric([name, "written"], st.written)
+            sinks.add_metric([name, "lost"], st.lost)
+        yield sinks
         top = GaugeMetricFamily(P + "accounting_top_talker_bytes",
                                 "Bytes of the heaviest sources (a lower bound).",
                                 labels=["source"])

@@ -10,7 +10,7 @@ module only names what they report.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .kernel.events import EventStats
@@ -20,7 +20,7 @@ from .tracker import TrackerStats
 __all__ = [
     "AccountingStats", "CacheStats", "ChannelSnapshot", "CommitReport", "ControlStats",
     "DirectStats", "Direction", "EventStats", "LinkStats", "ProtoTotals", "RuntimeStats",
-    "Snapshot", "SyncStats", "TopTalker", "TrackerStats", "sections",
+    "SinkStats", "Snapshot", "SyncStats", "TopTalker", "TrackerStats", "sections",
 ]
 
 #: `-s KIND` -> the sections it shows (conntrackd's names map onto ours)
@@ -161,6 +161,14 @@ class TopTalker:
 
 
 @dataclass(frozen=True, slots=True)
+class SinkStats:
+    """One accounting sink's records: written, and lost (a collector unreachable, a full disk)."""
+
+    written: int
+    lost: int
+
+
+@dataclass(frozen=True, slots=True)
 class AccountingStats:
     flows: int
     packets: int
@@ -175,6 +183,8 @@ class AccountingStats:
     writer_restarts: int
     file: str | None
     format: str
+    #: per sink ("file", "syslog", "ipfix 10.0.0.1:4739"): records written and lost
+    sinks: dict[str, SinkStats] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
