@@ -9,8 +9,10 @@
 #         Keep the firewall's forward/input policy drop with nf_conntrack_tcp_loose=0: packets
 #         that arrive on the VIP before the commit ends are dropped (and retransmitted by the
 #         hosts) instead of being answered with RSTs or picked up as new flows.
-# BACKUP: purge the external cache after the purge timeout, ask the peer for a full resync.
-# FAULT:  purge after the purge timeout.
+# BACKUP: -t: flush the kernel table (this node's flows from when it was master, zombies now)
+#         after sync.purge_timeout unless a commit (-c) comes first (conntrackd's RESET_TIMERS);
+#         -n: ask the peer for a full resync.
+# FAULT:  -t, the same scheduled flush.
 CONF=${CONNTRACKD_PY_CONFIG:-/etc/conntrackd-py/conntrackd-py.yaml}
 BIN=${CONNTRACKD_PY:-conntrackd-py}
 run() {

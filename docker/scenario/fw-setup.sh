@@ -75,7 +75,7 @@ install -m 0755 /scenario/notify.sh /usr/local/sbin/ctpy-notify
 # keepalived does not pass the container's environment to its scripts: the notify script's
 # settings (see notify.sh) go to a file it reads.
 printf 'CTPY_NOTIFY_CLIENT=%q\nCTPY_NOTIFY_PURGE=%q\n' "${CTPY_NOTIFY_CLIENT:-socket}" \
-  "${CTPY_NOTIFY_PURGE:-0}" >/etc/conntrackd-py/notify.env
+  "${CTPY_NOTIFY_PURGE:-1}" >/etc/conntrackd-py/notify.env
 mkdir -p /etc/keepalived
 cat >/etc/keepalived/keepalived.conf <<KA
 global_defs {

@@ -2,13 +2,11 @@
 # keepalived notify script of the compose scenario, after conntrackd's primary-backup.sh:
 #   primary: commit the external cache to the kernel (-c), flush the internal cache (-f
 #            internal), resync it with the kernel (-R) and send a bulk update to the peer (-B);
-#   backup:  ask the peer for a resync (-n);
-#   fault:   nothing.
-# primary-backup.sh also runs `-t` on backup and fault. conntrackd-py's `-t` (0.1.0) purges the
-# EXTERNAL cache after sync.purge_timeout (60 s), where conntrackd's flushes the kernel table
-# (and a later -c cancels it): a failover more than 60 s after this node became backup would
-# find nothing to commit for every flow that did not change state since. Until that is fixed
-# in conntrackd_py/daemon.py, `-t` is left out (CTPY_NOTIFY_PURGE=1 puts it back).
+#   backup:  ask the peer for a resync (-n), then -t;
+#   fault:   -t.
+# -t is conntrackd's RESET_TIMERS: the kernel table (this node's flows as master, zombies once
+# it is backup) is flushed sync.purge_timeout (60 s) later, and a later -c cancels that.
+# CTPY_NOTIFY_PURGE=0 leaves -t out.
 #
 # Only the commit is on the failover's critical path (the stream is stalled until it is done),
 # so the client must start fast. CTPY_NOTIFY_CLIENT (from /etc/conntrackd-py/notify.env):
@@ -42,7 +40,7 @@ case "$STATE" in
   fault) steps=(); flags=() ;;
   *) log "unknown state '$STATE'"; exit 1 ;;
 esac
-if [ "${CTPY_NOTIFY_PURGE:-0}" = 1 ] && [ "$STATE" != primary ]; then
+if [ "${CTPY_NOTIFY_PURGE:-1}" = 1 ] && [ "$STATE" != primary ]; then
   steps+=(purge); flags+=(-t)
 fi
 
