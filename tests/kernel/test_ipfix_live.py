@@ -17,6 +17,7 @@ import json
 import shutil
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -74,11 +75,11 @@ def kernel_counters(fw: object, port: int) -> dict[int, tuple[int, int, int, int
     return out
 
 
-def nfdump_rows(files: list[Path]) -> dict[int, list[str]]:
-    """sport -> FMT's columns, as `nfdump -r` lists the flows to the echo port."""
+def nfdump_rows(files: list[Path], port: int = ECHO) -> dict[int, list[str]]:
+    """sport -> FMT's columns, as `nfdump -r` lists the flows to `port`."""
     rows: dict[int, list[str]] = {}
     for f in files:
-        out = subprocess.run(["nfdump", "-q", "-N", "-r", str(f), "-o", FMT, f"port {ECHO}"],
+        out = subprocess.run(["nfdump", "-q", "-N", "-r", str(f), "-o", FMT, f"port {port}"],
                              capture_output=True, text=True, check=True).stdout
         for line in out.splitlines():
             cols = [c.strip() for c in line.split("|")]
@@ -151,3 +152,51 @@ async def test_nfcapd_receives_every_flow_with_the_kernels_counts(
         r = records[sport]
         assert (r["orig_packets"], r["orig_bytes"], r["reply_packets"], r["reply_bytes"]) == \
             kernel[sport]
+
+
+def test_daemon_exports_what_its_config_says(fw_topo: FirewallTopology, tmp_path: Path) -> None:
+    """The daemon itself (stats mode, the YAML keys `stats.accounting.ipfix`): records reach
+    nfcapd under observation domain = the node id, and `-s accounting` counts them per sink."""
+    from lab import PAYLOAD, DaemonProc, udp_flows
+    t = fw_topo
+    flows_dir = tmp_path / "flows"
+    flows_dir.mkdir()
+    nfcapd = t.server.popen("nfcapd", "-w", str(flows_dir), "-b", t.server_ip,
+                            "-p", str(COLLECTOR_PORT), "-t", "3600",
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    collector = f"{t.server_ip}:{COLLECTOR_PORT}"
+    extra = ("stats:\n  accounting:\n    enabled: true\n"
+             f"    ipfix: {{collectors: [\"{collector}\"], template_refresh: 60}}\n")
+    d = DaemonProc(t.fw, str(tmp_path / "d"), 3, "10.255.0.1", general_mode="stats",
+                   extra=extra)
+    try:
+        udp_flows(t.client, t.server_ip, 5, dport=7001)
+        deadline = time.monotonic() + 10
+        while len(d.call("dump", cache="internal")) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        t.fw.run("conntrack", "-D", "-p", "udp", "--orig-port-dst", "7001")
+
+        def sink() -> dict[str, int]:
+            out = d.cli("-s", "accounting", "-o", "json")
+            assert out.returncode == 0, out.stderr
+            sinks: dict[str, dict[str, int]] = json.loads(out.stdout)["accounting"]["sinks"]
+            return sinks.get(f"ipfix {collector}", {"written": 0, "lost": 0})
+
+        deadline = time.monotonic() + 10
+        while sink()["written"] < 5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sink() == {"written": 5, "lost": 0}
+        time.sleep(0.3)
+    finally:
+        d.stop()
+        terminate(nfcapd, 10)
+    log = nfcapd.stdout.read() if nfcapd.stdout else ""
+    assert "Observation domain 3" in log, log
+    rows = nfdump_rows(sorted(flows_dir.glob("nfcapd.*")), port=7001)
+    assert len(rows) == 5, rows
+    for cols in rows.values():
+        assert cols[0] == t.client_ip
+        assert cols[1] == t.server_ip
+        assert cols[4] == "17"
+        assert cols[5:9] == ["1", str(28 + len(PAYLOAD)), "0", "0"]
+        assert cols[9] == t.fw_wan_ip
