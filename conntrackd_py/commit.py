@@ -28,7 +28,8 @@ from .cache import ExternalCache
 from .kernel.table import Table
 from .stats import CommitReport
 
-__all__ = ["COMMIT_NICE", "CommitError", "CommitJob", "commit_forked", "report_from_json"]
+__all__ = ["COMMIT_NICE", "CommitError", "CommitJob", "EchoWindow", "commit_forked",
+           "report_from_json"]
 
 #: the commit process's nice value (root may raise priority; others keep the parent's)
 COMMIT_NICE = -20
@@ -163,3 +164,39 @@ async def commit_forked(work: Callable[[], CommitReport]) -> CommitReport:
             while os.waitpid(pid, os.WNOHANG) == (0, 0):  # noqa: ASYNC110, ASYNC222
                 await trio.sleep(0.005)
     return report_from_json(data)
+
+
+class EchoWindow:
+    """A commit's echo (#14): the flows a commit writes come back to this node, in the dump
+    after it (and as events, which the event source drops by port id). They are the peers'
+    flows, not news for them: while a commit and its dump run (`begin` .. `end`, nested),
+    `contains(key)` says whether the commit wrote `key` (a key of the external cache), else
+    `contains` is None. conntrackd likewise never propagates its own commit's changes; the
+    flows are sent once they change here, or by a bulk send."""
+
+    __slots__ = ("_open", "contains", "echoes", "external")
+
+    def __init__(self, external: ExternalCache) -> None:
+        self.external = external
+        self.contains: Callable[[bytes], bool] | None = None
+        self._open = 0
+        #: deltas not replicated because our commit caused them
+        self.echoes = 0
+
+    def begin(self) -> None:
+        self._open += 1
+        if self.contains is None:
+            origins = self.external.origins()
+            get = self.external.get
+            self.contains = lambda key: any(get(o, key) is not None for o in origins)
+
+    def end(self) -> None:
+        self._open = max(self._open - 1, 0)
+        if not self._open:
+            self.contains = None
+
+    def before_external_flush(self) -> None:
+        """The external cache is about to be emptied (-f right after -c, as primary-backup.sh
+        does): keep knowing what the commit wrote until the window ends."""
+        if self.contains is not None:
+            self.contains = frozenset(k for _o, k, _v, _s in self.external.items()).__contains__

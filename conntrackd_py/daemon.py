@@ -34,7 +34,7 @@ from . import filters as filters_mod
 from . import sdnotify
 from . import sync as sync_engine
 from .cache import ExternalCache
-from .commit import CommitError, CommitJob, commit_forked, run_commit
+from .commit import CommitError, CommitJob, EchoWindow, commit_forked, run_commit
 from .config import Config, ConfigError, ListFilter, load, load_keys
 from .control import ControlServer
 from .ctlclient import ControlError
@@ -61,8 +61,8 @@ from .stats import (
 )
 from .sync.config import config_from
 from .tracker import Tracker
-from .transport import ChannelSpec, Transport
-from .vrrp import Follower, Step, Transition, open_fifo, read_transitions
+from .transport import Transport, channel_specs
+from .vrrp import Follower, follow_fifo, open_fifo
 
 if TYPE_CHECKING:  # imported when the config uses them: start-up time (#14)
     from .accounting import Accounting
@@ -76,24 +76,9 @@ FD_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOME
 RESTART_DELAY = 1.0
 
 
-def channel_specs(cfg: Config) -> list[ChannelSpec]:
-    specs = []
-    for ch in cfg.sync.channels:
-        if ch.multicast is not None:
-            m = ch.multicast
-            specs.append(ChannelSpec(port=m.port, group=m.group, interface=m.interface,
-                                     source=m.source, ttl=m.ttl, rcvbuf=m.rcvbuf,
-                                     sndbuf=m.sndbuf))
-        elif ch.udp is not None:
-            u = ch.udp
-            specs.append(ChannelSpec(port=u.port, peers=tuple(u.peers), bind=u.bind,
-                                     interface=u.interface, rcvbuf=u.rcvbuf, sndbuf=u.sndbuf))
-    return specs
-
-
 def build_filter(cfg: Config) -> Callable[[Flow], bool]:
     f = cfg.filters
-    specs = channel_specs(cfg) if cfg.general.mode == "sync" else []
+    specs = channel_specs(cfg.sync.channels) if cfg.general.mode == "sync" else []
     sync_addrs: list[str] = []
     for s in specs:
         sync_addrs += [a for a in (s.source, s.bind, *s.peers) if a]
@@ -176,18 +161,11 @@ class Daemon:
         if cfg.stats.accounting.enabled:
             from .accounting import Accounting
             self.accounting = Accounting(cfg.stats.accounting, node_id=cfg.node.id)
-        # A commit's echo (#14): while a commit and the dump after it run, a flow the commit
-        # wrote (a key of the external cache) is not news for peers: it is theirs. `_echo`
-        # answers "did our commit write this key?" during that window, None outside it.
-        self._echo: Callable[[bytes], bool] | None = None
-        self._echo_windows = 0
-        self.commit_echoes = 0
+        self.echo = EchoWindow(self.external)  # what our own commit wrote is not news
         # -t: the pending flush (conntrackd's reset_cache_alarm)
         self._purge: tuple[trio.CancelScope, float] | None = None  # (scope, when)
         self.keepalived_fifo = cfg.keepalived.notify_fifo
         self.keepalived = Follower(frozenset(cfg.keepalived.instances))
-        self.keepalived_transitions = 0
-        self.keepalived_lines_ignored = 0
 
     # --- containment --------------------------------------------------------------------
     def contained(self, where: str, exc: BaseException) -> None:
@@ -224,11 +202,10 @@ class Daemon:
         return trio.current_time()
 
     def _on_delta(self, key: bytes, value: bytes | None) -> None:
-        echo = self._echo
+        echo = self.echo.contains
         if echo is not None and value is not None and echo(key):
-            # our commit wrote it (the dump after the commit, or the commit's own event):
-            # replicated once it changes here, or by a bulk send (-B), as conntrackd does
-            self.commit_echoes += 1
+            # our commit wrote it: replicated once it changes here, or by a bulk send (-B)
+            self.echo.echoes += 1
             return
         eng = self.engine
         if eng is not None:
@@ -346,61 +323,12 @@ class Daemon:
         except Exception as e:  # EMFILE for the dump socket, ...: the next overrun retries
             self.contained("reconcile after a commit", e)
         finally:
-            self._end_echo_window()
+            self.echo.end()
             # the commit's socket is closed: its events were all queued before the dump
             if port is not None:
                 tracker.events.ignore_ports.discard(port)
         self.pump()
 
-    def _begin_echo_window(self) -> None:
-        self._echo_windows += 1
-        if self._echo is None:
-            ext, origins = self.external, self.external.origins()
-            get = ext.get
-            self._echo = lambda key: any(get(o, key) is not None for o in origins)
-
-    def _end_echo_window(self) -> None:
-        self._echo_windows -= 1
-        if self._echo_windows <= 0:
-            self._echo_windows = 0
-            self._echo = None
-
-    async def _follow_keepalived(self, path: str) -> None:
-        """keepalived's notify FIFO (#14): each transition runs primary-backup.sh's steps,
-        in the order keepalived wrote them, with no process per transition."""
-        async with trio.lowlevel.FdStream(open_fifo(path)) as stream:
-            async for t in read_transitions(stream, self._fifo_line_ignored):
-                await self.keepalived_transition(t)
-
-    def _fifo_line_ignored(self) -> None:
-        self.keepalived_lines_ignored += 1
-
-    async def keepalived_transition(self, t: Transition) -> None:
-        steps = self.keepalived.decide(t)
-        if not steps:
-            return
-        self.keepalived_transitions += 1
-        log.info("keepalived: %s %s is %s; running %s", t.kind.lower(), t.name, t.state,
-                 ", ".join(s.value for s in steps))
-        for step in steps:
-            try:
-                await self._step(step)
-            except ControlError as e:  # the script goes on after a failed command too
-                log.error("keepalived %s: %s failed: %s", t.state, step.value, e)
-
-    async def _step(self, step: Step) -> None:
-        if step is Step.COMMIT:
-            await self.commit()
-        elif step is Step.FLUSH:
-            self.flush_caches("both")
-        elif step is Step.RESYNC_INTERNAL:
-            await self.resync_internal()
-        elif step is Step.BULK_SEND:
-            self.bulk_send()
-        elif step is Step.PURGE:
-            await self.purge(None)
-        else:
-            self.request_resync(None)
 
     # --- Ops: what the control commands ask (commands.Ops) --------------------------------
     async def commit(self) -> CommitReport:
@@ -415,7 +343,7 @@ class Daemon:
         tracker = self.tracker
         if tracker is not None:
             tracker.events.subscribe_new(False)
-            self._begin_echo_window()  # ended by _reconcile_after_commit
+            self.echo.begin()  # ended by _reconcile_after_commit
         cfg = self.cfg
         # The events this commit causes (updates of entries the kernel had) carry its socket's
         # port id: opened here, before the fork, the event source drops them from the start
@@ -460,8 +388,7 @@ class Daemon:
             res["internal"] = len(self.tracker.cache)
             self.tracker.cache.clear()
         if which in ("external", "both"):
-            if self._echo is not None:  # a commit's window: keep knowing what it wrote
-                self._echo = frozenset(k for _o, k, _v, _s in self.external.items()).__contains__
+            self.echo.before_external_flush()
             res["external"] = self.external.purge()
         return res
 
@@ -640,9 +567,9 @@ class Daemon:
             oversize_datagrams=sum(c.stats.oversize for c in self.transport.channels)
             if self.transport is not None else 0,
             duplicate_node=rm.duplicate_node, peers_forgotten=rm.peers_forgotten,
-            commit_echoes=self.commit_echoes,
-            keepalived_transitions=self.keepalived_transitions,
-            keepalived_lines_ignored=self.keepalived_lines_ignored,
+            commit_echoes=self.echo.echoes,
+            keepalived_transitions=self.keepalived.transitions,
+            keepalived_lines_ignored=self.keepalived.ignored,
             keepalived_state=self.keepalived.state if self.keepalived_fifo else None)
 
     def _cache_stats(self) -> CacheStats:
@@ -709,7 +636,8 @@ class Daemon:
                             "and no key): anyone on the sync link can inject flows")
             sync_cfg = config_from(cfg, keys)
             self.transport = self._make_transport(
-                channel_specs(cfg), netns_name=self.netns, silence_timeout=cfg.sync.peer_timeout,
+                channel_specs(cfg.sync.channels), netns_name=self.netns,
+                silence_timeout=cfg.sync.peer_timeout,
                 failback=cfg.sync.failback,
                 max_datagram=sync_cfg.mtu + sync_cfg.oversize_slack)
         self.auth_enabled = _auth_enabled(cfg, keys)
@@ -749,8 +677,8 @@ class Daemon:
             await nursery.start(self.metrics.serve)
         if self.keepalived_fifo:
             os.close(open_fifo(self.keepalived_fifo))  # a wrong path stops the start, named
-            nursery.start_soon(self._supervised, "keepalived notify fifo",
-                               self._follow_keepalived, self.keepalived_fifo)
+            nursery.start_soon(self._supervised, "keepalived notify fifo", follow_fifo,
+                               self.keepalived_fifo, self.keepalived, self)
         # the control socket last: once it answers, everything else is up
         self.control = ControlServer(cfg.general.control_socket, ops=self)
         await nursery.start(self.control.serve)

@@ -17,14 +17,18 @@ import ipaddress
 import logging
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
 
 from . import netns
 from .mmsg import MultiReceiver, MultiSender
 from .stats import ChannelSnapshot, LinkStats
+
+if TYPE_CHECKING:
+    from .config import Channel as ChannelConfig
 
 log = logging.getLogger(__name__)
 
@@ -328,3 +332,19 @@ class Transport:
                                                 "up" if up else "down")
                                     self.reevaluate(clock())
                         off += (length + 3) & ~3
+
+
+def channel_specs(channels: Sequence[ChannelConfig]) -> list[ChannelSpec]:
+    """The configured channels (sync.channels) as the transport opens them, in order."""
+    specs = []
+    for ch in channels:
+        if ch.multicast is not None:
+            m = ch.multicast
+            specs.append(ChannelSpec(port=m.port, group=m.group, interface=m.interface,
+                                     source=m.source, ttl=m.ttl, rcvbuf=m.rcvbuf,
+                                     sndbuf=m.sndbuf))
+        elif ch.udp is not None:
+            u = ch.udp
+            specs.append(ChannelSpec(port=u.port, peers=tuple(u.peers), bind=u.bind,
+                                     interface=u.interface, rcvbuf=u.rcvbuf, sndbuf=u.sndbuf))
+    return specs

@@ -4,10 +4,11 @@ keepalived (global_defs `vrrp_notify_fifo PATH`, or `notify_fifo`) writes one li
 transition, in order, e.g. `INSTANCE "VI_1" MASTER 100` or `GROUP "VG_1" BACKUP 0` (the last
 four arguments of a `notify` script; states MASTER, BACKUP, FAULT, STOP, DELETED, and
 MASTER_RX_LOWER_PRI / MASTER_PRIORITY / BACKUP_PRIORITY which are not transitions). The same
-FIFO may carry health-checker lines (`VS ...`, `RS ...`). This module owns parsing those lines
-and the decision: which transitions the daemon acts on and which steps each one runs, the
-steps of conntrack-tools' primary-backup.sh. It does no I/O; the daemon reads the FIFO and runs
-the steps (daemon.py). Its only I/O is the FIFO itself: made if missing, opened, read by line.
+FIFO may carry health-checker lines (`VS ...`, `RS ...`). This module owns parsing those lines,
+the decision (which transitions the daemon acts on and which steps each one runs: those of
+conntrack-tools' primary-backup.sh) and following the FIFO: made if missing, read by line, each
+transition's steps run in order on the daemon's control operations (`commands.Ops`), as the
+script's commands would. It knows nothing of the daemon beyond Ops.
 """
 
 from __future__ import annotations
@@ -15,15 +16,24 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import logging
 import os
 import stat
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
-__all__ = ["MAX_LINE", "STEPS", "Follower", "Step", "Transition", "open_fifo", "parse_line",
-           "read_transitions"]
+from .ctlclient import ControlError
+
+if TYPE_CHECKING:
+    from .commands import Ops
+
+__all__ = ["MAX_LINE", "STEPS", "Follower", "Step", "Transition", "follow_fifo", "open_fifo",
+           "parse_line", "read_transitions", "run_transition"]
+
+log = logging.getLogger(__name__)
 
 #: longest line taken from the FIFO (keepalived's names are short); longer ones are refused
 MAX_LINE = 512
@@ -94,6 +104,9 @@ class Follower:
 
     names: frozenset[str] = frozenset()
     state: str | None = None
+    #: transitions acted on; lines that were not a transition
+    transitions: int = 0
+    ignored: int = 0
 
     def decide(self, t: Transition) -> tuple[Step, ...]:
         if self.names and t.name not in self.names:
@@ -146,3 +159,46 @@ async def read_transitions(stream: trio.abc.ReceiveStream,
             ignored()
             skipping, rest = True, b""
         pending = rest
+
+
+async def run_step(ops: Ops, step: Step) -> None:
+    if step is Step.COMMIT:
+        await ops.commit()
+    elif step is Step.FLUSH:
+        ops.flush_caches("both")
+    elif step is Step.RESYNC_INTERNAL:
+        await ops.resync_internal()
+    elif step is Step.BULK_SEND:
+        ops.bulk_send()
+    elif step is Step.PURGE:
+        await ops.purge(None)
+    else:
+        ops.request_resync(None)
+
+
+async def run_transition(follower: Follower, t: Transition, ops: Ops) -> None:
+    """The steps `t` asks for, in order; a refused one is logged and the next runs, as the
+    script goes on after a failed command."""
+    steps = follower.decide(t)
+    if not steps:
+        return
+    follower.transitions += 1
+    log.info("keepalived: %s %s is %s; running %s", t.kind.lower(), t.name, t.state,
+             ", ".join(s.value for s in steps))
+    for step in steps:
+        try:
+            await run_step(ops, step)
+        except ControlError as e:
+            log.error("keepalived %s: %s failed: %s", t.state, step.value, e)
+
+
+async def follow_fifo(path: str, follower: Follower, ops: Ops) -> None:
+    """Forever: keepalived's transitions from the FIFO at `path`, each run on `ops`, in the
+    order keepalived wrote them (no process per transition)."""
+
+    def ignored() -> None:
+        follower.ignored += 1
+
+    async with trio.lowlevel.FdStream(open_fifo(path)) as stream:
+        async for t in read_transitions(stream, ignored):
+            await run_transition(follower, t, ops)

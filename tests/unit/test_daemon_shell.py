@@ -742,18 +742,18 @@ async def test_a_flush_during_the_commit_window_keeps_what_the_commit_wrote(
 
 async def test_keepalived_transitions_run_primary_backup_sh_steps(
         tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
-    from conntrackd_py.vrrp import Transition
+    from conntrackd_py.vrrp import Transition, run_transition
     async with running(tmp_path) as (d, peer):
         await wait_for(d.in_sync)
         peer.update([mkflow(i) for i in range(5)])
         await wait_for(lambda: d.external.count(2) == 5)
-        await d.keepalived_transition(Transition("INSTANCE", "VI_1", "MASTER", 100))
+        await run_transition(d.keepalived, Transition("INSTANCE", "VI_1", "MASTER", 100), d)
         rt = d.stats("runtime").runtime
         assert rt is not None
         assert rt.commits == 1
         assert rt.keepalived_transitions == 1
         assert len(d.external) == 0  # -f after -c
-        await d.keepalived_transition(Transition("INSTANCE", "VI_1", "MASTER", 100))
+        await run_transition(d.keepalived, Transition("INSTANCE", "VI_1", "MASTER", 100), d)
         assert d.commits == 1  # the same role again: nothing
 
 

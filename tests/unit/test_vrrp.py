@@ -58,3 +58,27 @@ def test_a_sync_group_and_its_instances_run_the_steps_once() -> None:
     assert f.decide(Transition("INSTANCE", "VI_1", "MASTER", 100)) == ()
     assert f.decide(Transition("INSTANCE", "VI_2", "MASTER", 100)) == ()
     assert f.decide(Transition("GROUP", "VG", "BACKUP", 0)) == STEPS["BACKUP"]
+
+
+def test_lines_split_across_reads_and_overlong_ones_are_handled() -> None:
+    import trio
+    import trio.testing
+
+    from conntrackd_py.vrrp import read_transitions
+
+    got: list[Transition] = []
+    ignored: list[int] = []
+
+    async def main() -> None:
+        send, recv = trio.testing.memory_stream_one_way_pair()
+        for chunk in (b'INSTANCE "VI_1" BAC', b'KUP 100\nVS [1.2.3.4]:tcp:80 UP\n',
+                      b"x" * (MAX_LINE + 10), b"y" * 10, b'\nGROUP "G" MASTER 0\n'):
+            await send.send_all(chunk)
+        await send.aclose()
+        async for t in read_transitions(recv, lambda: ignored.append(1)):
+            got.append(t)
+
+    trio.run(main)
+    assert got == [Transition("INSTANCE", "VI_1", "BACKUP", 100),
+                   Transition("GROUP", "G", "MASTER", 0)]
+    assert len(ignored) == 2  # the VS line and the overlong one
