@@ -21,7 +21,6 @@ with every address.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import heapq
 import json
@@ -30,21 +29,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
 
 import msgpack
 import trio
 
-from . import stats as stats_module
 from .acctwriter import INFO, LOST, REOPENED, SINK, WRITTEN, json_line, record, text_line
 from .config import Accounting as AccountingConfig
 from .flow import Flow, addr_text, proto_name
 from .kernel import codec
 from .kernel.nl import set_sysctl
-from .stats import AccountingStats, Direction, ProtoTotals, TopTalker
-
-#: AccountingStats fields this version of stats.py has (`sinks` is newer than some)
-_STATS_FIELDS = {f.name for f in dataclasses.fields(AccountingStats)}
+from .stats import AccountingStats, Direction, ProtoTotals, SinkStats, TopTalker
 
 __all__ = ["Accounting", "HeavyHitters", "enable_kernel_accounting", "json_line", "record",
            "text_line"]
@@ -201,15 +195,7 @@ class Accounting:
             records_pending=self.buffered + self.in_flight, buffer=self.capacity,
             write_errors=self.write_errors, writer_restarts=self.writer_restarts,
             file=self.path, format=self.cfg.format,
-            **self._sink_stats())
-
-    def _sink_stats(self) -> dict[str, Any]:
-        """`sinks=` for AccountingStats once stats.py has it: {name: SinkStats(written,
-        lost)}."""
-        sink_stats = getattr(stats_module, "SinkStats", None)
-        if "sinks" not in _STATS_FIELDS or sink_stats is None:
-            return {}
-        return {"sinks": {k: sink_stats(*v) for k, v in sorted(self.sinks.items())}}
+            sinks={k: SinkStats(*v) for k, v in sorted(self.sinks.items())})
 
     # --- the writer ---------------------------------------------------------------------------
     def reopen(self) -> None:
