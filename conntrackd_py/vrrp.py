@@ -125,6 +125,7 @@ def open_fifo(path: str) -> int:
     """The FIFO keepalived writes to, made (0600) if missing and opened read-write: a reader
     that also holds a write end never sees end-of-file when keepalived restarts, and the open
     does not wait for a writer. A path that is not a FIFO is an OSError naming it."""
+    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
     with contextlib.suppress(FileExistsError):
         os.mkfifo(path, 0o600)
     fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)

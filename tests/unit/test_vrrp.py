@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -82,3 +84,28 @@ def test_lines_split_across_reads_and_overlong_ones_are_handled() -> None:
     assert got == [Transition("INSTANCE", "VI_1", "BACKUP", 100),
                    Transition("GROUP", "G", "MASTER", 0)]
     assert len(ignored) == 2  # the VS line and the overlong one
+
+
+def test_the_fifo_is_made_with_its_directory_and_a_regular_file_refused(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    import pytest
+
+    from conntrackd_py.vrrp import open_fifo
+
+    path = tmp_path / "run" / "keepalived.fifo"
+    fd = open_fifo(str(path))
+    try:
+        st = os.stat(path)
+        assert stat.S_ISFIFO(st.st_mode)
+        assert stat.S_IMODE(st.st_mode) == 0o600
+        w = os.open(path, os.O_WRONLY | os.O_NONBLOCK)  # keepalived's end
+        os.write(w, b'INSTANCE "X" MASTER 1\n')
+        os.close(w)
+        assert os.read(fd, 100) == b'INSTANCE "X" MASTER 1\n'
+    finally:
+        os.close(fd)
+    (tmp_path / "plain").write_text("")
+    with pytest.raises(OSError, match="not a FIFO"):
+        open_fifo(str(tmp_path / "plain"))
