@@ -30,21 +30,12 @@ import time
 from pathlib import Path
 
 import pytest
+from hapair import SERVICE, HaPair, build_pair
 
-from lab import (
-    ClusterTopology,
-    DaemonProc,
-    Keepalived,
-    Lab,
-    TcpStream,
-    cluster_topology,
-    harden_for_failover,
-    wait_until,
-)
+from lab import ClusterTopology, DaemonProc, Lab, Netns, TcpStream, wait_until
 
 pytestmark = pytest.mark.cluster
 
-SERVICE = 9000  # the server's port
 FORWARDED = 8080  # the VIP's port, DNAT'd to SERVICE
 
 _PORT_FORWARD = """
@@ -89,46 +80,40 @@ def conntrackd_conf(topo: ClusterTopology, k: int, workdir: str) -> str:
     return text
 
 
-def build(lab: Lab, tmp: str, conntrackd: bool = False
-          ) -> tuple[ClusterTopology, list[DaemonProc], list[Keepalived]]:
-    """The cluster; with `conntrackd` each daemon runs on its own conntrackd.conf (`-C`, read
-    natively), and keepalived's notify script calls the CLI with that file too."""
-    topo = cluster_topology(lab, n_fw=2, nat=False, vip_on=None)
-    daemons = []
-    for k, fw in enumerate(topo.fws, 1):
-        harden_for_failover(fw, SERVICE)
-        fw.nft(_PORT_FORWARD.format(vip=topo.lan_vip, port=FORWARDED, server=topo.server_ip,
-                                    service=SERVICE))
-        workdir = os.path.join(tmp, f"d{k}")
-        d = DaemonProc(fw, workdir, k, topo.sync_ip(k), ignore_addresses=ignored_addresses(topo))
+def build(lab: Lab, tmp_path: Path, conntrackd: bool = False) -> HaPair:
+    """The pair with the port forward; with `conntrackd` each daemon runs on its own
+    conntrackd.conf (`-C`, read natively), and keepalived's notify script calls the CLI with
+    that file too."""
+    def daemon(topo: ClusterTopology, k: int, workdir: str, fifo: str | None) -> DaemonProc:
+        d = DaemonProc(topo.fws[k - 1], workdir, k, topo.sync_ip(k),
+                       ignore_addresses=ignored_addresses(topo))
         if conntrackd:
             d.stop()
             d.conf = os.path.join(workdir, "conntrackd.conf")
             with open(d.conf, "w") as fh:
                 fh.write(conntrackd_conf(topo, k, workdir))
             d.start()
-        daemons.append(d)
-    kas = []
-    for k, fw in enumerate(topo.fws, 1):
-        kas.append(Keepalived(fw, os.path.join(tmp, f"k{k}"), topo, 150 if k == 1 else 100,
-                              daemons[k - 1]))
-        if k == 1:
-            wait_until(kas[0].is_master, 15, "fw1 to become VRRP master")
-    wait_until(lambda: any(x[2] == "backup" for x in kas[1].notifications()), 15,
-               "fw2 to settle as backup")
-    return topo, daemons, kas
+        return d
+
+    def port_forward(topo: ClusterTopology, fw: Netns) -> None:
+        fw.nft(_PORT_FORWARD.format(vip=topo.lan_vip, port=FORWARDED, server=topo.server_ip,
+                                    service=SERVICE))
+
+    return build_pair(lab, tmp_path, nat=False, daemon=daemon, prepare=port_forward)
 
 
 @pytest.mark.parametrize("config", ["yaml", "conntrackd.conf"])
 def test_port_forward_to_an_ignored_vip_survives_a_hard_kill_of_the_master(
-        lab: Lab, tmp_path: object, config: str) -> None:
+        lab: Lab, tmp_path: Path, config: str) -> None:
     """With "conntrackd.conf" both daemons run on Debian's FTFW example (-C, no conversion):
     node ids derived from the sync addresses (1 and 2), no authentication, the example's
     protocol filter (TCP SCTP DCCP) and Address Ignore list (this cluster's addresses)."""
-    topo, daemons, kas = build(lab, str(tmp_path), conntrackd=config == "conntrackd.conf")
-    d1, d2 = daemons
+    pair = build(lab, tmp_path, conntrackd=config == "conntrackd.conf")
+    topo, kas = pair.topo, pair.kas
+    d1 = pair.daemon(1)
     if config == "conntrackd.conf":
-        for k, d in enumerate(daemons, 1):
+        for k in (1, 2):
+            d = pair.daemon(k)
             assert d.stats("runtime")  # the daemon answers on the file's UNIX Path
             assert "read as a conntrackd.conf" in d.read_log()  # the one warning line
             assert f"node.id {k} derived from the sync address" in d.read_log()
@@ -140,8 +125,7 @@ def test_port_forward_to_an_ignored_vip_survives_a_hard_kill_of_the_master(
     assert entry, "the stream has no conntrack entry on fw1"
     assert f"dport={FORWARDED} " in entry[0], entry
     assert f"src={topo.server_ip} " in entry[0], ("the stream is not DNAT'd on fw1", entry)
-    wait_until(lambda: any(mine in line for line in d2.call("dump", cache="external")), 10,
-               "the forwarded flow to reach fw2's external cache")
+    pair.wait_external(2, mine, 10, "the forwarded flow to reach fw2's external cache")
     # the firewall's own traffic is still ignored: fw1's flows to its peer stay out of its cache
     assert not any(f"src={topo.sync_ip(1)} " in line
                    for line in d1.call("dump", cache="internal"))
@@ -152,10 +136,7 @@ def test_port_forward_to_an_ignored_vip_survives_a_hard_kill_of_the_master(
 
     # hard kill of the master: links down (a dead box answers nothing), keepalived and the
     # daemon SIGKILLed
-    fw1.ip("link", "set", "lan0", "down")
-    fw1.ip("link", "set", "wan0", "down")
-    kas[0].kill()
-    d1.kill()
+    pair.kill_master()
     wait_until(kas[1].is_master, 10, "fw2 to become master and finish its notify script")
     time.sleep(3)
     after = stream.status()

@@ -8,43 +8,18 @@ exits 0, replication still works, and the bad requests are counted in `-s`.
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import stat
-import struct
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
+from hostile_inputs import HOSTILE_REQUESTS, RawClient, req
 
 from lab import DaemonProc, Lab, cluster_topology, udp_flows, wait_until
 
 pytestmark = pytest.mark.kernel
 
-
-def req(cmd: str, **args: Any) -> bytes:
-    return json.dumps({"cmd": cmd, "args": args}).encode() + b"\n"
-
-
-#: each of these stopped the daemon on main (b27c7c2), or is of the same kind
-HOSTILE = [
-    req("request_resync", node="x"),
-    req("request_resync", node=2**70),
-    req("request_resync", node=0),
-    req("dump", cache="external", origin="x"),
-    req("dump", proto="tcpx"),
-    req("dump", proto=300),
-    req("purge", timeout="x"),
-    req("purge", timeout=-5),
-    req("stats", kind={}),
-    req("flush", cache=7),
-    req("commit", now=True),
-    b"[" * 30000 + b"]" * 30000 + b"\n",
-    b"\xff\xfe\xfd\n",
-    b'{"cmd": "stats", "args": [1]}\n',
-]
 
 #: the command lines that printed tracebacks on main
 BAD_COMMAND_LINES = [
@@ -63,28 +38,6 @@ BAD_COMMAND_LINES = [
 ]
 
 
-class Raw:
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(30)
-        self.sock.connect(path)
-        self.file = self.sock.makefile("rb")
-
-    def ask(self, line: bytes) -> dict[str, Any]:
-        self.sock.sendall(line)
-        return self.read()
-
-    def read(self) -> dict[str, Any]:
-        reply: dict[str, Any] = json.loads(self.file.readline())
-        return reply
-
-    def close(self, reset: bool = False) -> None:
-        if reset:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.file.close()
-        self.sock.close()
-
-
 def counters(d: DaemonProc) -> dict[str, int]:
     return dict(d.stats("runtime")["control"])
 
@@ -99,20 +52,20 @@ def test_hostile_control_input_is_refused_counted_and_the_daemon_stays_in_sync(
     before = counters(a)
 
     # every hostile request: an error reply, and the same connection answers the next one
-    c = Raw(a.socket)
-    for line in HOSTILE:
+    c = RawClient(a.socket, timeout=30)
+    for line in HOSTILE_REQUESTS:
         bad = c.ask(line)
         assert bad["ok"] is False, line[:60]
         assert c.ask(req("in_sync"))["ok"] is True, line[:60]
     c.close()
 
     # a line without end, and a reset in the middle of a request
-    c = Raw(a.socket)
+    c = RawClient(a.socket, timeout=30)
     c.sock.sendall(b"{" * (200 << 10))
     assert c.read() == {"ok": False, "error": "request too large"}
     c.close()
     for partial in (b'{"cmd": "dump", "args": {"ca', b'{"cmd": "stats"}\n'):
-        c = Raw(a.socket)
+        c = RawClient(a.socket, timeout=30)
         c.sock.sendall(partial)
         c.close(reset=True)
 
@@ -124,10 +77,10 @@ def test_hostile_control_input_is_refused_counted_and_the_daemon_stays_in_sync(
         assert p.stderr.count("\n") == 1, (flags, p.stderr)
 
     # more clients at once than the cap: the extra one is refused with an error line
-    idle = [Raw(a.socket) for _ in range(64)]
+    idle = [RawClient(a.socket, timeout=30) for _ in range(64)]
     for i in idle:  # each is being served (the server answered it)
         assert i.ask(req("in_sync"))["ok"] is True
-    extra = Raw(a.socket)
+    extra = RawClient(a.socket, timeout=30)
     assert extra.read() == {"ok": False, "error": "too many control clients"}
     extra.close()
     for i in idle:
@@ -141,7 +94,7 @@ def test_hostile_control_input_is_refused_counted_and_the_daemon_stays_in_sync(
     wait_until(lambda: sum("dport=6100" in x for x in b.external_keys(1)) >= 20, 30,
                "new flows of node 1 reach node 2")
     after = counters(a)
-    assert after["bad_requests"] - before["bad_requests"] >= len(HOSTILE) + 1
+    assert after["bad_requests"] - before["bad_requests"] >= len(HOSTILE_REQUESTS) + 1
     assert after["refused_clients"] - before["refused_clients"] >= 1
     assert after["errors"] == before["errors"] == 0
 
@@ -154,7 +107,7 @@ def test_a_control_client_that_never_reads_its_reply_is_dropped(
     a = DaemonProc(topo.fws[0], str(tmp_path / "a"), 1, topo.sync_ip(1))
     udp_flows(topo.client, topo.server_ip, 3000, dport=6200)
     wait_until(lambda: a.internal_count() >= 3000, 30, "the flows in node 1's internal cache")
-    stuck = Raw(a.socket)
+    stuck = RawClient(a.socket, timeout=30)
     stuck.sock.sendall(req("dump", cache="internal", raw=True))  # ~1 MB, never read
     t0 = time.monotonic()
     while time.monotonic() - t0 < 2:  # the daemon is blocked on this client's reply

@@ -12,7 +12,6 @@ import math
 import os
 import socket
 import stat
-import struct
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any
 
 import pytest
 import trio
+from hostile_inputs import DEEP_NESTING, HOSTILE_REQUESTS, RawClient, req
 
 from conntrackd_py.commands import COMMANDS
 from conntrackd_py.control import (
@@ -102,73 +102,6 @@ class FakeOps:
                 await trio.sleep(0.01 if self.watch_lines > 3 else 0)
         finally:
             self.watch_closed = True
-
-
-class Raw:
-    """A blocking client speaking raw bytes."""
-
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(20)
-        self.sock.connect(path)
-        self.file = self.sock.makefile("rb")
-
-    def ask(self, line: bytes) -> dict[str, Any]:
-        self.sock.sendall(line)
-        return self.read()
-
-    def read(self) -> dict[str, Any]:
-        reply: dict[str, Any] = json.loads(self.file.readline())
-        return reply
-
-    def reset(self) -> None:
-        """Close with RST (SO_LINGER 0), as a killed client's kernel may."""
-        self.close(reset=True)
-
-    def close(self, reset: bool = False) -> None:
-        if reset:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.file.close()
-        self.sock.close()
-
-
-def req(cmd: str, **args: Any) -> bytes:
-    return json.dumps({"cmd": cmd, "args": args}).encode() + b"\n"
-
-
-#: requests that killed the daemon on main (issue 13), and more of the same kind
-HOSTILE = [
-    req("request_resync", node="x"),
-    req("request_resync", node=2**70),
-    req("request_resync", node=0),
-    req("request_resync", node=-1),
-    req("request_resync", node=True),
-    req("request_resync", node=1.5),
-    req("dump", origin="x", cache="external"),
-    req("dump", proto="nope"),
-    req("dump", proto=256),
-    req("dump", cache="both"),
-    req("dump", cache="internal", origin=3),
-    req("dump", raw="yes"),
-    req("dump", nat="sideways"),
-    req("purge", timeout="x"),
-    req("purge", timeout=-5),
-    req("purge", timeout=2**31 + 1),
-    req("stats", kind={}),
-    req("stats", kind="everything"),
-    req("flush", cache=["internal"]),
-    req("commit", force=True),  # unknown arguments are refused, not ignored
-    req("nope"),
-    b"[" * 30000 + b"]" * 30000 + b"\n",  # RecursionError in json.loads on main
-    b'{"cmd": "stats", "args": {"kind": ' + b"[" * 30000 + b"\n",
-    b"\xff\xfe\x00garbage\n",
-    b'{"cmd": "stats", "args": "kind"}\n',
-    b'{"cmd": 7}\n',
-    b'{"cmd": "stats", "args": {}, "kind": "cache"}\n',  # a misplaced argument
-    b"\n",
-    b'{"cmd": "stats", "args": {"kind": "\\ud800"}}\n',
-    b'{"cmd": "request_resync", "args": {"node": ' + b"9" * 5000 + b"}}\n",
-]
 
 
 @pytest.fixture
@@ -263,21 +196,20 @@ async def test_every_hostile_request_gets_an_error_and_the_server_answers_the_ne
 
     def body() -> list[dict[str, Any]]:
         out = []
-        c = Raw(sock_path)
-        for line in HOSTILE:
+        c = RawClient(sock_path)
+        for line in HOSTILE_REQUESTS:
             out.append(c.ask(line))
             out.append(c.ask(req("in_sync")))  # the same connection still works
         c.close()
         return out
 
     server, replies = await serve(sock_path, ops, body)
-    for line, bad, good in zip(HOSTILE, replies[::2], replies[1::2], strict=True):
+    for line, bad, good in zip(HOSTILE_REQUESTS, replies[::2], replies[1::2], strict=True):
         assert bad["ok"] is False, line[:80]
         assert 0 < len(bad["error"]) < 1000, line[:80]
         assert good == {"ok": True, "result": {"in_sync": True}}
-    assert "nested too deeply" in replies[2 * HOSTILE.index(b"[" * 30000 + b"]" * 30000
-                                                             + b"\n")]["error"]
-    assert server.bad_requests == len(HOSTILE)
+    assert "nested too deeply" in replies[2 * HOSTILE_REQUESTS.index(DEEP_NESTING)]["error"]
+    assert server.bad_requests == len(HOSTILE_REQUESTS)
     assert server.errors == 0
     # no Ops method saw a hostile request
     assert {c[0] for c in ops.calls} == {"in_sync"}
@@ -289,7 +221,7 @@ async def test_a_refusal_from_the_daemon_and_an_unexpected_error_are_replies(
     ops.fail_with = RuntimeError("a bug in the daemon")
 
     def body() -> list[Any]:
-        c = Raw(sock_path)
+        c = RawClient(sock_path)
         out = [c.ask(req("resync_internal")), c.ask(req("flush_kernel")),
                c.ask(req("flush_kernel")), c.ask(req("in_sync"))]
         c.close()
@@ -309,7 +241,7 @@ async def test_a_refusal_from_the_daemon_and_an_unexpected_error_are_replies(
 
 async def test_a_request_too_long_is_refused_and_the_connection_closed(sock_path: str) -> None:
     def body() -> tuple[dict[str, Any], bytes, Any]:
-        c = Raw(sock_path)
+        c = RawClient(sock_path)
         # no newline ever: the server must not buffer forever
         c.sock.sendall(b"x" * (200 << 10))
         first = c.read()
@@ -331,7 +263,7 @@ async def test_a_request_too_long_is_refused_and_the_connection_closed(sock_path
 async def test_a_line_past_the_limit_is_refused_even_when_its_newline_comes(
         sock_path: str) -> None:
     def body() -> dict[str, Any]:
-        c = Raw(sock_path)
+        c = RawClient(sock_path)
         c.sock.sendall(b'{"cmd": "stats", "args": {"kind": "' + b"x" * (64 << 10) + b'"}}\n')
         reply = c.read()
         c.close()
@@ -347,7 +279,7 @@ async def test_a_watcher_that_goes_away_is_unregistered(sock_path: str) -> None:
     ops.watch_lines = 10**9
 
     def body() -> str:
-        c = Raw(sock_path)
+        c = RawClient(sock_path)
         first = c.ask(req("watch"))
         c.close(reset=True)
         return str(first["result"])
@@ -371,11 +303,11 @@ async def test_clients_that_reset_mid_request_or_mid_reply_do_not_harm_the_serve
 
     def body() -> Any:
         for partial in (b'{"cmd": "dump", "ar', b"", req("dump")):
-            c = Raw(sock_path)
+            c = RawClient(sock_path)
             if partial:
                 c.sock.sendall(partial)
             c.reset()
-        c = Raw(sock_path)
+        c = RawClient(sock_path)
         c.sock.sendall(req("dump"))
         c.sock.recv(1000)  # the reply has started
         c.reset()
@@ -390,10 +322,10 @@ async def test_clients_that_reset_mid_request_or_mid_reply_do_not_harm_the_serve
 async def test_a_client_that_never_reads_its_reply_is_dropped(sock_path: str) -> None:
     ops = FakeOps()
     ops.dump_result = ["x" * 100] * 200_000
-    stuck: list[Raw] = []
+    stuck: list[RawClient] = []
 
     def body() -> Any:
-        c = Raw(sock_path)
+        c = RawClient(sock_path)
         c.sock.sendall(req("dump"))  # and never reads
         stuck.append(c)
         with ControlClient(sock_path, timeout=20) as ok:
@@ -420,10 +352,10 @@ async def test_clients_beyond_the_cap_are_refused_with_an_error_line(sock_path: 
         server.max_clients = 3
 
     def body() -> tuple[dict[str, Any], Any]:
-        idle = [Raw(sock_path) for _ in range(3)]
+        idle = [RawClient(sock_path) for _ in range(3)]
         for c in idle:  # all three are being served (answered once)
             assert c.ask(req("in_sync"))["ok"]
-        extra = Raw(sock_path)
+        extra = RawClient(sock_path)
         refused = extra.read()
         extra.close()
         idle.pop().close()
