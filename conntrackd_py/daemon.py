@@ -49,6 +49,7 @@ from .lockfile import (
     process_age,
     raise_nofile_limit,
 )
+from .purge import PurgeTimer
 from .remote import LogLimiter, Remote, dump_lines, plan_direct, watch_item
 from .stats import (
     CacheStats,
@@ -163,7 +164,7 @@ class Daemon:
             self.accounting = Accounting(cfg.stats.accounting, node_id=cfg.node.id)
         self.echo = EchoWindow(self.external)  # what our own commit wrote is not news
         # -t: the pending flush (conntrackd's reset_cache_alarm)
-        self._purge: tuple[trio.CancelScope, float] | None = None  # (scope, when)
+        self._purge = PurgeTimer[trio.CancelScope](cfg.sync.purge_timeout)
         self.keepalived_fifo = cfg.keepalived.notify_fifo
         self.keepalived = Follower(frozenset(cfg.keepalived.instances))
 
@@ -431,21 +432,19 @@ class Daemon:
         return "resync requested"
 
     async def purge(self, timeout: int | None) -> dict[str, int]:  # noqa: ASYNC109 (Ops name)
-        """-t, as conntrackd 1.4.7's RESET_TIMERS: the flows this node carried as master are
-        zombies once it is a backup. One flush is scheduled `timeout` (purge_timeout) seconds
-        later, not re-armed while pending: every kernel entry the filters would replicate, and
-        the internal cache. A commit (-c) or a flush of the internal cache (-f) cancels it. The
-        external cache (the new master's flows) is left alone."""
-        t = int(self.cfg.sync.purge_timeout) if timeout is None else timeout
+        """-t, as conntrackd 1.4.7's RESET_TIMERS (purge.py decides when): one flush of every
+        kernel entry the filters would replicate, and of the internal cache. The external cache
+        (the new master's flows) is left alone."""
         now = self._now()
-        if self._purge is not None:
-            return {"flush_in": max(0, math.ceil(self._purge[1] - now))}
-        scope = trio.CancelScope()
-        self._purge = (scope, now + t)
-        assert self.nursery is not None
-        self.nursery.start_soon(self._purge_later, t, scope)
-        log.info("flushing the kernel's conntrack table in %d s (-t; a commit cancels it)", t)
-        return {"flush_in": t}
+        left, arm = self._purge.request(now, timeout)
+        if arm:
+            scope = trio.CancelScope()
+            self._purge.arm(scope, now, left)
+            assert self.nursery is not None
+            self.nursery.start_soon(self._purge_later, left, scope)
+            log.info("flushing the kernel's conntrack table in %d s (-t; a commit cancels it)",
+                     left)
+        return {"flush_in": left}
 
     async def _purge_later(self, delay: int, scope: trio.CancelScope) -> None:
         try:
@@ -464,14 +463,12 @@ class Daemon:
         except Exception as e:  # a failed flush never stops the daemon
             self.contained("scheduled flush (-t)", e)
         finally:
-            if self._purge is not None and self._purge[0] is scope:
-                self._purge = None
+            self._purge.done(scope)
 
     def _cancel_purge(self, why: str) -> None:
-        if self._purge is not None:
-            self._purge[0].cancel()
-            self._purge = None
-            log.info("scheduled flush of the kernel's table (-t) cancelled by %s", why)
+        scope = self._purge.cancel(why)
+        if scope is not None:
+            scope.cancel()
 
     def stop(self) -> str:
         assert self.nursery is not None
