@@ -26,19 +26,18 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
-from . import filters as filters_mod
 from . import sdnotify
 from . import sync as sync_engine
 from .cache import ExternalCache
 from .commit import CommitError, CommitJob, EchoWindow, commit_forked, run_commit
-from .config import Config, ConfigError, ListFilter, load, load_keys
+from .config import Config, ConfigError, load, load_keys
 from .control import ControlServer
 from .ctlclient import ControlError
-from .flow import Flow
+from .filters import build_filter
 from .kernel.events import EventBatch
 from .kernel.table import CommitResult, Table
 from .lockfile import (
@@ -75,26 +74,6 @@ log = logging.getLogger(__name__)
 FD_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 #: a supervised task that failed starts again after this long
 RESTART_DELAY = 1.0
-
-
-def build_filter(cfg: Config) -> Callable[[Flow], bool]:
-    f = cfg.filters
-    specs = channel_specs(cfg.sync.channels) if cfg.general.mode == "sync" else []
-    sync_addrs: list[str] = []
-    for s in specs:
-        sync_addrs += [a for a in (s.source, s.bind, *s.peers) if a]
-    ports = {s.port for s in specs}
-    sync_addrs += [s.group for s in specs if s.group]
-
-    def listed(lf: ListFilter) -> tuple[str, tuple[Any, ...]] | None:
-        return (lf.policy, tuple(lf.items)) if lf.items else None
-
-    return filters_mod.build(
-        protocols=listed(f.protocols), addresses=listed(f.addresses),
-        tcp_states=listed(f.tcp_states),
-        sync_ports=ports if f.ignore_sync_link else (),
-        sync_addrs=sync_addrs if f.ignore_sync_link else (),
-    )
 
 
 def _auth_enabled(cfg: Config, keys: tuple[bytes, ...]) -> bool:

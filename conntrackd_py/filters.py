@@ -1,15 +1,20 @@
 """Which flows a node tracks and replicates: the configured filters as one predicate.
 
 Owns the policy only (protocols, addresses, TCP states, and always the sync link's own
-traffic); it sees config dataclasses and Flows, never YAML or sockets.
+traffic); it sees config dataclasses and Flows, never YAML or sockets. `build_filter(cfg)` is
+the daemon's predicate for a configuration (at start and on SIGHUP).
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from .flow import Flow, Tuple
+
+if TYPE_CHECKING:
+    from .config import Config, ListFilter
 
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -121,3 +126,27 @@ def build(protocols: tuple[str, tuple[int, ...]] | None = None,
     if len(checks) == 1:
         return checks[0]
     return lambda f: all(c(f) for c in checks)
+
+
+def build_filter(cfg: Config) -> Callable[[Flow], bool]:
+    """The configured filters (cfg.filters) as one predicate; with ignore_sync_link, the sync
+    channels' own ports and addresses (general.mode sync only) are ignored too."""
+    from .transport import channel_specs  # the channels as opened: one reading of the config
+
+    f = cfg.filters
+    specs = channel_specs(cfg.sync.channels) if cfg.general.mode == "sync" else []
+    sync_addrs: list[str] = []
+    for s in specs:
+        sync_addrs += [a for a in (s.source, s.bind, *s.peers) if a]
+    ports = {s.port for s in specs}
+    sync_addrs += [s.group for s in specs if s.group]
+
+    def listed(lf: ListFilter) -> tuple[str, tuple[Any, ...]] | None:
+        return (lf.policy, tuple(lf.items)) if lf.items else None
+
+    return build(
+        protocols=listed(f.protocols), addresses=listed(f.addresses),
+        tcp_states=listed(f.tcp_states),
+        sync_ports=ports if f.ignore_sync_link else (),
+        sync_addrs=sync_addrs if f.ignore_sync_link else (),
+    )

@@ -7,7 +7,8 @@ import ipaddress
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conntrackd_py.filters import Net, build
+from conntrackd_py.config import loads
+from conntrackd_py.filters import Net, build, build_filter
 from conntrackd_py.flow import Flow, Tuple
 
 
@@ -171,3 +172,25 @@ def test_twenty_thousand_networks_match_by_prefix_not_by_scan() -> None:
     assert not keep(flow("172.16.5.9", "8.8.8.8"))
     assert keep(flow("10.79.0.1", "8.8.8.8"))  # just past the last /24
     assert keep(flow("172.16.5.8", "8.8.8.8"))
+
+
+BASE = ("node: {id: 1}\n"
+        "sync:\n  auth: {required: false}\n"
+        "  channels: [{udp: {bind: 10.9.0.1, peers: [10.9.0.2], port: 3780}}]\n")
+
+
+def test_build_filter_takes_the_configured_lists_and_the_sync_links_own_traffic() -> None:
+    keep = build_filter(loads(BASE + "filters:\n  protocols: {ignore: [icmp]}\n"))
+    assert keep(flow("10.0.0.1", "10.0.0.2"))
+    assert not keep(flow("10.0.0.1", "10.0.0.2", proto=1))
+    # the sync protocol between the channel's addresses: never replicated
+    assert not keep(flow("10.9.0.1", "10.9.0.2", sport=3780, dport=3780))
+    assert not keep(flow("10.9.0.1", "10.9.0.2", proto=6, sport=22, dport=22))
+    # the same port between other hosts is a client's flow
+    assert keep(flow("10.0.0.1", "10.0.0.2", sport=3780, dport=3780))
+    # ignore_sync_link off: the link's flows are the configured lists' only
+    off = build_filter(loads(BASE + "filters: {ignore_sync_link: false}\n"))
+    assert off(flow("10.9.0.1", "10.9.0.2", sport=3780, dport=3780))
+    # general.mode stats: no channel is opened, so none is ignored
+    stats = build_filter(loads("node: {id: 1}\ngeneral: {mode: stats}\n"))
+    assert stats(flow("10.9.0.1", "10.9.0.2", sport=3780, dport=3780))
