@@ -25,7 +25,6 @@ import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 import trio
@@ -50,15 +49,7 @@ from .lockfile import (
 )
 from .purge import PurgeTimer
 from .remote import LogLimiter, Remote, dump_lines, plan_direct, watch_item
-from .stats import (
-    CacheStats,
-    CommitReport,
-    ControlStats,
-    DirectStats,
-    RuntimeStats,
-    Snapshot,
-    sections,
-)
+from .stats import CommitReport, RuntimeStats, Snapshot, runtime_stats, snapshot
 from .sync.config import config_from
 from .tracker import Tracker
 from .transport import Transport, channel_specs
@@ -513,63 +504,21 @@ class Daemon:
                 self.tracker.on_change = None
 
     def stats(self, kind: str | None) -> Snapshot:
-        want = sections(kind)
-        direct = not self.cfg.sync.external_cache
-        return Snapshot(
-            runtime=self._runtime_stats() if "runtime" in want else None,
-            cache=self._cache_stats() if "cache" in want else None,
-            sync=self.engine.stats() if "sync" in want and self.engine is not None else None,
-            link=self.transport.snapshot()
-            if "link" in want and self.transport is not None else None,
-            direct=DirectStats(**asdict(self.remote.direct_counts))
-            if direct and "direct" in want else None,
-            accounting=self.accounting.snapshot()
-            if "accounting" in want and self.accounting is not None else None,
-            control=self._control_stats() if "control" in want else None,
-        )
+        return snapshot(
+            kind, runtime=self._runtime_stats, tracker=self.tracker, external=self.external,
+            invalid=self.remote.invalid, engine=self.engine, transport=self.transport,
+            direct=None if self.cfg.sync.external_cache else self.remote.direct_counts,
+            accounting=self.accounting, control=self.control, metrics=self.metrics)
 
     def _runtime_stats(self) -> RuntimeStats:
-        cfg, rm = self.cfg, self.remote
-        return RuntimeStats(
-            node=cfg.node.id, epoch=f"{self.epoch:08x}",
-            uptime_s=round(self._wall() - self.started, 1), pid=os.getpid(),
-            mode=cfg.sync.mode if cfg.general.mode == "sync" else "stats",
+        return runtime_stats(
+            self.cfg, epoch=self.epoch, uptime_s=self._wall() - self.started, pid=os.getpid(),
             in_sync=self.in_sync(), commits=self.commits, last_commit=self.last_commit,
             auth_enabled=self.auth_enabled, reloads=self.reloads,
-            reload_failures=self.reload_failures,
-            internal_errors=sum(self.internal_errors.values()),
-            internal_errors_by_kind=dict(self.internal_errors),
-            fd_exhausted=self.fd_exhausted,
-            oversize_datagrams=sum(c.stats.oversize for c in self.transport.channels)
-            if self.transport is not None else 0,
-            duplicate_node=rm.duplicate_node, peers_forgotten=rm.peers_forgotten,
-            commit_echoes=self.echo.echoes,
-            keepalived_transitions=self.keepalived.transitions,
-            keepalived_lines_ignored=self.keepalived.ignored,
-            keepalived_state=self.keepalived.state if self.keepalived_fifo else None)
-
-    def _cache_stats(self) -> CacheStats:
-        tr, ext = self.tracker, self.external
-        return CacheStats(
-            internal=len(tr.cache) if tr is not None else 0, external=len(ext),
-            external_by_node={o: ext.count(o) for o in ext.origins()},
-            external_undecodable=ext.undecodable,
-            external_refused=dict(ext.refused),
-            invalid_flows=dict(self.remote.invalid),
-            kernel_events=dataclasses.replace(tr.events.stats) if tr is not None else None,
-            tracker=dataclasses.replace(tr.stats) if tr is not None else None)
-
-    def _control_stats(self) -> ControlStats:
-        m = self.metrics
-        c = self.control.stats() if self.control is not None else None
-        return ControlStats(
-            requests=c.requests if c else 0, bad_requests=c.bad_requests if c else 0,
-            errors=c.errors if c else 0, refused_clients=c.refused_clients if c else 0,
-            dropped_clients=c.dropped_clients if c else 0,
-            metrics_requests=m.requests if m is not None else 0,
-            metrics_client_errors=m.client_errors if m is not None else 0,
-            metrics_refused=m.refused if m is not None else 0,
-            metrics_connections=m.connections if m is not None else 0)
+            reload_failures=self.reload_failures, internal_errors=self.internal_errors,
+            fd_exhausted=self.fd_exhausted, transport=self.transport, remote=self.remote,
+            commit_echoes=self.echo.echoes, keepalived=self.keepalived,
+            keepalived_followed=bool(self.keepalived_fifo))
 
     # --- the main task ------------------------------------------------------------------
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -4,23 +4,40 @@ This module owns the shape of the daemon's statistics: one frozen dataclass per 
 (runtime, cache, sync, link, direct writes, accounting, control), assembled by the daemon
 at the moment of a request and read by attribute everywhere (metrics, tests, the control
 server's JSON via `dataclasses.asdict`): a renamed field fails mypy, not a dashboard.
-It must not compute anything or hold live state: the daemon and its parts count, this
-module only names what they report.
+It also assembles a snapshot from the parts that count (`snapshot`, `runtime_stats`,
+`cache_stats`, `control_stats`: pure functions given those parts, never the daemon, which
+this module does not import). It must not count or hold live state itself: the daemon and
+its parts count, this module names and gathers what they report.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .kernel.events import EventStats
 from .sync import SyncStats
 from .tracker import TrackerStats
 
+if TYPE_CHECKING:  # the parts a snapshot reads; they import this module for their shapes
+    from .accounting import Accounting
+    from .cache import ExternalCache
+    from .config import Config
+    from .control import ControlServer
+    from .metrics import MetricsServer
+    from .remote import DirectCounts, Remote
+    from .sync import Engine
+    from .tracker import Tracker
+    from .transport import Transport
+    from .vrrp import Follower
+
 __all__ = [
     "AccountingStats", "CacheStats", "ChannelSnapshot", "CommitReport", "ControlStats",
     "DirectStats", "Direction", "EventStats", "LinkStats", "ProtoTotals", "RuntimeStats",
-    "SinkStats", "Snapshot", "SyncStats", "TopTalker", "TrackerStats", "sections",
+    "SinkStats", "Snapshot", "SyncStats", "TopTalker", "TrackerStats", "cache_stats",
+    "control_stats", "runtime_stats", "sections", "snapshot",
 ]
 
 #: `-s KIND` -> the sections it shows (conntrackd's names map onto ours)
@@ -227,3 +244,75 @@ class Snapshot:
                 continue
             out[f.name] = v.as_dict() if isinstance(v, SyncStats) else asdict(v)
         return out
+
+
+# --- assembly: what each section reads, from the parts that count it ---------------------
+def snapshot(kind: str | None, *, runtime: Callable[[], RuntimeStats],
+             tracker: Tracker | None, external: ExternalCache, invalid: Mapping[str, int],
+             engine: Engine | None, transport: Transport | None, direct: DirectCounts | None,
+             accounting: Accounting | None, control: ControlServer | None,
+             metrics: MetricsServer | None) -> Snapshot:
+    """`-s kind` now: the sections it shows (`sections`), each read from its part; None where
+    the part is absent (no engine in mode stats; `direct` None with the external cache on)."""
+    want = sections(kind)
+    return Snapshot(
+        runtime=runtime() if "runtime" in want else None,
+        cache=cache_stats(tracker, external, invalid) if "cache" in want else None,
+        sync=engine.stats() if "sync" in want and engine is not None else None,
+        link=transport.snapshot() if "link" in want and transport is not None else None,
+        direct=DirectStats(**asdict(direct)) if direct is not None and "direct" in want
+        else None,
+        accounting=accounting.snapshot()
+        if "accounting" in want and accounting is not None else None,
+        control=control_stats(control, metrics) if "control" in want else None,
+    )
+
+
+def runtime_stats(cfg: Config, *, epoch: int, uptime_s: float, pid: int, in_sync: bool,
+                  commits: int, last_commit: CommitReport | None, auth_enabled: bool,
+                  reloads: int, reload_failures: int, internal_errors: Mapping[str, int],
+                  fd_exhausted: int, transport: Transport | None, remote: Remote,
+                  commit_echoes: int, keepalived: Follower,
+                  keepalived_followed: bool) -> RuntimeStats:
+    return RuntimeStats(
+        node=cfg.node.id, epoch=f"{epoch:08x}", uptime_s=round(uptime_s, 1), pid=pid,
+        mode=cfg.sync.mode if cfg.general.mode == "sync" else "stats",
+        in_sync=in_sync, commits=commits, last_commit=last_commit,
+        auth_enabled=auth_enabled, reloads=reloads, reload_failures=reload_failures,
+        internal_errors=sum(internal_errors.values()),
+        internal_errors_by_kind=dict(internal_errors),
+        fd_exhausted=fd_exhausted,
+        oversize_datagrams=sum(c.stats.oversize for c in transport.channels)
+        if transport is not None else 0,
+        duplicate_node=remote.duplicate_node, peers_forgotten=remote.peers_forgotten,
+        commit_echoes=commit_echoes,
+        keepalived_transitions=keepalived.transitions,
+        keepalived_lines_ignored=keepalived.ignored,
+        keepalived_state=keepalived.state if keepalived_followed else None)
+
+
+def cache_stats(tracker: Tracker | None, external: ExternalCache,
+                invalid: Mapping[str, int]) -> CacheStats:
+    """Both caches' sizes and refusals; copies of the counters (a snapshot does not move)."""
+    return CacheStats(
+        internal=len(tracker.cache) if tracker is not None else 0, external=len(external),
+        external_by_node={o: external.count(o) for o in external.origins()},
+        external_undecodable=external.undecodable,
+        external_refused=dict(external.refused),
+        invalid_flows=dict(invalid),
+        kernel_events=dataclasses.replace(tracker.events.stats) if tracker is not None
+        else None,
+        tracker=dataclasses.replace(tracker.stats) if tracker is not None else None)
+
+
+def control_stats(control: ControlServer | None, metrics: MetricsServer | None) -> ControlStats:
+    c = control.stats() if control is not None else None
+    m = metrics
+    return ControlStats(
+        requests=c.requests if c else 0, bad_requests=c.bad_requests if c else 0,
+        errors=c.errors if c else 0, refused_clients=c.refused_clients if c else 0,
+        dropped_clients=c.dropped_clients if c else 0,
+        metrics_requests=m.requests if m is not None else 0,
+        metrics_client_errors=m.client_errors if m is not None else 0,
+        metrics_refused=m.refused if m is not None else 0,
+        metrics_connections=m.connections if m is not None else 0)
