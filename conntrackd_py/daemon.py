@@ -16,7 +16,6 @@ in kernel/, policy in filters.py and config.py.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import logging
 import math
@@ -48,6 +47,7 @@ from .lockfile import (
     raise_nofile_limit,
 )
 from .purge import PurgeTimer
+from .reload import log_import, reloaded
 from .remote import LogLimiter, Remote, dump_lines, plan_direct, watch_item
 from .stats import CommitReport, RuntimeStats, Snapshot, runtime_stats, snapshot
 from .sync.config import config_from
@@ -65,21 +65,6 @@ log = logging.getLogger(__name__)
 FD_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 #: a supervised task that failed starts again after this long
 RESTART_DELAY = 1.0
-
-
-def _auth_enabled(cfg: Config, keys: tuple[bytes, ...]) -> bool:
-    return cfg.general.mode == "sync" and bool(keys)
-
-
-def _log_import(cfg: Config, running: Config | None) -> None:
-    """A conntrackd.conf read natively: its one-line warning (again on SIGHUP only when it
-    changed), each note at INFO."""
-    if cfg.import_warning is None or (
-            running is not None and running.import_warning == cfg.import_warning):
-        return
-    log.warning("%s", cfg.import_warning)
-    for note in cfg.import_notes:
-        log.info("%s: %s", cfg.path, note)
 
 
 CommitRunner = Callable[[CommitJob, float], Awaitable[CommitReport]]
@@ -523,7 +508,7 @@ class Daemon:
     # --- the main task ------------------------------------------------------------------
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.cfg
-        _log_import(cfg, None)
+        log_import(cfg, None)
         soft, _ = raise_nofile_limit()
         lock = PidLock(cfg.general.lock_file)
         lock.acquire()
@@ -565,7 +550,7 @@ class Daemon:
                 silence_timeout=cfg.sync.peer_timeout,
                 failback=cfg.sync.failback,
                 max_datagram=sync_cfg.mtu + sync_cfg.oversize_slack)
-        self.auth_enabled = _auth_enabled(cfg, keys)
+        self.auth_enabled = bool(keys)  # keys are loaded in mode sync only
         if self.accounting is not None:
             from .accounting import enable_kernel_accounting
             enable_kernel_accounting(self.netns)
@@ -630,16 +615,11 @@ class Daemon:
             log.error("SIGHUP: reading %s failed (%s); keeping the running configuration",
                       self.cfg.path, type(e).__name__)
             return
-        _log_import(new, self.cfg)
+        log_import(new, self.cfg)
         logging.getLogger().setLevel(level)
         if self.tracker is not None:
             self.tracker.accept = accept
-        needs_restart = [name for name in ("node", "general", "netlink", "sync", "keepalived")
-                         if getattr(new, name) != getattr(self.cfg, name)]
-        self.cfg = dataclasses.replace(self.cfg, logging=new.logging, filters=new.filters,
-                                       stats=new.stats, metrics=new.metrics,
-                                       import_warning=new.import_warning,
-                                       import_notes=new.import_notes)
+        self.cfg, needs_restart = reloaded(self.cfg, new)
         self.reloads += 1
         log.info("SIGHUP: reloaded logging and filters from %s%s", self.cfg.path,
                  f"; changes to {', '.join(needs_restart)} need a restart" if needs_restart
