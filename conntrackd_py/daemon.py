@@ -16,7 +16,6 @@ in kernel/, policy in filters.py and config.py.
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import os
@@ -33,6 +32,7 @@ from . import sync as sync_engine
 from .cache import ExternalCache
 from .commit import CommitError, CommitJob, EchoWindow, commit_forked, run_commit
 from .config import Config, ConfigError, load, load_keys
+from .contain import Containment
 from .control import ControlServer
 from .ctlclient import ControlError
 from .filters import build_filter
@@ -48,7 +48,7 @@ from .lockfile import (
 )
 from .purge import PurgeTimer
 from .reload import log_import, reloaded
-from .remote import LogLimiter, Remote, dump_lines, plan_direct, watch_item
+from .remote import Remote, dump_lines, plan_direct, watch_item
 from .stats import CommitReport, RuntimeStats, Snapshot, runtime_stats, snapshot
 from .sync.config import config_from
 from .tracker import Tracker
@@ -61,8 +61,6 @@ if TYPE_CHECKING:  # imported when the config uses them: start-up time (#14)
 
 log = logging.getLogger(__name__)
 
-#: errnos meaning "out of descriptors or memory for one": survived, counted, retried later
-FD_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 #: a supervised task that failed starts again after this long
 RESTART_DELAY = 1.0
 
@@ -103,9 +101,7 @@ class Daemon:
         self.auth_enabled = False
         self.reloads = 0
         self.reload_failures = 0
-        self.fd_exhausted = 0
-        self.internal_errors: Counter[str] = Counter()
-        self._limiter = LogLimiter()
+        self.errors = Containment()  # exceptions one input caused: counted, logged, survived
         self._wake = trio.Event()
         self._watchers: list[trio.MemorySendChannel[object]] = []
         self._direct_wake = trio.Event()
@@ -126,19 +122,7 @@ class Daemon:
     # --- containment --------------------------------------------------------------------
     def contained(self, where: str, exc: BaseException) -> None:
         """Count and log (once per kind per minute) an exception that one input caused."""
-        if isinstance(exc, OSError) and exc.errno in FD_EXHAUSTED:
-            self.fd_exhausted += 1
-            kind = f"{where}: {errno.errorcode.get(exc.errno or 0, exc.errno)}"
-        else:
-            kind = f"{where}: {type(exc).__name__}"
-            self.internal_errors[kind] += 1
-        held = self._limiter.allow(kind, trio.current_time())
-        if held is not None:
-            # out of descriptors is a resource condition, not a bug: no traceback for it
-            log.error("%s (contained, the daemon carries on%s)", kind,
-                      f"; {held} more since the last report" if held else "",
-                      exc_info=None if isinstance(exc, OSError) and exc.errno in FD_EXHAUSTED
-                      else exc)
+        self.errors.record(where, exc, trio.current_time())
 
     async def _supervised(self, where: str, fn: Callable[..., Awaitable[object]],
                           *args: object) -> None:
@@ -314,8 +298,7 @@ class Daemon:
         try:
             report = await self._run_commit(job, now)
         except CommitError as e:
-            if e.errno in FD_EXHAUSTED:
-                self.fd_exhausted += 1
+            self.errors.exhausted(e.errno)
             log.error("commit of the external cache failed: %s", e)
             raise ControlError(f"commit failed: {e}") from None
         finally:
@@ -352,8 +335,7 @@ class Daemon:
         try:
             return self._make_table(self.netns, batch=self.cfg.netlink.commit_batch)
         except OSError as e:
-            if e.errno in FD_EXHAUSTED:
-                self.fd_exhausted += 1
+            self.errors.exhausted(e.errno)
             raise ControlError(f"cannot open a netlink socket: {e}") from None
 
     async def flush_kernel(self) -> str:
@@ -500,8 +482,8 @@ class Daemon:
             self.cfg, epoch=self.epoch, uptime_s=self._wall() - self.started, pid=os.getpid(),
             in_sync=self.in_sync(), commits=self.commits, last_commit=self.last_commit,
             auth_enabled=self.auth_enabled, reloads=self.reloads,
-            reload_failures=self.reload_failures, internal_errors=self.internal_errors,
-            fd_exhausted=self.fd_exhausted, transport=self.transport, remote=self.remote,
+            reload_failures=self.reload_failures, internal_errors=self.errors.internal_errors,
+            fd_exhausted=self.errors.fd_exhausted, transport=self.transport, remote=self.remote,
             commit_echoes=self.echo.echoes, keepalived=self.keepalived,
             keepalived_followed=bool(self.keepalived_fifo))
 

@@ -431,7 +431,7 @@ async def test_a_supervised_task_that_fails_is_restarted(
         tr = tracker_of(d)
         tr.accept = lambda f: 1 / 0 > 0
         await tr.events.send.send([(EventType.NEW, mkflow(1))])  # type: ignore[attr-defined]
-        await wait_for(lambda: sum(d.internal_errors.values()) == 1)
+        await wait_for(lambda: sum(d.errors.internal_errors.values()) == 1)
         tr.accept = lambda f: True
         dumps = tr.stats.dumps
         k, v = pack_flow(mkflow(1))
@@ -636,7 +636,7 @@ async def test_a_send_failure_is_contained_and_the_protocol_recovers(
         await wait_for(lambda: sum(len(e.flows) for e in peer.received
                                    if isinstance(e, sync_engine.RemoteFlows)) >= 4)
         assert failures["n"] == 1
-        assert d.internal_errors == {"sending sync datagrams: OSError": 1}
+        assert d.errors.internal_errors == {"sending sync datagrams: OSError": 1}
         await wait_for(d.in_sync)
 
 
