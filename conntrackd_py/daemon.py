@@ -22,7 +22,7 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -48,7 +48,7 @@ from .lockfile import (
 )
 from .purge import PurgeTimer
 from .reload import log_import, reloaded
-from .remote import Remote, dump_lines, plan_direct, watch_item
+from .remote import Remote, dump_entries, plan_direct, watch_item
 from .stats import CommitReport, RuntimeStats, Snapshot, runtime_stats, snapshot
 from .sync.config import config_from
 from .tracker import Tracker
@@ -424,20 +424,8 @@ class Daemon:
 
     def dump(self, which: str, proto: int | None, nat: str | None,
              origin: int | None, raw: bool) -> list[object]:
-        pairs: Iterator[tuple[int | None, bytes, bytes]]
-        if which == "internal":
-            if self.tracker is None:
-                return []
-            pairs = ((None, k, v) for k, v in self.tracker.cache.items())
-        else:
-            pairs = ((o, k, v) for o, k, v, _seen in self.external.items(origin))
-        if raw:  # exact bytes, for convergence checks
-            return [[o, k.hex(), v.hex()] for o, k, v in pairs]
-        lines, bad = dump_lines(pairs, proto, nat)
-        if bad:
-            log.warning("dump of the %s cache: %d entries do not describe a flow (a peer's "
-                        "bytes); not listed", which, bad)
-        return list(lines)
+        internal = None if self.tracker is None else self.tracker.cache.items()
+        return dump_entries(which, internal, self.external, proto, nat, origin, raw)
 
     def _notify_watchers(self, event: str, origin: int | None, key: bytes,
                          value: bytes | None) -> None:

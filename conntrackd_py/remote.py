@@ -6,9 +6,9 @@ the ones forgotten), the validation of every peer flow before anything stores it
 (`flow.filter_untrusted`; refusals counted by reason), the direct writer's queue and its
 planning (latest state per flow, creates and deletes), rate-limited log lines for events
 that can repeat (a duplicate node id, a peer forgotten), and the text views of cache entries
-(`dump_lines`, `watch_line`: a peer's bytes that do not describe a flow are counted or shown
-as such, never raised). It is pure: no trio, no socket, no clock (time is an argument); the
-daemon does the kernel writes.
+(`dump_entries`, `dump_lines`, `watch_line`: a peer's bytes that do not describe a flow are
+counted or shown as such, never raised). It is pure: no trio, no socket, no clock (time is
+an argument); the daemon does the kernel writes.
 """
 
 from __future__ import annotations
@@ -208,6 +208,28 @@ def dump_lines(pairs: Iterable[tuple[int | None, bytes, bytes]], proto: int | No
         line = f.format()
         out.append(line if o is None else f"{line} [node={o}]")
     return out, bad
+
+
+def dump_entries(which: str, internal: Iterable[tuple[bytes, bytes]] | None,
+                 external: ExternalCache, proto: int | None, nat: str | None,
+                 origin: int | None, raw: bool) -> list[object]:
+    """`-L`/`-i` (which "internal": `internal`'s entries; None in a mode without the internal
+    cache) or `-e` (the external cache, one origin's or all): `dump_lines`, or with `raw` the
+    exact bytes as [origin, key hex, value hex] (for convergence checks)."""
+    pairs: Iterable[tuple[int | None, bytes, bytes]]
+    if which == "internal":
+        if internal is None:
+            return []
+        pairs = ((None, k, v) for k, v in internal)
+    else:
+        pairs = ((o, k, v) for o, k, v, _seen in external.items(origin))
+    if raw:
+        return [[o, k.hex(), v.hex()] for o, k, v in pairs]
+    lines, bad = dump_lines(pairs, proto, nat)
+    if bad:
+        log.warning("dump of the %s cache: %d entries do not describe a flow (a peer's "
+                    "bytes); not listed", which, bad)
+    return list(lines)
 
 
 def watch_item(event: str, origin: int | None, key: bytes,

@@ -15,6 +15,7 @@ from conntrackd_py.remote import (
     LogLimiter,
     Pair,
     Remote,
+    dump_entries,
     dump_lines,
     plan_direct,
     watch_item,
@@ -145,6 +146,25 @@ def test_dump_lines_filter_and_count_what_does_not_unpack() -> None:
     assert lines[1].endswith("[node=2]")
     assert dump_lines(pairs, 17, None)[0] == [lines[1]]
     assert dump_lines(pairs, None, "src")[0] == []  # neither is NATed
+
+
+def test_dump_entries_of_either_cache_raw_or_as_lines(caplog: pytest.LogCaptureFixture) -> None:
+    k1, v1 = kv(1)
+    k2, v2 = kv(2)
+    ext = ExternalCache()
+    ext.upsert(2, k1, v1, 0.0)
+    ext.upsert(3, k2, v2, 0.0)
+    ext.upsert(3, b"\xc1", b"\xc1", 0.0)
+    assert dump_entries("internal", None, ext, None, None, None, False) == []  # mode stats
+    internal = dump_entries("internal", [(k1, v1)], ext, None, None, None, False)
+    assert internal == dump_lines([(None, k1, v1)], None, None)[0]
+    assert dump_entries("internal", [(k1, v1)], ext, None, None, None, True) == [
+        [None, k1.hex(), v1.hex()]]
+    assert dump_entries("external", None, ext, None, None, 2, True) == [[2, k1.hex(), v1.hex()]]
+    caplog.set_level(logging.WARNING)
+    lines = dump_entries("external", None, ext, None, None, 3, False)
+    assert lines == dump_lines([(3, k2, v2)], None, None)[0]
+    assert "dump of the external cache: 1 entries do not describe a flow" in caplog.text
 
 
 def test_watch_line_shows_undecodable_bytes_as_such() -> None:
