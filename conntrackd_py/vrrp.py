@@ -21,11 +21,9 @@ import os
 import stat
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, assert_never
 
 import trio
-
-from .ctlclient import ControlError
 
 if TYPE_CHECKING:
     from .commands import Ops
@@ -104,9 +102,10 @@ class Follower:
 
     names: frozenset[str] = frozenset()
     state: str | None = None
-    #: transitions acted on; lines that were not a transition
+    #: transitions acted on; lines that were not a transition; steps that raised
     transitions: int = 0
     ignored: int = 0
+    failed_steps: int = 0
 
     def decide(self, t: Transition) -> tuple[Step, ...]:
         if self.names and t.name not in self.names:
@@ -163,23 +162,27 @@ async def read_transitions(stream: trio.abc.ReceiveStream,
 
 
 async def run_step(ops: Ops, step: Step) -> None:
-    if step is Step.COMMIT:
-        await ops.commit()
-    elif step is Step.FLUSH:
-        ops.flush_caches("both")
-    elif step is Step.RESYNC_INTERNAL:
-        await ops.resync_internal()
-    elif step is Step.BULK_SEND:
-        ops.bulk_send()
-    elif step is Step.PURGE:
-        await ops.purge(None)
-    else:
-        ops.request_resync(None)
+    match step:
+        case Step.COMMIT:
+            await ops.commit()
+        case Step.FLUSH:
+            ops.flush_caches("both")
+        case Step.RESYNC_INTERNAL:
+            await ops.resync_internal()
+        case Step.BULK_SEND:
+            ops.bulk_send()
+        case Step.PURGE:
+            await ops.purge(None)
+        case Step.REQUEST_RESYNC:
+            ops.request_resync(None)
+        case _:
+            assert_never(step)
 
 
 async def run_transition(follower: Follower, t: Transition, ops: Ops) -> None:
-    """The steps `t` asks for, in order; a refused one is logged and the next runs, as the
-    script goes on after a failed command."""
+    """The steps `t` asks for, in order; a failed one (refused, or any other exception: a
+    kernel dump's OSError) is logged with its step, counted, and the next runs, as the script
+    goes on after a failed command. Cancellation is not caught (BaseException)."""
     steps = follower.decide(t)
     if not steps:
         return
@@ -189,8 +192,10 @@ async def run_transition(follower: Follower, t: Transition, ops: Ops) -> None:
     for step in steps:
         try:
             await run_step(ops, step)
-        except ControlError as e:
-            log.error("keepalived %s: %s failed: %s", t.state, step.value, e)
+        except Exception as e:  # contained per step: MASTER's bulk send still runs
+            follower.failed_steps += 1
+            log.error("keepalived %s: %s failed: %s: %s", t.state, step.value,
+                      type(e).__name__, e)
 
 
 async def follow_fifo(path: str, follower: Follower, ops: Ops) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -109,3 +110,44 @@ def test_the_fifo_is_made_with_its_directory_and_a_regular_file_refused(tmp_path
     (tmp_path / "plain").write_text("")
     with pytest.raises(OSError, match="not a FIFO"):
         open_fifo(str(tmp_path / "plain"))
+
+
+class _Ops:
+    """The Ops a transition calls, recording each; `resync_internal` fails as a kernel dump
+    does when the netlink socket errors, `commit` as a refused command."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def commit(self) -> object:
+        from conntrackd_py.ctlclient import ControlError
+        self.calls.append("commit")
+        raise ControlError("cannot open a netlink socket")
+
+    def flush_caches(self, which: str) -> object:
+        self.calls.append(f"flush {which}")
+        return None
+
+    async def resync_internal(self) -> object:
+        self.calls.append("resync")
+        raise OSError(105, "No buffer space available")
+
+    def bulk_send(self) -> object:
+        self.calls.append("bulk_send")
+        return None
+
+    def __getattr__(self, name: str) -> object:  # the Ops a MASTER line does not call
+        raise AssertionError(name)
+
+
+def test_a_failing_step_is_counted_and_the_next_steps_still_run() -> None:
+    import trio
+
+    from conntrackd_py.commands import Ops
+    from conntrackd_py.vrrp import run_transition
+
+    f, ops = Follower(), _Ops()
+    trio.run(run_transition, f, Transition("INSTANCE", "VI_1", "MASTER", 100), cast(Ops, ops))
+    assert ops.calls == ["commit", "flush both", "resync", "bulk_send"]
+    assert f.failed_steps == 2
+    assert f.transitions == 1
