@@ -204,14 +204,20 @@ class Engine:
             self._on_control_datagram(peer, dg, now)
 
     def _own(self, dg: Datagram, data: bytes, now: float, source: str | None) -> None:
-        """Our node id: our own datagram looped back, or another host using our id."""
+        """Our node id: our own datagram looped back, or another host using our id. A source
+        is learnt as ours only from a stream datagram byte-equal to one we sent (a spoofer
+        that beats our first looped-back datagram must not be whitelisted); until one is
+        learnt, control datagrams with our id and epoch count as own (no alarm at start-up)."""
         if dg.epoch == self.epoch and not (dg.sequenced and after(dg.seq, self._tx.seq)):
             if source is None or source in self._own_sources:
                 self.counters.own += 1
                 return
-            if self._tx.sent(dg.seq, data) or not self._own_sources:
+            if dg.sequenced and self._tx.sent(dg.seq, data):
                 if len(self._own_sources) < 16:  # one per channel: a handful at most
                     self._own_sources.add(source)
+                self.counters.own += 1
+                return
+            if not dg.sequenced and not self._own_sources:
                 self.counters.own += 1
                 return
         self.counters.duplicate_node += 1

@@ -554,3 +554,25 @@ def test_with_auth_replays_of_captured_datagrams_change_nothing_for_long(
     for n in (1, 2):
         assert c[n].engine.counters.bad_mac == 0
         assert c[n].engine.counters.doubts == 0  # a replay is never mistaken for a forgery
+
+
+def test_a_spoofer_beating_our_first_looped_back_datagram_is_not_learnt_as_our_source() -> None:
+    from test_sync_sim import udp_flow
+
+    e = Engine(SyncConfig(node_id=2), 50, dict().items, 0.0)
+    spoofer = Engine(SyncConfig(node_id=2), 50, dict().items, 0.0)  # our id and epoch, sniffed
+    mine, forged = e.datagrams_to_send(0.0), spoofer.datagrams_to_send(0.0)  # start-up
+    for i in range(3):
+        e.local_update(*pack_flow(udp_flow(2, i)), 0.0)
+        spoofer.local_update(*pack_flow(udp_flow(2, 900 + i)), 0.0)
+    mine, forged = mine + e.datagrams_to_send(0.0), spoofer.datagrams_to_send(0.0)
+    streamed = [d for d in forged if d not in mine]
+    assert streamed  # the spoofer's flows differ from ours
+    e.receive_datagram(streamed[0], 0.0, source="10.0.0.66")  # before ours loops back
+    assert e.counters.duplicate_node == 1
+    for d in mine:
+        e.receive_datagram(d, 0.0, source="10.0.0.2")  # looped back: learnt as ours
+    before = e.counters.own
+    e.receive_datagram(streamed[-1], 0.1, source="10.0.0.66")  # not whitelisted: still a twin
+    assert e.counters.own == before
+    assert e.counters.duplicate_node == 2
