@@ -307,10 +307,17 @@ def _general(s: Mapping[str, Any]) -> str:
 
 def _network(s: Mapping[str, Any]) -> str:
     c = _g(s, "sync", "counters", default={}) or {}
-    rows = (("Malformed messages:", _g(c, "malformed")),
+    # conntrackd's "Malformed messages" is the total of the lines below it. Ours: a datagram
+    # that does not decode (header and payload are decoded at once: "Malformed header"), a
+    # refused MAC (no line of its own in conntrackd: in the total only), and datagrams longer
+    # than the MTU plus slack, which the transport drops before the engine sees them
+    oversize = sum(int(_g(ch, "oversize")) for _, _, ch in _channels(s))
+    malformed, bad_mac = int(_g(c, "malformed")), int(_g(c, "bad_mac"))
+    rows = (("Malformed messages:", malformed + bad_mac + oversize),
             ("Wrong protocol version:", _g(c, "unknown_kind")),
-            ("Malformed header:", 0), ("Malformed payload:", 0), ("Bad message type:", 0),
-            ("Truncated message:", 0), ("Bad message size:", _g(c, "oversize_received")))
+            ("Malformed header:", malformed), ("Malformed payload:", 0),
+            ("Bad message type:", 0), ("Truncated message:", 0),
+            ("Bad message size:", oversize))
     out = "network statistics:\n\trecv:\n"
     out += "".join(f"\t\t{k}\t{int(v):>20}\n" for k, v in rows)
     out += f"\tsend:\n\t\tMalformed messages:\t{0:>20}\n\n"
