@@ -57,12 +57,13 @@ CONNTRACKD_VERSION = "1.4.7"
 
 HELP_DIFFERENCES = """differences from conntrackd 1.4.7, on purpose:
   -c        exits 1 (and says so on stderr) when some flows could not be committed.
-  -i, -e    [active since Ns] only when the daemon reports the time; -x carries no
-            <id> (kernel ids are not replicated). -e shows no reply tuple, as
-            conntrackd's (whose external cache has none); ours has it: --verbose
-            shows it and the origin node [node=N] (-o json: reply, origin_node).
+  -i, -e    [active since Ns] is not shown (the daemon does not report the time);
+            -x carries no <id> (kernel ids are not replicated). -e shows no reply
+            tuple, as conntrackd's (whose external cache has none); ours has it:
+            --verbose shows it and the origin node [node=N] (-o json: reply,
+            origin_node).
   -s        conntrackd's layouts over our counters; counts conntrackd keeps and we
-            do not (cache failures, netlink buffer size, rsqueue objects) are 0.
+            do not (cache failures, rsqueue objects, allocated queue nodes) are 0.
   -E        conntrack -E's lines; a [DESTROY] line carries the original tuple only.
   expect    expectations are not replicated: `-i expect` etc. print nothing.
   errors    an unknown option exits 1 (conntrackd: 0).
@@ -466,8 +467,8 @@ def _print_tree(d: dict[str, Any], depth: int) -> None:
 _SUMMARY = {
     "flush": lambda r: "flushed: " + ", ".join(f"{k} cache {v} entries" for k, v in r.items())
     if isinstance(r, dict) else str(r),
-    "purge": lambda r: f"the kernel conntrack table is flushed in {r['flush_in']} s (-c or "
-    "-f cancels it)" if isinstance(r, dict) and "flush_in" in r else str(r),
+    "purge": lambda r: f"the kernel conntrack table is flushed in {r['flush_in']} s (-c, or "
+    "-f of the internal cache, cancels it)" if isinstance(r, dict) and "flush_in" in r else str(r),
     "resync_internal": lambda r: f"internal cache: {r['internal']} entries"
     if isinstance(r, dict) and "internal" in r else str(r),
 }
@@ -585,9 +586,6 @@ def _operator_errors() -> tuple[type[BaseException], ...]:
     with contextlib.suppress(ImportError):
         from .daemon import LockError
         kinds.append(LockError)
-    with contextlib.suppress(ImportError):
-        from pyroute2.netlink.exceptions import NetlinkError
-        kinds.append(NetlinkError)
     return tuple(kinds)
 
 

@@ -328,7 +328,8 @@ COMMANDS: tuple[Command, ...] = (
             (Cli("-t", "on becoming backup: flush the kernel entries this node replicates "
                        "(those its filters accept) and the internal cache "
                        "sync.purge_timeout seconds later, once (as conntrackd 1.4.7's -t); "
-                       "-c or -f cancels it"),),
+                       "-c, or -f of the internal cache (-f, -f internal), cancels it; "
+                       "-f external does not"),),
             {"timeout": parse_purge_timeout}, run=_purge),
     Command("stop", Stop, (Cli("-k", "stop the daemon"),), run=_stop),
     Command("stats", Stats,
