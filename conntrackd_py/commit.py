@@ -18,9 +18,11 @@ import json
 import os
 import signal
 import time
+import typing
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -58,8 +60,27 @@ class CommitJob:
     table: Table | None = None
 
 
-_INT_FIELDS = ("created", "updated", "failed", "undecodable")
-_FLOAT_FIELDS = ("seconds", "encode_seconds", "plan_seconds")
+def _is_int(v: object) -> bool:
+    return type(v) is int
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _is_counts(v: object) -> bool:
+    return isinstance(v, dict) and all(
+        isinstance(k, str) and type(n) is int for k, n in v.items())
+
+
+#: each CommitReport field's check and conversion, by its annotation: a new field is checked
+#: with no edit here, and a field of a type not listed fails at import, not silently
+_CHECKS: dict[object, tuple[Callable[[object], bool], Callable[[Any], object]]] = {
+    int: (_is_int, int), float: (_is_number, float), dict[str, int]: (_is_counts, dict),
+}
+_FIELDS = {f.name: _CHECKS[hint]
+           for f in dataclasses.fields(CommitReport)
+           for hint in (typing.get_type_hints(CommitReport)[f.name],)}
 
 
 def report_to_json(report: CommitReport) -> bytes:
@@ -76,23 +97,14 @@ def report_from_json(data: bytes | bytearray) -> CommitReport:
         raise CommitError("the commit process sent a malformed result")
     if "error" in obj:
         raise CommitError(str(obj["error"]))
-    try:
-        ints = {k: obj[k] for k in _INT_FIELDS}
-        floats = {k: obj[k] for k in _FLOAT_FIELDS}
-        errors = obj["errors"]
-    except KeyError as e:
-        raise CommitError(f"the commit process's result lacks {e}") from None
-    if not all(type(v) is int for v in ints.values()) or not all(
-            isinstance(v, int | float) and not isinstance(v, bool) for v in floats.values()):
-        raise CommitError("the commit process's result has a field of the wrong type")
-    if not isinstance(errors, dict) or not all(
-            isinstance(k, str) and type(v) is int for k, v in errors.items()):
-        raise CommitError("the commit process's result has malformed errors")
-    return CommitReport(created=ints["created"], updated=ints["updated"], failed=ints["failed"],
-                        errors=errors, seconds=float(floats["seconds"]),
-                        encode_seconds=float(floats["encode_seconds"]),
-                        plan_seconds=float(floats["plan_seconds"]),
-                        undecodable=ints["undecodable"])
+    checked: dict[str, object] = {}
+    for name, (ok, convert) in _FIELDS.items():
+        if name not in obj:
+            raise CommitError(f"the commit process's result lacks '{name}'")
+        if not ok(obj[name]):
+            raise CommitError(f"the commit process's result has a malformed {name}")
+        checked[name] = convert(obj[name])
+    return CommitReport(**checked)  # type: ignore[arg-type]
 
 
 def run_commit(job: CommitJob, now: float) -> CommitReport:
