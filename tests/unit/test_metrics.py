@@ -67,6 +67,23 @@ def test_exposition_of_a_real_daemon_snapshot() -> None:
     assert s[(P + "accounting_flows_total", (("proto", "tcp"),))] == 1
 
 
+def test_every_sync_counter_is_exported() -> None:
+    # a new engine counter without a metric would otherwise be silently missing: give each
+    # Counters field a value no other sample has, and find each value in the exposition
+    import dataclasses
+
+    from conntrackd_py.sync import Counters
+
+    snap = snapshot()
+    assert snap.sync is not None
+    names = [f.name for f in dataclasses.fields(Counters)]
+    values = {name: 7_000_003 + 10 * i for i, name in enumerate(names)}
+    sync = dataclasses.replace(snap.sync, counters=Counters(**values), rejected={})
+    got = set(samples(exposition(lambda: dataclasses.replace(snap, sync=sync))().decode())
+              .values())
+    assert [name for name, v in values.items() if v not in got] == []
+
+
 def test_collector_copes_with_stats_only_mode() -> None:
     snap = snapshot()
     only = Snapshot(runtime=snap.runtime, cache=snap.cache)
