@@ -65,7 +65,8 @@ HELP_DIFFERENCES = """differences from conntrackd 1.4.7, on purpose:
   -s        conntrackd's layouts over our counters; counts conntrackd keeps and we
             do not (cache failures, rsqueue objects, allocated queue nodes) are 0.
   -E        conntrack -E's lines; a [DESTROY] line carries the original tuple only.
-  expect    expectations are not replicated: `-i expect` etc. print nothing.
+  expect    expectations are not replicated: `-i expect` etc. print nothing (with
+            -x no XML either).
   errors    an unknown option exits 1 (conntrackd: 0).
   -o        json: structured records; yaml: our own statistics tree."""
 
