@@ -50,12 +50,13 @@ from .lockfile import (
 )
 from .purge import PurgeTimer
 from .reload import log_import, reloaded
-from .remote import Remote, dump_entries, plan_direct, watch_item
+from .remote import Remote, dump_entries, plan_direct
 from .stats import CommitReport, RuntimeStats, Snapshot, runtime_stats, snapshot
 from .sync.config import config_from
 from .tracker import Tracker
 from .transport import Transport, channel_specs
 from .vrrp import Follower, follow_fifo, open_fifo
+from .watchers import Watchers
 
 if TYPE_CHECKING:  # imported when the config uses them: start-up time (#14)
     from .accounting import Accounting
@@ -105,7 +106,7 @@ class Daemon:
         self.reload_failures = 0
         self.errors = Containment()  # exceptions one input caused: counted, logged, survived
         self._wake = trio.Event()
-        self._watchers: list[trio.MemorySendChannel[object]] = []
+        self.watchers = Watchers(self._watched)  # -E's clients
         self._direct_wake = trio.Event()
         self._event_loop_runs = 0
         self.nursery: trio.Nursery | None = None
@@ -181,7 +182,7 @@ class Daemon:
         except Exception as e:  # lost datagrams are the protocol's to recover, not a crash
             self.contained("sending sync datagrams", e)
         apply = self.remote.apply
-        watch = self._notify_watchers if self._watchers else None
+        watch = self.watchers.notify if self.watchers.channels else None
         for ev in eng.events():
             try:
                 if apply(ev, now, watch):
@@ -429,36 +430,13 @@ class Daemon:
         internal = None if self.tracker is None else self.tracker.cache.items()
         return dump_entries(which, internal, self.external, proto, nat, origin, raw)
 
-    def _notify_watchers(self, event: str, origin: int | None, key: bytes,
-                         value: bytes | None) -> None:
-        item = watch_item(event, origin, key, value)
-        for ch in list(self._watchers):
-            try:
-                ch.send_nowait(item)
-            except trio.WouldBlock:
-                pass  # a slow watcher loses items rather than slowing the daemon
-            except trio.BrokenResourceError:
-                self._watchers.remove(ch)
-        if not self._watchers and self.tracker is not None:
-            self.tracker.on_change = None
+    def watch(self) -> AsyncIterator[object]:
+        """Every change of either cache while the client listens (watchers.py)."""
+        return self.watchers.listen()
 
-    def _watch_internal(self, event: str, key: bytes, value: bytes | None) -> None:
-        self._notify_watchers(event, None, key, value)
-
-    async def watch(self) -> AsyncIterator[object]:
-        """Every change of either cache while the client listens: `remote.watch_item`s."""
-        send, recv = trio.open_memory_channel[object](10000)
-        self._watchers.append(send)
+    def _watched(self, on: bool) -> None:
         if self.tracker is not None:
-            self.tracker.on_change = self._watch_internal
-        try:
-            async for item in recv:
-                yield item
-        finally:
-            if send in self._watchers:
-                self._watchers.remove(send)
-            if not self._watchers and self.tracker is not None:
-                self.tracker.on_change = None
+            self.tracker.on_change = self.watchers.internal if on else None
 
     def stats(self, kind: str | None) -> Snapshot:
         return snapshot(
