@@ -11,9 +11,9 @@ datagram, one flow, one client or one request is logged (once per kind, rate-lim
 counted (contain.py) and the task carries on; nothing but cancellation reaches the top
 nursery. What the shell decides is elsewhere and pure: event application and dumps in
 remote.py, the commit in commit.py, the stats and their assembly in stats.py, -t's schedule
-in purge.py, what SIGHUP applies in reload.py; protocol rules in sync/, kernel rules in
-kernel/, policy in filters.py and config.py. This module must not grow decisions a test can
-only reach through trio: it moves bytes and time.
+in purge.py, what SIGHUP applies in reload.py, -E's fan-out in watchers.py; protocol rules in
+sync/, kernel rules in kernel/, policy in filters.py and config.py. This module must not grow
+decisions a test can only reach through trio: it moves bytes and time.
 """
 
 from __future__ import annotations
