@@ -272,14 +272,14 @@ class Engine:
         ready, skipped = stream.receive(seq, dg, is_begin, now)
         if ready is None:
             c.replayed += 1
-            if not self._authenticated:
-                b = diff(seq, stream.anchor)
-                if -self.config.seq_window <= b < 0:
-                    # unauthenticated, below where the stream last jumped: it may be the real
-                    # stream beneath a forged RESYNC_BEGIN (a healthy one delivers too)
-                    if peer.behind_since is None:
-                        peer.behind_since = now
-                    self._alive(peer, now)
+            if not self._authenticated and diff(seq, stream.anchor) < 0:
+                # unauthenticated, below where the stream last jumped: it may be the real
+                # stream beneath a forged RESYNC_BEGIN (a healthy one delivers too), however
+                # far ahead the forged one was (a doubtful stream re-anchors at any BEGIN):
+                # live, so the gate says not ready, and stuck soon, so a resync is asked
+                if peer.behind_since is None:
+                    peer.behind_since = now
+                self._alive(peer, now)
             return
         self._alive(peer, now)
         if ready:
