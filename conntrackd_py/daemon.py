@@ -96,8 +96,10 @@ class Daemon:
         self.engine: sync_engine.Engine | None = None
         self.transport: Transport | None = None
         self.external = ExternalCache(max_per_origin=cfg.sync.limits.max_flows_per_peer)
+        limits = cfg.sync.limits
         self.remote = Remote(self.external, direct=not cfg.sync.external_cache,
                              peer_timeout=cfg.sync.peer_timeout,
+                             max_pending=limits.max_flows_per_peer * limits.max_peers,
                              derived_node_id=cfg.import_warning is not None)
         self.commits = 0
         self.last_commit: CommitReport | None = None
@@ -284,17 +286,18 @@ class Daemon:
         # that window).
         self._cancel_purge("a commit")
         tracker = self.tracker
-        if tracker is not None:
-            tracker.events.subscribe_new(False)
-            self.echo.begin()  # ended by _reconcile_after_commit
         cfg = self.cfg
         # The events this commit causes (updates of entries the kernel had) carry its socket's
-        # port id: opened here, before the fork, the event source drops them from the start
+        # port id: opened here, before the fork, the event source drops them from the start.
+        # Opened before anything below changes state: when it fails (no descriptors left) the
+        # commit is refused and the daemon stays subscribed and echo-free as it was.
         table = port = None
         if tracker is not None:
             table = self._table()
             port = table.port_id
             tracker.events.ignore_ports.add(port)
+            tracker.events.subscribe_new(False)
+            self.echo.begin()  # ended by _reconcile_after_commit
         job = CommitJob(self.external, self.netns, cfg.netlink.commit_batch,
                         None if cfg.sync.commit_timeout is None else int(cfg.sync.commit_timeout),
                         not cfg.sync.tcp_window_tracking, table)
@@ -542,7 +545,7 @@ class Daemon:
         # the control socket last: once it answers, everything else is up
         self.control = ControlServer(cfg.general.control_socket, ops=self)
         await nursery.start(self.control.serve)
-        nursery.start_soon(self._signals)
+        nursery.start_soon(self._supervised, "signals", self._signals)
 
     def reload(self) -> None:
         """SIGHUP: apply what can change without a restart (log level, filters); name the rest.

@@ -293,7 +293,8 @@ class StatsCollector(Collector):
         m = CounterMetricFamily(P + "direct_writes", "Kernel writes of remote flows "
                                 "(external cache off), by result.", labels=["result"])
         for k, v in (("created", d.created), ("deleted", d.deleted), ("failed", d.failed),
-                     ("undecodable", d.undecodable), ("updated", d.updated)):
+                     ("undecodable", d.undecodable), ("updated", d.updated),
+                     ("refused", d.refused)):
             m.add_metric([k], v)
         yield m
 

@@ -1,8 +1,9 @@
 """SIGHUP: what a reload of the configuration changes in a running daemon.
 
-This module owns the rule: logging, filters, stats and metrics settings (and a conntrackd.conf
-import's warning) take effect at once; a change to node, general, netlink, sync or keepalived
-is named as needing a restart and not applied. It also owns the import warning's log lines
+This module owns the rule: logging and filters (and a conntrackd.conf import's warning) take
+effect at once; a change to node, general, netlink, sync, stats, metrics or keepalived is named
+as needing a restart and not applied (their sockets, tasks, writer process and identity are
+built at start). It also owns the import warning's log lines
 (once at start, again on SIGHUP only when it changed). It is pure: the daemon reads the file,
 builds the filter and applies the result.
 """
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 
 #: the sections a running daemon cannot change: their sockets, tasks and identity are built
 #: at start
-RESTART_SECTIONS = ("node", "general", "netlink", "sync", "keepalived")
+RESTART_SECTIONS = ("node", "general", "netlink", "sync", "stats", "metrics", "keepalived")
 
 
 def reloaded(running: Config, new: Config) -> tuple[Config, list[str]]:
@@ -27,7 +28,6 @@ def reloaded(running: Config, new: Config) -> tuple[Config, list[str]]:
     needs_restart = [name for name in RESTART_SECTIONS
                      if getattr(new, name) != getattr(running, name)]
     return dataclasses.replace(running, logging=new.logging, filters=new.filters,
-                               stats=new.stats, metrics=new.metrics,
                                import_warning=new.import_warning,
                                import_notes=new.import_notes), needs_restart
 

@@ -62,6 +62,8 @@ class DirectCounts:
     deleted: int = 0
     failed: int = 0
     undecodable: int = 0
+    #: peers' flows refused because the writer's queue was full (`max_pending`)
+    refused: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +110,9 @@ class Remote:
     #: peers' flows refused by validation, by reason
     invalid: Counter[str] = field(default_factory=Counter)
     pending: list[Pair] = field(default_factory=list)
+    #: the direct writer's queue bound: with the external cache off nothing else caps what
+    #: peers can make this node hold while the writer waits for the kernel
+    max_pending: int = 1 << 20
     direct_counts: DirectCounts = field(default_factory=DirectCounts)
     duplicate_node: int = 0
     peers_forgotten: int = 0
@@ -133,6 +138,15 @@ class Remote:
                     changes = [("destroy" if v is None else "update"
                                 if get(origin, k) is not None else "new", k, v) for k, v in good]
                 if self.direct:
+                    room = self.max_pending - len(self.pending)
+                    if len(good) > room:
+                        refused_n = len(good) - max(room, 0)
+                        self.direct_counts.refused += refused_n
+                        if self.limiter.allow("direct_full", now) is not None:
+                            log.error("direct writer queue full (%d flows): %d flows from node "
+                                      "%d refused (counted in -s direct); the kernel table "
+                                      "is not keeping up", self.max_pending, refused_n, origin)
+                        good = good[:max(room, 0)]
                     self.pending.extend(good)
                 else:
                     ext.apply(origin, good, now)

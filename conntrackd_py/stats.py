@@ -155,6 +155,7 @@ class DirectStats:
     deleted: int = 0
     failed: int = 0
     undecodable: int = 0
+    refused: int = 0
 
 
 @dataclass(frozen=True, slots=True)

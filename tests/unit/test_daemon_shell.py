@@ -593,6 +593,27 @@ async def test_a_commit_without_descriptors_is_an_error_reply_and_counted(
         assert (await d.commit()).created == 0  # and the next one works
 
 
+async def test_a_commit_that_cannot_open_its_socket_changes_nothing(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    # the commit's netlink socket is opened before the daemon leaves the NEW group or opens
+    # the echo window: out of descriptors, the commit is refused and replication goes on
+    async with running(tmp_path) as (d, _peer):
+        def no_socket(*a: Any, **kw: Any) -> Table:
+            raise OSError(24, "Too many open files")
+
+        real = d._make_table
+        d._make_table = no_socket
+        with pytest.raises(ControlError, match="cannot open a netlink socket"):
+            await d.commit()
+        assert tracker_of(d).events.new_subscribed  # type: ignore[attr-defined]
+        assert d.echo.contains is None
+        rt = d.stats("runtime").runtime
+        assert rt is not None
+        assert rt.fd_exhausted == 1
+        d._make_table = real
+        assert (await d.commit()).created == 0  # and the next one works
+
+
 async def test_another_host_with_our_node_id_is_logged_counted_and_not_in_sync(
         tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
     async with running(tmp_path) as (d, _peer):

@@ -47,3 +47,13 @@ def test_the_import_warning_is_logged_again_only_when_it_changed(
     assert caplog.records == []
     log_import(dataclasses.replace(imported, import_warning="approximated: Y"), imported)
     assert caplog.records[0].getMessage() == "approximated: Y"
+
+
+def test_stats_and_metrics_changes_are_named_not_pretended() -> None:
+    # their listener, writer process and sinks are built at start: a reload that copied the
+    # new settings into the running config would claim what the daemon does not do
+    running = loads(BASE)
+    new = loads(BASE + "metrics: {listen: '127.0.0.1:9101'}\n")
+    cfg, needs_restart = reloaded(running, new)
+    assert needs_restart == ["metrics"]
+    assert cfg.metrics == running.metrics

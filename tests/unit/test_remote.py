@@ -51,6 +51,22 @@ def test_direct_mode_queues_validated_flows_and_says_so() -> None:
     assert len(r.external) == 0
 
 
+def test_direct_queue_is_bounded_refusals_counted_and_logged_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # with the external cache off nothing else caps what peers make this node hold while the
+    # writer waits for the kernel
+    r = Remote(ExternalCache(), direct=True, max_pending=3)
+    caplog.set_level(logging.ERROR, logger="conntrackd_py.remote")
+    r.apply(sync_engine.RemoteFlows(2, [kv(1), kv(2)]), 1.0)
+    r.apply(sync_engine.RemoteFlows(2, [kv(3), kv(4), kv(5)]), 1.0)
+    r.apply(sync_engine.RemoteFlows(3, [kv(6)]), 2.0)
+    assert r.take() == [kv(1), kv(2), kv(3)]
+    assert r.direct_counts.refused == 3
+    assert len([rec for rec in caplog.records if "queue full" in rec.getMessage()]) == 1
+    r.apply(sync_engine.RemoteFlows(2, [kv(7)]), 3.0)  # room again once the writer took them
+    assert r.take() == [kv(7)]
+
+
 def test_validation_is_the_injected_function() -> None:
     seen: list[Sequence[Pair]] = []
 
