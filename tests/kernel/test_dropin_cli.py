@@ -164,8 +164,8 @@ def test_control_commands_are_silent_and_exit_0(ours: DaemonProc) -> None:
         p = ctl(ours, *flags)
         assert (p.returncode, p.stdout, p.stderr) == (0, "", ""), flags
     p = ctl(ours, "-t", "--verbose")  # conntrackd's -t: one flush, scheduled
-    assert re.fullmatch(r"the kernel conntrack table is flushed in \d+ s \(-c or -f cancels "
-                        r"it\)\n", p.stdout)
+    assert re.fullmatch(r"the kernel conntrack table is flushed in \d+ s \(-c, or -f of the "
+                        r"internal cache, cancels it\)\n", p.stdout)
 
 
 def test_usage_errors_exit_1_in_one_line(ours: DaemonProc) -> None:
