@@ -11,7 +11,7 @@ system calls):
 - bytes out per byte in: what a peer's NACKs (and everything else it sends) can make us
   retransmit within a window, at most `resend_ratio` (10).
 - resyncs per replayed request: a captured (authenticated) RESYNC_REQUEST replayed once a
-  second for 60 s; at most 60 / resync_min_interval + 1.
+  second for 60 s; at most 60 / resync_min_interval + RESYNC_BURST (3).
 - state per spoofed node id: peers tracked after 100k forged node ids (at most max_peers).
 
 Prints a table and returns a flat dict of figures (bench/run.py's contract).
@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conntrackd_py.flow import Flow, Status, Tuple, pack_flow
 from conntrackd_py.sync import Engine, SyncConfig, decode_untrusted, wire
+from conntrackd_py.sync.sender import RESYNC_BURST
 from conntrackd_py.sync.seqnum import add
 from conntrackd_py.sync.wire import Kind, Nack, ResyncRequest
 
@@ -164,7 +165,7 @@ def replayed_requests(flows: int, seconds: int = 60) -> dict[str, float]:
     n = a.counters.resyncs_sent - start
     return {"replay_requests": seconds, "replay_request_bytes": len(captured),
             "replay_resyncs": n,
-            "replay_resyncs_bound": seconds / a.config.resync_min_interval + 1,
+            "replay_resyncs_bound": seconds / a.config.resync_min_interval + RESYNC_BURST,
             "replay_bytes_out_per_request_byte": sent / (seconds * len(captured)),
             "replay_coalesced": a.counters.resync_requests_coalesced}
 

@@ -56,10 +56,11 @@ class SyncConfig:
     heard behind its last resync) has not been resolved for that long is doubted: a full
     resync is requested and `in_sync()` is false meanwhile.
     `max_peers`: peer nodes tracked at once (datagrams from more are dropped and counted);
-    `peer_expire`: a peer down that long is forgotten. `resync_min_interval`: we send a full
-    resync at most once per this (requests meanwhile coalesce). `resend_ratio`: per peer, the
-    bytes we retransmit for its NACKs are at most this times the bytes received from it
-    (a token bucket holding at most `resend_burst` received bytes' worth).
+    `peer_expire`: a peer down that long is forgotten. `resync_min_interval`: full resyncs
+    peers ask for are served 3 at once, then one per this (requests meanwhile coalesce).
+    `resend_ratio`: per peer, the bytes we retransmit for its NACKs are at most this times
+    the bytes received from it (a token bucket holding at most `resend_burst` received
+    bytes' worth).
     `oversize_slack`: a datagram longer than `mtu` plus this is dropped before decoding.
     """
 

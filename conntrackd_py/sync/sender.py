@@ -6,8 +6,9 @@ resend window), the ALARM refresh allowance, ALIVEs, sequence numbers and the FI
 and in FTFW the resend queue with the NACK and RESYNC_REQUEST rules that decide between a
 retransmission and a full resync. It owns its timers (`get_timer`/`handle_timer`: ALIVE, the
 ALARM refresh, periodic resyncs, a full resync held back by `resync_min_interval`) and the
-cost limits of what peers ask of it: a full resync at most once per `resync_min_interval`
-(requests coalesce), and retransmissions within the byte budget the engine passes per NACK.
+cost limits of what peers ask of it: full resyncs from a token bucket (RESYNC_BURST at once,
+then one per `resync_min_interval`; requests coalesce), and retransmissions within the byte
+budget the engine passes per NACK.
 It knows peers only through the ACK positions the engine passes in (`acks`: our seq each live
 peer has acked). Framing is the builder's (`builder.py`). No clock, no socket.
 """
@@ -24,6 +25,10 @@ from .ftfw import ResendQueue
 from .outbox import Outbox, Snapshot
 from .seqnum import HALF, add, after, diff
 from .wire import Message, ResyncRequest
+
+#: full resyncs peers may have at once before `resync_min_interval` spaces them: a restarted
+#: peer's request and keepalived's `-n` right after it are both served at once
+RESYNC_BURST = 3
 
 #: the internal flows: a mapping (fastest to snapshot) or (key, value) pairs
 Source = Callable[[], Mapping[bytes, bytes] | Iterable[tuple[bytes, bytes]]]
@@ -51,7 +56,11 @@ class Sender:
         self.resync_box: Snapshot | None = None
         self.resync_pending = True  # every epoch's stream begins with a full resync
         self.resync_begin: int | None = None  # seq of the newest RESYNC_BEGIN sent
-        self.resync_not_before = now  # a full resync starts at most once per min interval
+        self.resync_not_before = now  # when the next full resync may start
+        #: full resyncs peers may still have at once (a token bucket: RESYNC_BURST at most,
+        #: one more per resync_min_interval)
+        self._resync_tokens = float(RESYNC_BURST)
+        self._tokens_at = now
         self.last_stream = now
         self.periodic_due = None if cfg.periodic_resync is None else now + cfg.periodic_resync
 
@@ -279,7 +288,16 @@ class Sender:
         # the epoch's initial resync is ours, not asked: it does not hold back the first
         # one a peer asks for (a node that missed the start catches up at once)
         if self.seq != 0:
-            self.resync_not_before = now + self.cfg.resync_min_interval
+            # RESYNC_BURST at once (a restart's request, then keepalived's -n), then one per
+            # interval, whatever a peer (or a replayer) asks; a request never waits longer
+            # than one interval
+            interval = self.cfg.resync_min_interval
+            tokens = self._resync_tokens
+            if interval > 0:
+                tokens = min(float(RESYNC_BURST), tokens + (now - self._tokens_at) / interval)
+            self._resync_tokens = tokens = tokens - 1.0
+            self._tokens_at = now
+            self.resync_not_before = now if tokens >= 1.0 else now + (1.0 - tokens) * interval
         self.resync_pending = False
         self.resync_box = Snapshot(self.source())
         if self.live:

@@ -29,6 +29,7 @@ from conntrackd_py.sync import (
     wire,
 )
 from conntrackd_py.sync.peer import TRANSITIONS, PeerInput, PeerState
+from conntrackd_py.sync.sender import RESYNC_BURST
 from conntrackd_py.sync.seqnum import MASK, add
 from conntrackd_py.sync.wire import Ack, Kind, Nack, ResyncRequest
 
@@ -330,8 +331,34 @@ def test_replayed_resync_request_gives_at_most_one_full_resync_per_interval() ->
             pass
         a.handle_timer(float(t))
     n = a.counters.resyncs_sent - start
-    assert n <= 60 / a.config.resync_min_interval + 1
+    assert n <= 60 / a.config.resync_min_interval + RESYNC_BURST
     assert a.counters.resync_requests_coalesced > 0
+
+
+def test_a_resync_request_right_after_another_is_served_at_once() -> None:
+    # a restarted peer asks at start, then keepalived's notify runs -n on it: both are served
+    # without waiting resync_min_interval (the limit is RESYNC_BURST per window, not one)
+    store: dict[bytes, bytes] = {}
+    a = Engine(SyncConfig(node_id=1, keys=(K1,)), 11, lambda: store.items(), 0.0)
+    b = Engine(SyncConfig(node_id=2, keys=(K1,)), 22, dict().items, 0.0)
+    for d in a.datagrams_to_send(0.0):
+        b.receive_datagram(d, 0.0)
+    b.events()
+    for i in range(3):  # restart's request, then two operator -n within a second
+        t = 0.5 + i * 0.1
+        b.request_resync(1, t)
+        asked = [d for d in b.datagrams_to_send(t)
+                 if any(isinstance(m, ResyncRequest) for m in decode_untrusted(d, [K1]).messages)]
+        assert asked
+        before = a.counters.resyncs_sent
+        for d in asked:
+            a.receive_datagram(d, t)
+        for d in a.datagrams_to_send(t):  # b receives the whole resync, and acks it
+            b.receive_datagram(d, t)
+        b.events()
+        for d in b.datagrams_to_send(t + 0.06):
+            a.receive_datagram(d, t + 0.06)
+        assert a.counters.resyncs_sent == before + 1, i
 
 
 # --- unbounded state ---------------------------------------------------------------------------
