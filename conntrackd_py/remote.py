@@ -22,6 +22,7 @@ from typing import assert_never
 from . import sync as sync_engine
 from .cache import ExternalCache
 from .flow import Flow, PackError, Tuple, unpack_flow, unpack_key
+from .stats import DirectStats
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +54,6 @@ class LogLimiter:
             return None
         self._last[kind] = now
         return self._held.pop(kind, 0)
-
-
-@dataclass
-class DirectCounts:
-    created: int = 0
-    updated: int = 0
-    deleted: int = 0
-    failed: int = 0
-    undecodable: int = 0
-    #: peers' flows refused because the writer's queue was full (`max_pending`)
-    refused: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +103,7 @@ class Remote:
     #: the direct writer's queue bound: with the external cache off nothing else caps what
     #: peers can make this node hold while the writer waits for the kernel
     max_pending: int = 1 << 20
-    direct_counts: DirectCounts = field(default_factory=DirectCounts)
+    direct_counts: DirectStats = field(default_factory=DirectStats)
     duplicate_node: int = 0
     peers_forgotten: int = 0
     limiter: LogLimiter = field(default_factory=LogLimiter)

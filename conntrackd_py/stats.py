@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # the parts a snapshot reads; they import this module for the
     from .config import Config
     from .control import ControlServer
     from .metrics import MetricsServer
-    from .remote import DirectCounts, Remote
+    from .remote import Remote
     from .sync import Engine
     from .tracker import Tracker
     from .transport import Transport
@@ -146,15 +146,17 @@ class LinkStats:
     channels: list[ChannelSnapshot]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DirectStats:
-    """Kernel writes of peers' flows with the external cache off."""
+    """Kernel writes of peers' flows with the external cache off: counted in place by
+    `remote.Remote`, copied into a snapshot (`dataclasses.replace`)."""
 
     created: int = 0
     updated: int = 0
     deleted: int = 0
     failed: int = 0
     undecodable: int = 0
+    #: peers' flows refused because the writer's queue was full (`Remote.max_pending`)
     refused: int = 0
 
 
@@ -250,7 +252,7 @@ class Snapshot:
 # --- assembly: what each section reads, from the parts that count it ---------------------
 def snapshot(kind: str | None, *, runtime: Callable[[], RuntimeStats],
              tracker: Tracker | None, external: ExternalCache, invalid: Mapping[str, int],
-             engine: Engine | None, transport: Transport | None, direct: DirectCounts | None,
+             engine: Engine | None, transport: Transport | None, direct: DirectStats | None,
              accounting: Accounting | None, control: ControlServer | None,
              metrics: MetricsServer | None) -> Snapshot:
     """`-s kind` now: the sections it shows (`sections`), each read from its part; None where
@@ -261,7 +263,7 @@ def snapshot(kind: str | None, *, runtime: Callable[[], RuntimeStats],
         cache=cache_stats(tracker, external, invalid) if "cache" in want else None,
         sync=engine.stats() if "sync" in want and engine is not None else None,
         link=transport.snapshot() if "link" in want and transport is not None else None,
-        direct=DirectStats(**asdict(direct)) if direct is not None and "direct" in want
+        direct=dataclasses.replace(direct) if direct is not None and "direct" in want
         else None,
         accounting=accounting.snapshot()
         if "accounting" in want and accounting is not None else None,
