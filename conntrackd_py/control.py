@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import socket
-from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -33,7 +32,7 @@ from .ctlclient import ControlClient, ControlError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BadRequest", "ControlClient", "ControlError", "ControlServer", "ControlStats",
+__all__ = ["BadRequest", "ControlClient", "ControlError", "ControlServer",
            "decode_request_untrusted", "encode_reply"]
 
 #: a request line longer than this is refused (the longest real one is ~100 bytes)
@@ -49,15 +48,6 @@ _CHUNK = 64 << 10
 
 class BadRequest(ControlError):
     pass
-
-
-@dataclass(frozen=True, slots=True)
-class ControlStats:
-    requests: int
-    bad_requests: int
-    errors: int
-    refused_clients: int
-    dropped_clients: int
 
 
 def decode_request_untrusted(line: bytes) -> tuple[str, dict[str, Any]]:
@@ -155,10 +145,6 @@ class ControlServer:
         self.dropped_clients = 0   # stopped reading their replies, or idle
         self.clients = 0
         self._error_kinds: set[str] = set()
-
-    def stats(self) -> ControlStats:
-        return ControlStats(self.requests, self.bad_requests, self.errors,
-                            self.refused_clients, self.dropped_clients)
 
     async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # the lock file proved no other daemon owns a socket left here

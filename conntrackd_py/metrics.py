@@ -348,6 +348,9 @@ class StatsCollector(Collector):
                                   "control client, contained.", value=c.errors)
         yield CounterMetricFamily(P + "control_refused_clients", "Control clients refused: "
                                   "too many at once.", value=c.refused_clients)
+        yield CounterMetricFamily(P + "control_dropped_clients", "Control clients dropped: "
+                                  "they stopped reading their replies, or stayed idle.",
+                                  value=c.dropped_clients)
         yield CounterMetricFamily(P + "metrics_requests", "Metrics scrapes answered.",
                                   value=c.metrics_requests)
         yield CounterMetricFamily(P + "metrics_client_errors", "Metrics connections that "
@@ -357,6 +360,9 @@ class StatsCollector(Collector):
                                   "too many open.", value=c.metrics_refused)
         yield GaugeMetricFamily(P + "metrics_connections", "Metrics connections being served.",
                                 value=c.metrics_connections)
+        yield CounterMetricFamily(P + "metrics_accept_errors", "Metrics listener accept "
+                                  "failures (descriptors exhausted), retried.",
+                                  value=c.metrics_accept_errors)
 
 
 def exposition(stats: Callable[[], Snapshot]) -> Callable[[], bytes]:

@@ -222,6 +222,8 @@ class ControlStats:
     #: connections closed at once: more than the cap were open
     metrics_refused: int = 0
     metrics_connections: int = 0
+    #: accept() failures of the metrics listener (EMFILE and the like), retried
+    metrics_accept_errors: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,7 +311,7 @@ def cache_stats(tracker: Tracker | None, external: ExternalCache,
 
 
 def control_stats(control: ControlServer | None, metrics: MetricsServer | None) -> ControlStats:
-    c = control.stats() if control is not None else None
+    c = control
     m = metrics
     return ControlStats(
         requests=c.requests if c else 0, bad_requests=c.bad_requests if c else 0,
@@ -318,4 +320,5 @@ def control_stats(control: ControlServer | None, metrics: MetricsServer | None) 
         metrics_requests=m.requests if m is not None else 0,
         metrics_client_errors=m.client_errors if m is not None else 0,
         metrics_refused=m.refused if m is not None else 0,
-        metrics_connections=m.connections if m is not None else 0)
+        metrics_connections=m.connections if m is not None else 0,
+        metrics_accept_errors=m.accept_errors if m is not None else 0)

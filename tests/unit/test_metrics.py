@@ -6,7 +6,9 @@ cap, clients that never send. Each asserts the server still answers and what it 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import re
 import socket
 import struct
 import sys
@@ -17,7 +19,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from conntrackd_py.metrics import MetricsServer, StatsCollector, exposition, serve_metrics
-from conntrackd_py.stats import Snapshot
+from conntrackd_py.stats import ControlStats, Snapshot
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
@@ -180,3 +182,13 @@ async def test_a_failing_collection_answers_500_and_is_reported() -> None:
         assert (await _get(port)).startswith(b"HTTP/1.0 500")
         assert seen == ["metrics collection"]
         nursery.cancel_scope.cancel()
+
+
+def test_every_control_and_metrics_listener_counter_is_exported() -> None:
+    # one ControlStats, read by attribute: a counter added there and not here fails this test
+    fields = [f.name for f in dataclasses.fields(ControlStats)]
+    snap = Snapshot(control=ControlStats(**{n: i + 7 for i, n in enumerate(fields)}))
+    text = exposition(lambda: snap)().decode()
+    for i, name in enumerate(fields):
+        metric = name if name.startswith("metrics_") else f"control_{name}"
+        assert re.search(rf"^conntrackd_py_{metric}(_total)? {i + 7}\.0$", text, re.M), name
